@@ -1,0 +1,1 @@
+"""The embedded ShapeWorld text-to-image model: architectures, tokenizer, pretraining, reward model."""
