@@ -20,7 +20,10 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequ
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        if kind is bool:
+        if typing.get_origin(kind) is list:
+            parser.add_argument(flag, dest=f.name, action="append", default=None,
+                                help=f"{help_text} (repeatable)")
+        elif kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{help_text} (default: {default})")
         else:
@@ -42,8 +45,53 @@ def _cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
     return run_pretrain(cfg, argv)
 
 
+def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from .config import TrainConfig, build_config
+    from .trainer import describe_result, train
+
+    cfg = build_config(args.preset, overrides(args, TrainConfig))
+    result = train(cfg)
+    print(describe_result(result))
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace, argv: list[str]) -> int:
+    from .generate import write_samples
+
+    index = write_samples(model=args.model, lora=args.lora, prompts=args.prompt, num_images=args.num_images,
+                          seed=args.seed, output_dir=args.output_dir, num_steps=args.num_steps,
+                          guidance_scale=args.guidance_scale, eta=args.eta, device=args.device,
+                          batch_size=args.batch_size)
+    print(f"wrote {len(index)} images and index.json to {args.output_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
+    from .evaluate import EvalConfig, run_eval
+
+    cfg = EvalConfig(**overrides(args, EvalConfig))
+    run_eval(cfg)
+    return 0
+
+
+def _add_sample_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="shapeworld", help="pipeline folder, hub id, or 'shapeworld' (default)")
+    p.add_argument("--lora", default="", help="LoRA folder of a run (its 'lora/' folder) to load")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p.add_argument("--num-images", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--output-dir", required=True, help="folder for the PNGs and index.json")
+    p.add_argument("--num-steps", type=int, default=20, help="DDIM steps (default: 20)")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="guidance scale (default: 5.0)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta, 0 = deterministic (default: 1.0)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward batch (default: 16)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS, TrainConfig
     from .embedded.pretrain import PretrainConfig
+    from .evaluate import EvalConfig
 
     parser = argparse.ArgumentParser(prog="dpok", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'full' made the shipped model; 'tiny' runs a few steps of everything (for tests)")
     add_dataclass_options(p, PretrainConfig)
     p.set_defaults(func=_cmd_pretrain)
+
+    t = sub.add_parser("train", help="fine-tune a diffusion model against a reward (DPOK, DDPO, SFT-KL, RWR, ...)",
+                       description="Fine-tune a text-to-image diffusion model with RL from a reward. With no "
+                                   "options: DPOK on the embedded ShapeWorld model, prompt 'a green triangle', "
+                                   "reward shapeworld-alignment.")
+    t.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named settings applied before your options (e.g. dpok-paper, ddpo-paper)")
+    add_dataclass_options(t, TrainConfig)
+    t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("sample", help="generate images (optionally with a LoRA) into PNGs + index.json")
+    _add_sample_options(s)
+    s.set_defaults(func=_cmd_sample)
+
+    e = sub.add_parser("eval", help="mean reward per prompt on seen and unseen prompt sets, as a table and JSON")
+    add_dataclass_options(e, EvalConfig)
+    e.set_defaults(func=_cmd_eval)
     return parser
 
 
@@ -66,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"dpok {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,127 @@
+"""What every algorithm shares: the rollout record, the registry, the guarded optimizer step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..adapter import DiffusionAdapter
+from ..config import TrainConfig
+from ..sampling import Trajectory, sample_in_batches
+
+
+@dataclass
+class Rollout:
+    """One round's samples and their rewards.
+
+    ``rewards`` (B,) are the reward's scores with non-finite ones stored as 0; ``valid`` (B,) is
+    False for those, and every algorithm leaves invalid samples out of its update.
+    """
+
+    trajectory: Trajectory
+    rewards: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.trajectory.prompts
+
+
+@dataclass
+class AlgorithmContext:
+    """What an algorithm may use: settings, model, optimizer and its random generators."""
+
+    cfg: TrainConfig
+    adapter: DiffusionAdapter
+    optimizer: torch.optim.Optimizer
+    rng: np.random.Generator
+    generator: torch.Generator
+    reward: Callable[..., Any] | None = None
+
+
+class Algorithm:
+    """Base class. Subclasses set ``name`` and implement :meth:`update`."""
+
+    name: ClassVar[str] = ""
+    trains: ClassVar[bool] = True
+    samples_from_reference: ClassVar[bool] = False  # SFT-KL learns from the pretrained model's samples
+
+    def __init__(self, ctx: AlgorithmContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.adapter = ctx.adapter
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        raise NotImplementedError
+
+    def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+        """Images (B, 3, H, W) the method produces for ``prompts`` (evaluation and grids)."""
+        cfg = self.cfg
+        traj = sample_in_batches(self.adapter, prompts, cfg.sample_batch_size, cfg.num_steps, cfg.eta,
+                                 cfg.guidance_scale, generator)
+        return traj.images
+
+    def reward_queries_per_image(self) -> int:
+        return 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+class AlgorithmRegistry:
+    """Algorithms by name; the trainer never branches on a name."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type[Algorithm]] = {}
+
+    def register(self, cls: type[Algorithm]) -> type[Algorithm]:
+        self._classes[cls.name] = cls
+        return cls
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def create(self, name: str, ctx: AlgorithmContext) -> Algorithm:
+        if name not in self._classes:
+            raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(self.names())}")
+        return self._classes[name](ctx)
+
+
+ALGORITHMS = AlgorithmRegistry()
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float,
+                 scale: float = 1.0) -> dict[str, float]:
+    """Clip and apply the accumulated gradients, unless they are not finite.
+
+    A non-finite gradient norm skips the step and clears the gradients, leaving the weights
+    bitwise unchanged (``skipped`` = 1). ``grad_norm`` is the norm before clipping.
+    """
+    if scale != 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": norm, "skipped_steps": 1.0}
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": norm, "skipped_steps": 0.0}
+
+
+def mean_stats(items: list[dict[str, float]]) -> dict[str, float]:
+    """Average each key over a list of stats dicts (sums for counters named ``skipped_*``)."""
+    out: dict[str, float] = {}
+    for key in {k for d in items for k in d}:
+        values = [d[key] for d in items if key in d]
+        out[key] = float(np.sum(values)) if key.startswith("skipped") else float(np.mean(values))
+    return out

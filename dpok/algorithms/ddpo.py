@@ -1,0 +1,94 @@
+"""DDPO (Black et al. 2023): score-function (SF) and importance-sampled PPO-clip (IS) updates.
+
+Advantages come from per-prompt reward statistics (mean and std of the last ``stat_buffer``
+rewards of that prompt; the batch's until ``stat_min_count`` exist), clipped to +-``adv_clip``.
+Each update pass shuffles the samples into minibatches of ``minibatch_size`` and, per sample, a
+random ``timestep_fraction`` of its steps; gradients are accumulated over those steps and
+``grad_accum`` minibatches before each optimizer step. SF makes one optimizer step per round
+over the whole batch (the on-policy gradient); IS makes ``inner_epochs`` passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..core import PerPromptStatTracker, clip_advantages, ddpo_is_loss, ddpo_sf_loss
+from ..sampling import evaluate_log_probs
+from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats
+
+
+class _DDPO(Algorithm):
+    importance_sampling = True
+
+    def __init__(self, ctx: AlgorithmContext) -> None:
+        super().__init__(ctx)
+        self.tracker = PerPromptStatTracker(self.cfg.stat_buffer, self.cfg.stat_min_count)
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        cfg, traj = self.cfg, rollout.trajectory
+        rewards = torch.where(rollout.valid, rollout.rewards, torch.full_like(rollout.rewards, float("nan")))
+        advantages = clip_advantages(self.tracker.update(traj.prompts, rewards), cfg.adv_clip)
+        keep = rollout.valid.nonzero().flatten()
+        if len(keep) == 0:
+            return {"skipped_updates": 1.0}
+        n_train = max(1, round(traj.num_steps * cfg.timestep_fraction))
+        epochs = cfg.inner_epochs if self.importance_sampling else 1
+        minibatches = [keep[i : i + cfg.minibatch_size] for i in range(0, len(keep), cfg.minibatch_size)]
+        accum = len(minibatches) if not self.importance_sampling else cfg.grad_accum
+        stats: list[dict[str, float]] = []
+        for _ in range(epochs):
+            order = keep[torch.randperm(len(keep), generator=self.ctx.generator)]
+            minibatches = [order[i : i + cfg.minibatch_size] for i in range(0, len(order), cfg.minibatch_size)]
+            for j, mb in enumerate(minibatches):
+                stats.append(self._accumulate(traj, mb, advantages, n_train, accum))
+                if (j + 1) % accum == 0 or j + 1 == len(minibatches):
+                    stats.append(guarded_step(self.ctx.optimizer, self.adapter.trainable_parameters(),
+                                              cfg.max_grad_norm))
+        out = mean_stats(stats)
+        out["advantage_abs_mean"] = float(advantages[keep].abs().mean())
+        return out
+
+    def _accumulate(self, traj, mb: torch.Tensor, advantages: torch.Tensor, n_train: int,  # noqa: ANN001
+                    accum: int) -> dict[str, float]:
+        cfg, adapter = self.cfg, self.adapter
+        # each sample trains on its own random subset of steps (DDPO shuffles timesteps per sample)
+        perms = torch.stack([torch.randperm(traj.num_steps, generator=self.ctx.generator)[:n_train] for _ in mb])
+        stats = []
+        device = adapter.device
+        embeds = traj.embeds[mb.to(traj.embeds.cond.device)].to(device)
+        for k in range(n_train):
+            steps = perms[:, k]
+            latents = traj.latents[mb, steps].to(device)
+            next_latents = traj.next_latents[mb, steps].to(device)
+            timesteps = traj.timesteps.to(device)[steps.to(device)]
+            log_probs, _, _ = evaluate_log_probs(adapter, latents, next_latents, timesteps, embeds,
+                                                 cfg.guidance_scale, cfg.eta, cfg.num_steps, cfg.logprob_reduce)
+            adv = advantages[mb].to(device)
+            if self.importance_sampling:
+                old = traj.log_probs[mb, steps].to(device)
+                loss, s = ddpo_is_loss(log_probs, old, adv, cfg.clip_range)
+            else:
+                loss, s = ddpo_sf_loss(log_probs, adv)
+            (loss / (n_train * accum)).backward()
+            stats.append({**s, "loss": float(loss)})
+        return mean_stats(stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stat_tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state["stat_tracker"])
+
+
+@ALGORITHMS.register
+class DDPOSF(_DDPO):
+    name = "ddpo-sf"
+    importance_sampling = False
+
+
+@ALGORITHMS.register
+class DDPOIS(_DDPO):
+    name = "ddpo-is"
+    importance_sampling = True

@@ -1,0 +1,214 @@
+"""DPOK (Fan et al. 2023): policy gradient with a per-step KL to the pretrained model.
+
+Per round: push every step of every valid trajectory into a replay buffer of recent transitions;
+then ``gradient_steps`` optimizer steps, each accumulating ``grad_accum`` minibatches of
+``minibatch_size`` transitions drawn from the buffer, on
+
+    L = -alpha * A * clamp(rho, 1 - eps, 1 + eps) + beta * KL_t,   A = r - V_phi(x_t, z, t)
+
+with rho = p_theta(x_{t-1}|x_t,z) / p_old(x_{t-1}|x_t,z) and KL_t either the closed form
+||mu_theta - mu_pre||^2 / (2 sigma_t^2) (paper) or mean((eps_theta - eps_pre)^2) (official code).
+The value function V_phi is regressed by MSE onto the final reward of the transition's trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import dpok_loss, gaussian_kl_same_std, value_loss
+from ..sampling import evaluate_log_probs, policy_step
+from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (N,) timesteps -> (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ValueFunction(nn.Module):
+    """V_phi(x_t, z, t): a small CNN on the latent, the mean text state and a timestep embedding.
+
+    latents (N, C, h, w), timesteps (N,), text (N, L, D) -> (N,) predicted final reward.
+    """
+
+    def __init__(self, latent_channels: int, text_dim: int, width: int = 64) -> None:
+        super().__init__()
+        self.image = nn.Sequential(
+            nn.Conv2d(latent_channels, width // 2, 3, 1, 1), nn.SiLU(),
+            nn.Conv2d(width // 2, width, 3, 2, 1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, 2, 1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.text = nn.Linear(text_dim, width)
+        self.time = nn.Linear(32, width)
+        self.head = nn.Sequential(nn.SiLU(), nn.Linear(3 * width, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.image(latents.float()), self.text(text.float().mean(1)),
+                       self.time(timestep_embedding(timesteps, 32))], dim=-1)
+        return self.head(h).squeeze(-1)
+
+
+class ReplayBuffer:
+    """The most recent ``capacity`` transitions (FIFO ring), stored on the CPU.
+
+    Fields per transition: latents, next_latents (C, h, w); timestep; old log-prob; reward;
+    prompt (index into ``prompts``; text states are re-encoded, the encoder being frozen).
+    """
+
+    FIELDS = ("latents", "next_latents", "timesteps", "old_log_probs", "rewards", "prompt_ids")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.data: dict[str, torch.Tensor] = {}
+        self.prompts: list[str] = []
+        self.size = 0
+        self.cursor = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _prompt_id(self, prompt: str) -> int:
+        if prompt not in self.prompts:
+            self.prompts.append(prompt)
+        return self.prompts.index(prompt)
+
+    def add(self, latents: torch.Tensor, next_latents: torch.Tensor, timesteps: torch.Tensor,
+            old_log_probs: torch.Tensor, rewards: torch.Tensor, prompts: list[str]) -> None:
+        """Append N transitions (tensors with leading dim N)."""
+        items = {
+            "latents": latents.detach().cpu(), "next_latents": next_latents.detach().cpu(),
+            "timesteps": timesteps.detach().cpu().long(), "old_log_probs": old_log_probs.detach().cpu().float(),
+            "rewards": rewards.detach().cpu().float(),
+            "prompt_ids": torch.tensor([self._prompt_id(p) for p in prompts], dtype=torch.long),
+        }
+        if not self.data:
+            self.data = {k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype) for k, v in items.items()}
+        n = len(items["rewards"])
+        idx = (self.cursor + torch.arange(n)) % self.capacity
+        for k, v in items.items():
+            self.data[k][idx] = v
+        self.cursor = int((self.cursor + n) % self.capacity)
+        self.size = min(self.capacity, self.size + n)
+
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, self.size, (n,), generator=generator)
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": dict(self.data), "prompts": list(self.prompts), "size": self.size, "cursor": self.cursor,
+                "capacity": self.capacity}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.data = dict(state["data"])
+        self.prompts = list(state["prompts"])
+        self.size, self.cursor = int(state["size"]), int(state["cursor"])
+
+
+def step_kl(kl_form: str, dist, ref_dist, model_output: torch.Tensor, ref_output: torch.Tensor,  # noqa: ANN001
+            reduce: str) -> torch.Tensor:
+    """Per-transition KL_t (N,): closed form on the means, or the official code's eps form."""
+    if kl_form == "closed-form":
+        return gaussian_kl_same_std(dist.mean, ref_dist.mean, dist.std, reduce=reduce)
+    return (model_output.float() - ref_output.float()).pow(2).flatten(1).mean(1)
+
+
+@ALGORITHMS.register
+class DPOK(Algorithm):
+    name = "dpok"
+
+    def __init__(self, ctx: AlgorithmContext) -> None:
+        super().__init__(ctx)
+        c, _, _ = self.adapter.latent_shape
+        text_dim = self.adapter.text_encoder.config.hidden_size
+        self.value = ValueFunction(c, text_dim).to(self.adapter.device)
+        self.value_optimizer = torch.optim.AdamW(self.value.parameters(), lr=self.cfg.value_lr)
+        self.buffer = ReplayBuffer(self.cfg.buffer_size)
+        self._embeds: dict[str, Any] = {}
+
+    def _embed(self, prompt_ids: torch.Tensor):  # noqa: ANN202
+        from ..adapter import PromptEmbeds
+
+        prompts = [self.buffer.prompts[i] for i in prompt_ids.tolist()]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
+        if missing:
+            e = self.adapter.encode_prompts(missing)
+            for i, p in enumerate(missing):
+                self._embeds[p] = e[i : i + 1]
+        return PromptEmbeds.cat([self._embeds[p] for p in prompts])
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        cfg, traj = self.cfg, rollout.trajectory
+        keep = rollout.valid.nonzero().flatten()
+        if len(keep) == 0:
+            return {"skipped_updates": 1.0}
+        t = traj.num_steps
+        self.buffer.add(
+            traj.latents[keep].flatten(0, 1), traj.next_latents[keep].flatten(0, 1),
+            traj.timesteps.repeat(len(keep)), traj.log_probs[keep].flatten(),
+            rollout.rewards[keep].repeat_interleave(t), [traj.prompts[i] for i in keep.tolist() for _ in range(t)],
+        )
+        stats = []
+        for _ in range(cfg.gradient_steps):
+            stats.append(self._policy_step())
+            for _ in range(cfg.value_steps):
+                stats.append(self._value_step())
+        out = mean_stats(stats)
+        out["buffer_size"] = float(len(self.buffer))
+        return out
+
+    def _batch(self) -> dict[str, torch.Tensor]:
+        mb = self.buffer.sample(self.cfg.minibatch_size, self.ctx.generator)
+        device = self.adapter.device
+        return {k: v.to(device) for k, v in mb.items()}
+
+    def _policy_step(self) -> dict[str, float]:
+        cfg, adapter = self.cfg, self.adapter
+        stats = []
+        for _ in range(cfg.grad_accum):
+            mb = self._batch()
+            embeds = self._embed(mb["prompt_ids"])
+            with torch.no_grad():
+                values = self.value(mb["latents"], mb["timesteps"], embeds.cond)
+            advantages = mb["rewards"] - values
+            if cfg.normalize_advantages and len(advantages) > 1:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-6)
+            log_probs, dist, output = evaluate_log_probs(
+                adapter, mb["latents"], mb["next_latents"], mb["timesteps"], embeds, cfg.guidance_scale,
+                cfg.eta, cfg.num_steps, cfg.logprob_reduce)
+            with torch.no_grad():
+                ref_dist, ref_output = policy_step(adapter, mb["latents"], mb["timesteps"], embeds,
+                                                   cfg.guidance_scale, cfg.eta, cfg.num_steps, reference=True)
+            kl = step_kl(cfg.kl_form, dist, ref_dist, output, ref_output, cfg.logprob_reduce)
+            loss, s = dpok_loss(log_probs, mb["old_log_probs"], advantages, kl, cfg.alpha, cfg.beta, cfg.clip_range)
+            (loss / cfg.grad_accum).backward()
+            stats.append({**s, "loss": float(loss), "advantage_mean": float(advantages.mean())})
+        out = mean_stats(stats)
+        out.update(guarded_step(self.ctx.optimizer, adapter.trainable_parameters(), cfg.max_grad_norm))
+        return out
+
+    def _value_step(self) -> dict[str, float]:
+        mb = self._batch()
+        embeds = self._embed(mb["prompt_ids"])
+        values = self.value(mb["latents"], mb["timesteps"], embeds.cond)
+        loss, stats = value_loss(values, mb["rewards"])
+        self.value_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        step = guarded_step(self.value_optimizer, list(self.value.parameters()), 1.0)
+        return {**stats, "value_grad_norm": step["grad_norm"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
+                "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value.load_state_dict(state["value"])
+        self.value_optimizer.load_state_dict(state["value_optimizer"])
+        self.buffer.load_state_dict(state["buffer"])

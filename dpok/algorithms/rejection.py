@@ -1,0 +1,38 @@
+"""Rejection sampling (best-of-n by reward): the no-training baseline the DPOK abstract mentions.
+
+Nothing is trained; each output image is the highest-reward one of ``best_of`` samples of the
+base model for its prompt, so it costs ``best_of`` reward queries per image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling import sample_in_batches
+from .base import ALGORITHMS, Algorithm, Rollout
+
+
+@ALGORITHMS.register
+class RejectionSampling(Algorithm):
+    name = "rejection-sampling"
+    trains = False
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        return {}
+
+    def reward_queries_per_image(self) -> int:
+        return self.cfg.best_of
+
+    def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        if self.ctx.reward is None:
+            raise RuntimeError("rejection sampling needs the reward to pick the best sample")
+        candidates = [p for p in prompts for _ in range(cfg.best_of)]
+        traj = sample_in_batches(self.adapter, candidates, cfg.sample_batch_size, cfg.num_steps, cfg.eta,
+                                 cfg.guidance_scale, generator)
+        out = self.ctx.reward(traj.images, candidates)
+        # an invalid (non-finite) score never wins
+        scores = torch.where(out.valid, out.scores, torch.full_like(out.scores, -float("inf")))
+        best = scores.view(len(prompts), cfg.best_of).argmax(1)
+        images = traj.images.view(len(prompts), cfg.best_of, *traj.images.shape[1:])
+        return images[torch.arange(len(prompts)), best]

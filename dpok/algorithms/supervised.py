@@ -1,0 +1,133 @@
+"""Supervised baselines on denoising losses: SFT with KL (DPOK's baseline), RWR and sparse RWR.
+
+All three train eps_theta(x_t, t, z) on x_0 latents of sampled images, with fresh noise at a
+uniform timestep (the pretraining objective), weighted by reward:
+
+- ``sft-kl``: data from the *pretrained* model, gathered round by round at the same reward-query
+  budget as the online methods, loss  E[r ||eps - eps_theta||^2] + gamma E[||eps_pre - eps_theta||^2];
+- ``rwr``: data from the current model (this round), weights softmax(r / T) * N;
+- ``rwr-sparse``: weight 1 for samples at or above the round's ``rwr_percentile`` reward, else 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..adapter import PromptEmbeds
+from ..core import rwr_loss, rwr_sparse_weights, rwr_weights, sft_kl_loss
+from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats
+
+
+def denoising_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor,
+                     alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """What the UNet should output: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = alphas_cumprod_t.view(-1, *[1] * (x0.dim() - 1))
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise ValueError(f"unsupported prediction type {prediction_type!r} for denoising losses")
+
+
+class _Supervised(Algorithm):
+    def __init__(self, ctx: AlgorithmContext) -> None:
+        super().__init__(ctx)
+        self.data: dict[str, Any] = {"x0": [], "cond": [], "rewards": []}
+
+    def _append(self, rollout: Rollout) -> None:
+        keep = rollout.valid.nonzero().flatten()
+        traj = rollout.trajectory
+        self.data["x0"].append(traj.final_latents[keep].cpu())
+        self.data["cond"].append(traj.embeds.cond[keep.to(traj.embeds.cond.device)].cpu())
+        self.data["rewards"].append(rollout.rewards[keep].cpu())
+
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(torch.cat(self.data[k]) for k in ("x0", "cond", "rewards"))  # type: ignore[return-value]
+
+    def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _loss(self, pred, target, latents, timesteps, embeds, weights):  # noqa: ANN001, ANN202
+        return rwr_loss(pred, target, weights)
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        self._append(rollout)
+        x0_all, cond_all, rewards_all = self._tensors()
+        if len(x0_all) == 0:
+            return {"skipped_updates": 1.0}
+        weights_all = self._weights(rewards_all)
+        cfg, adapter, gen = self.cfg, self.adapter, self.ctx.generator
+        device = adapter.device
+        uncond = adapter.encode_prompts([""])
+        stats = []
+        for _ in range(cfg.gradient_steps):
+            for _ in range(cfg.grad_accum):
+                idx = torch.randint(0, len(x0_all), (cfg.minibatch_size,), generator=gen)
+                x0 = x0_all[idx].to(device)
+                noise = torch.randn(x0.shape, generator=gen).to(device)
+                n_train = adapter.scheduler.config.num_train_timesteps
+                t = torch.randint(0, n_train, (len(idx),), generator=gen).to(device)
+                abar = adapter.alphas_cumprod[t]
+                a = abar.view(-1, 1, 1, 1)
+                latents = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(adapter.dtype)
+                embeds = PromptEmbeds(cond_all[idx].to(device), uncond.uncond.expand(len(idx), -1, -1))
+                pred = adapter.conditional_noise_pred(latents, t, embeds).float()
+                target = denoising_target(adapter.prediction_type, x0.float(), noise.float(), abar)
+                loss, s = self._loss(pred, target, latents, t, embeds, weights_all[idx].to(device))
+                (loss / cfg.grad_accum).backward()
+                stats.append({**s, "loss": float(loss)})
+            stats.append(guarded_step(self.ctx.optimizer, adapter.trainable_parameters(), cfg.max_grad_norm))
+        out = mean_stats(stats)
+        out["dataset_size"] = float(len(x0_all))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        x0, cond, rewards = self._tensors() if self.data["x0"] else (torch.zeros(0),) * 3
+        return {"x0": x0, "cond": cond, "rewards": rewards}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["x0"]):
+            self.data = {"x0": [state["x0"]], "cond": [state["cond"]], "rewards": [state["rewards"]]}
+
+
+@ALGORITHMS.register
+class SFTKL(_Supervised):
+    """Reward-weighted denoising on the pretrained model's samples, plus gamma x KL bound."""
+
+    name = "sft-kl"
+    samples_from_reference = True
+
+    def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
+        return rewards
+
+    def _loss(self, pred, target, latents, timesteps, embeds, weights):  # noqa: ANN001, ANN202
+        with torch.no_grad(), self.adapter.reference():
+            unet = self.adapter.reference_unet or self.adapter.unet
+            ref = unet(latents, timesteps, embeds.cond).sample.float()
+        return sft_kl_loss(pred, target, ref, weights, self.cfg.gamma)
+
+
+@ALGORITHMS.register
+class RWR(_Supervised):
+    """Reward-weighted regression on this round's own samples."""
+
+    name = "rwr"
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        self.data = {"x0": [], "cond": [], "rewards": []}  # on-policy: this round only
+        return super().update(rollout)
+
+    def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
+        return rwr_weights(rewards, self.cfg.rwr_temperature)
+
+
+@ALGORITHMS.register
+class SparseRWR(RWR):
+    """RWR keeping only the samples at or above a reward percentile."""
+
+    name = "rwr-sparse"
+
+    def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
+        return rwr_sparse_weights(rewards, self.cfg.rwr_percentile)

@@ -1,0 +1,189 @@
+"""Typed, validated settings of ``dpok train`` and the named presets.
+
+Every field's ``help`` is the CLI help. ``validate()`` runs before any model is loaded. Presets
+are plain functions returning field overrides: the papers' published settings and CPU-sized
+settings for the embedded ShapeWorld model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ALGORITHM_NAMES = ("dpok", "ddpo-sf", "ddpo-is", "sft-kl", "rwr", "rwr-sparse", "rejection-sampling")
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - the CLI's word
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one fine-tuning run."""
+
+    # ---- what to fine-tune, on what
+    model: str = _f("shapeworld", "diffusers pipeline folder, hub id, or 'shapeworld' (the embedded model)")
+    reward: str = _f("shapeworld-alignment", "reward name, 'module:function', or a sum like 'a+0.1*b'")
+    alignment_model: str = _f("", "folder of the shapeworld-alignment reward weights (default: the shipped ones)")
+    prompt: list[str] = field(default_factory=list, metadata={"help": "a training prompt (repeatable)"})
+    prompt_file: str = _f("", "text file with one training prompt per line ('#' starts a comment)")
+    prompt_set: str = _f("", "named prompt set, e.g. hard, seen, common (see 'dpok prompts')")
+    eval_prompt_set: str = _f("", "named prompt set evaluated as unseen prompts at the end (optional)")
+    algorithm: str = _f("dpok", f"one of {', '.join(ALGORITHM_NAMES)}")
+    output_dir: str = _f("", "run folder (default: runs/<algorithm>-<time>)")
+    seed: int = _f(0, "seed of prompts, noise and initialisation")
+    device: str = _f("auto", "'auto' (cuda if present), 'cpu' or 'cuda[:N]'")
+    mixed_precision: str = _f("no", "'no', 'fp16' or 'bf16' (GPU only): dtype of the frozen weights")
+
+    # ---- policy parametrisation
+    finetune: str = _f("lora", "'lora' (reference = adapter disabled) or 'full' (reference = frozen copy)")
+    lora_rank: int = _f(4, "LoRA rank")
+    lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)")
+    lora_targets: str = _f("to_q,to_k,to_v,to_out.0", "comma-separated UNet module names that get LoRA")
+
+    # ---- sampling (the policy)
+    num_steps: int = _f(20, "denoising (DDIM) steps per trajectory")
+    eta: float = _f(1.0, "DDIM eta; must be > 0 for training (eta = 1 in both papers)")
+    guidance_scale: float = _f(5.0, "classifier-free guidance scale w, also used for log-probs and KL")
+    logprob_reduce: str = _f("sum", "'sum' log-probs over latent elements (paper) or 'mean' (DPOK code)")
+
+    # ---- budget
+    rounds: int = _f(30, "training rounds (sample -> score -> update)")
+    samples_per_round: int = _f(16, "trajectories sampled (reward queries) per round")
+    sample_batch_size: int = _f(16, "trajectories per sampling forward batch")
+
+    # ---- optimisation
+    learning_rate: float = _f(3e-4, "policy learning rate (AdamW)")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient-norm clipping")
+    minibatch_size: int = _f(16, "transitions (or samples) per backward pass")
+    gradient_steps: int = _f(4, "optimizer steps per round (DPOK, SFT-KL, RWR)")
+    grad_accum: int = _f(1, "minibatches accumulated per optimizer step")
+
+    # ---- DPOK
+    alpha: float = _f(10.0, "DPOK reward weight alpha")
+    beta: float = _f(0.01, "DPOK KL weight beta (0 turns KL regularisation off)")
+    kl_form: str = _f("closed-form", "'closed-form' ||mu-mu_pre||^2/(2 sigma^2) (paper) or 'epsilon' (official code)")
+    clip_range: float = _f(1e-4, "ratio clip epsilon (DPOK clamp, DDPO-IS PPO clip)")
+    buffer_size: int = _f(1000, "DPOK replay buffer capacity in transitions")
+    value_lr: float = _f(1e-3, "DPOK value-function learning rate")
+    value_steps: int = _f(1, "value-function steps per policy step")
+    normalize_advantages: bool = _f(True, "DPOK: standardise r - V over the minibatch")
+
+    # ---- DDPO
+    inner_epochs: int = _f(1, "DDPO-IS passes over each round's samples")
+    adv_clip: float = _f(5.0, "advantage clip (DDPO)")
+    stat_buffer: int = _f(16, "per-prompt reward history length (DDPO stat tracking)")
+    stat_min_count: int = _f(16, "rewards of a prompt needed before its own statistics are used")
+    timestep_fraction: float = _f(1.0, "share of each trajectory's steps trained on (DDPO)")
+
+    # ---- supervised baselines
+    gamma: float = _f(2.0, "SFT-KL weight gamma of the KL bound")
+    rwr_temperature: float = _f(0.2, "RWR temperature (weights ~ exp(r / T))")
+    rwr_percentile: float = _f(50.0, "sparse RWR keeps samples at or above this reward percentile")
+    best_of: int = _f(8, "rejection sampling: candidates per image (best-of-n)")
+
+    # ---- outputs
+    eval_images: int = _f(16, "images per prompt for the before/after evaluation and grids")
+    checkpoint_every: int = _f(0, "rounds between checkpoints (0: only at the end)")
+    keep_checkpoints: int = _f(2, "complete checkpoints kept")
+    resume: str = _f("", "run folder to continue from its newest complete checkpoint")
+
+    def validate(self) -> None:
+        """Check every value before any model loads; raise ValueError naming the option."""
+        errors: list[str] = []
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                errors.append(msg)
+
+        need(self.algorithm in ALGORITHM_NAMES, f"--algorithm {self.algorithm!r} is unknown; valid: {', '.join(ALGORITHM_NAMES)}")
+        need(self.eta > 0, f"--eta must be > 0 for training (got {self.eta}); eta = 0 has no log-prob")
+        need(self.num_steps >= 1, f"--num-steps must be >= 1 (got {self.num_steps})")
+        need(self.guidance_scale >= 1.0, f"--guidance-scale must be >= 1 (got {self.guidance_scale})")
+        need(self.logprob_reduce in ("sum", "mean"), f"--logprob-reduce must be 'sum' or 'mean' (got {self.logprob_reduce!r})")
+        need(self.kl_form in ("closed-form", "epsilon"), f"--kl-form must be 'closed-form' or 'epsilon' (got {self.kl_form!r})")
+        need(self.finetune in ("lora", "full"), f"--finetune must be 'lora' or 'full' (got {self.finetune!r})")
+        need(self.mixed_precision in ("no", "fp16", "bf16"), f"--mixed-precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
+        for name in ("rounds", "samples_per_round", "sample_batch_size", "minibatch_size", "gradient_steps",
+                     "grad_accum", "lora_rank", "buffer_size", "inner_epochs", "stat_buffer", "stat_min_count",
+                     "eval_images", "best_of", "value_steps", "keep_checkpoints"):
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name in ("learning_rate", "value_lr", "max_grad_norm", "clip_range", "rwr_temperature", "lora_alpha", "adv_clip"):
+            need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        for name in ("alpha", "beta", "gamma", "weight_decay", "checkpoint_every"):
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        need(0 < self.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1] (got {self.timestep_fraction})")
+        need(0 <= self.rwr_percentile < 100, f"--rwr-percentile must be in [0, 100) (got {self.rwr_percentile})")
+        if self.sample_batch_size >= 1 and self.samples_per_round % self.sample_batch_size:
+            errors.append(f"--samples-per-round ({self.samples_per_round}) must be a multiple of "
+                          f"--sample-batch-size ({self.sample_batch_size})")
+        if self.algorithm in ("ddpo-sf", "ddpo-is") and self.minibatch_size >= 1 and self.samples_per_round % self.minibatch_size:
+            errors.append(f"--samples-per-round ({self.samples_per_round}) must be a multiple of --minibatch-size "
+                          f"({self.minibatch_size}) for {self.algorithm}")
+        if self.resume and not Path(self.resume).is_dir():
+            errors.append(f"--resume {self.resume!r} is not a run folder")
+        if errors:
+            raise ValueError("invalid settings:\n  " + "\n  ".join(errors))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------- presets
+
+def preset_shapeworld_cpu() -> dict[str, Any]:
+    """The embedded model on a 2-core CPU: 20 DDIM steps, small rounds, LoRA rank 4."""
+    return {}
+
+
+def preset_dpok_paper() -> dict[str, Any]:
+    """DPOK, SD v1.5 + ImageReward, single prompt (Fan et al. 2023, Sec. 5 and App.)."""
+    return dict(algorithm="dpok", alpha=10.0, beta=0.01, learning_rate=1e-5, samples_per_round=10,
+                sample_batch_size=10, gradient_steps=5, grad_accum=12, minibatch_size=4, buffer_size=1000,
+                clip_range=1e-4, max_grad_norm=0.1, value_lr=1e-4, rounds=2000, num_steps=50, eta=1.0,
+                guidance_scale=7.5, lora_rank=4, lora_alpha=4.0, kl_form="closed-form", reward="image-reward")
+
+
+def preset_dpok_paper_multi() -> dict[str, Any]:
+    """DPOK's multi-prompt setting: alpha = 1000, beta = 0.1."""
+    return {**preset_dpok_paper(), "alpha": 1000.0, "beta": 0.1}
+
+
+def preset_ddpo_paper() -> dict[str, Any]:
+    """DDPO-IS with LoRA (Black et al. 2023): 256 samples per round, 4 inner epochs... per round."""
+    return dict(algorithm="ddpo-is", learning_rate=3e-4, samples_per_round=256, sample_batch_size=16,
+                minibatch_size=4, inner_epochs=1, grad_accum=64, clip_range=1e-4, adv_clip=5.0,
+                stat_buffer=16, stat_min_count=16, num_steps=50, eta=1.0, guidance_scale=5.0,
+                max_grad_norm=1.0, rounds=100, reward="aesthetic")
+
+
+def preset_sft_kl_paper() -> dict[str, Any]:
+    """DPOK's supervised baseline: gamma 2, lr 2e-5, batch 128."""
+    return dict(algorithm="sft-kl", gamma=2.0, learning_rate=2e-5, minibatch_size=128, num_steps=50,
+                guidance_scale=7.5, reward="image-reward")
+
+
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
+    "shapeworld-cpu": preset_shapeworld_cpu,
+    "dpok-paper": preset_dpok_paper,
+    "dpok-paper-multi": preset_dpok_paper_multi,
+    "ddpo-paper": preset_ddpo_paper,
+    "sft-kl-paper": preset_sft_kl_paper,
+}
+
+
+def build_config(preset: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the preset, then the user's options; validated."""
+    values: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"--preset {preset!r} is unknown; valid: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset]())
+    values.update(overrides)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,51 @@
+"""Pure-torch math of RL fine-tuning for diffusion models: step Gaussians, advantages, losses.
+
+Nothing in this package imports diffusers, so it can be tested and reused without a pipeline.
+"""
+
+from dpok.core.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
+from dpok.core.ddim import (
+    PREDICTION_TYPES,
+    StepDistribution,
+    ddim_log_prob,
+    ddim_sample_next,
+    ddim_step_distribution,
+    ddpm_step_distribution,
+    predict_x0_and_eps,
+    previous_timestep,
+)
+from dpok.core.gaussian import gaussian_kl_same_std, gaussian_log_prob
+from dpok.core.losses import (
+    ddpo_is_loss,
+    ddpo_sf_loss,
+    dpok_loss,
+    rwr_loss,
+    rwr_sparse_weights,
+    rwr_weights,
+    sft_kl_loss,
+    value_loss,
+)
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "PerPromptStatTracker",
+    "StepDistribution",
+    "batch_advantages",
+    "clip_advantages",
+    "ddim_log_prob",
+    "ddim_sample_next",
+    "ddim_step_distribution",
+    "ddpm_step_distribution",
+    "ddpo_is_loss",
+    "ddpo_sf_loss",
+    "dpok_loss",
+    "gaussian_kl_same_std",
+    "gaussian_log_prob",
+    "predict_x0_and_eps",
+    "previous_timestep",
+    "rwr_loss",
+    "rwr_sparse_weights",
+    "rwr_weights",
+    "sft_kl_loss",
+    "value_loss",
+]

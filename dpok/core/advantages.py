@@ -1,0 +1,148 @@
+"""Reward normalisation into advantages (DDPO's per-prompt statistics, batch statistics, clipping).
+
+Standard deviations are population standard deviations (``ddof = 0``, as ``numpy.std`` in DDPO's
+reference code). Non-finite rewards (NaN/inf from a failed reward model call) never enter any
+statistic and receive advantage 0, so they contribute no gradient; only the advantages are
+returned, callers that need the mask can recompute it as ``torch.isfinite(rewards)``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DEFAULT_EPS = 1e-6
+
+
+def _mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and population std of a non-empty 1-D tensor."""
+    return values.mean(), values.std(unbiased=False)
+
+
+def _check_rewards(rewards: Tensor) -> None:
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must have shape (B,), got {tuple(rewards.shape)}")
+
+
+def batch_advantages(rewards: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    """Whiten rewards with the statistics of the batch.
+
+        A_i = (r_i - mean(r)) / (std(r) + eps)   over the finite r_i; A_i = 0 where r_i is not finite.
+
+    Args:
+        rewards: (B,).
+        eps: added to the std so that a constant batch gives zero advantages instead of NaN.
+
+    Returns:
+        advantages (B,) with the dtype and device of ``rewards``.
+    """
+    _check_rewards(rewards)
+    finite = torch.isfinite(rewards)
+    advantages = torch.zeros_like(rewards)
+    if not bool(finite.any()):
+        return advantages
+    # float64 keeps the statistics exact enough that equal rewards map to exactly equal advantages.
+    values = rewards[finite].double()
+    mean, std = _mean_std(values)
+    advantages[finite] = ((values - mean) / (std + eps)).to(rewards.dtype)
+    return advantages
+
+
+def clip_advantages(advantages: Tensor, limit: float) -> Tensor:
+    """Clamp advantages to [-limit, limit] (DDPO's ``adv_clip_max``); same shape as the input."""
+    if limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    return advantages.clamp(-limit, limit)
+
+
+class PerPromptStatTracker:
+    """DDPO's per-prompt reward normalisation.
+
+    For each prompt a FIFO buffer keeps its last ``buffer_size`` finite rewards. A prompt whose
+    buffer holds fewer than ``min_count`` rewards (after adding the current ones) is normalised
+    with the statistics of the whole current batch instead, because a handful of samples give a
+    useless std:
+
+        A_i = (r_i - mean_p) / (std_p + 1e-6)
+
+    where (mean_p, std_p) are the statistics of the prompt's buffer, or of the finite rewards of
+    the current batch while the buffer is too small. Non-finite rewards are not stored and get A = 0.
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        if not 0 <= min_count <= buffer_size:
+            # A min_count above buffer_size could never be reached: per-prompt statistics would silently never be used.
+            raise ValueError(f"min_count must lie in [0, buffer_size={buffer_size}], got {min_count}")
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self._buffers: dict[str, deque[float]] = {}
+
+    def update(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        """Store the finite rewards and return the advantages.
+
+        Args:
+            prompts: B prompt strings, ``prompts[i]`` produced ``rewards[i]``.
+            rewards: (B,).
+
+        Returns:
+            advantages (B,) with the dtype and device of ``rewards``; 0 where the reward is not finite.
+        """
+        _check_rewards(rewards)
+        if len(prompts) != rewards.shape[0]:
+            raise ValueError(f"got {len(prompts)} prompts for {rewards.shape[0]} rewards")
+        values = rewards.detach().double().cpu()
+        finite = torch.isfinite(values)
+        batch_stats = _mean_std(values[finite]) if bool(finite.any()) else None
+        advantages = torch.zeros_like(values)
+        for prompt in dict.fromkeys(prompts):
+            rows = torch.tensor([p == prompt for p in prompts]) & finite
+            if not bool(rows.any()):
+                continue
+            buffer = self._buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(values[rows].tolist())
+            if len(buffer) >= self.min_count:
+                mean, std = _mean_std(torch.tensor(list(buffer), dtype=torch.float64))
+            else:
+                mean, std = batch_stats
+            advantages[rows] = (values[rows] - mean) / (std + DEFAULT_EPS)
+        return advantages.to(dtype=rewards.dtype, device=rewards.device)
+
+    def stats(self) -> dict[str, int]:
+        """Counts: number of prompts seen, stored rewards, smallest/largest buffer, prompts past ``min_count``."""
+        counts = [len(buffer) for buffer in self._buffers.values()]
+        return {
+            "num_prompts": len(counts),
+            "num_rewards": sum(counts),
+            "min_prompt_count": min(counts, default=0),
+            "max_prompt_count": max(counts, default=0),
+            "num_prompts_ready": sum(count >= self.min_count for count in counts),
+        }
+
+    def clear(self) -> None:
+        """Forget every stored reward."""
+        self._buffers.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state: the configuration and every prompt's buffer as a list of floats (oldest first)."""
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "buffers": {prompt: list(buffer) for prompt, buffer in self._buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state written by :meth:`state_dict`, configuration included, replacing the current one."""
+        missing = {"buffer_size", "min_count", "buffers"} - set(state)
+        if missing:
+            raise ValueError(f"state dict is missing keys {sorted(missing)}")
+        restored = PerPromptStatTracker(int(state["buffer_size"]), int(state["min_count"]))
+        for prompt, values in state["buffers"].items():
+            restored._buffers[str(prompt)] = deque((float(v) for v in values), maxlen=restored.buffer_size)
+        self.buffer_size = restored.buffer_size
+        self.min_count = restored.min_count
+        self._buffers = restored._buffers

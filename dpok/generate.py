@@ -1,0 +1,71 @@
+"""``dpok sample``: images from a model (optionally with a LoRA) through the plain diffusers pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .adapter import DiffusionAdapter
+
+
+def load_model(model: str, lora: str = "", device: str = "auto") -> DiffusionAdapter:
+    from .trainer import select_device
+
+    adapter = DiffusionAdapter.from_pretrained(model, select_device(device))
+    if lora:
+        adapter.load_lora(lora)
+    return adapter
+
+
+def validate_prompts_for(model: str, prompts: list[str]) -> None:
+    """On the embedded model, prompts must be in the ShapeWorld grammar (checked before loading)."""
+    if not prompts:
+        raise ValueError("give at least one --prompt")
+    if model == "shapeworld":
+        from .shapeworld import parse_prompt
+
+        for p in prompts:
+            parse_prompt(p)
+
+
+def generate_images(adapter: DiffusionAdapter, prompt: str, num_images: int, seed: int, num_steps: int,
+                    guidance_scale: float, eta: float, batch_size: int = 16) -> torch.Tensor:
+    """``num_images`` images (N, 3, H, W) in [0, 1] for one prompt, from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        images = adapter.pipe([prompt] * n, num_inference_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
+                              generator=gen, output_type="np").images
+        out.append(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float())
+    return torch.cat(out)
+
+
+def write_samples(model: str, lora: str, prompts: list[str], num_images: int, seed: int, output_dir: str,
+                  num_steps: int = 20, guidance_scale: float = 5.0, eta: float = 1.0, device: str = "auto",
+                  batch_size: int = 16) -> dict[str, str]:
+    """Write ``p{prompt:03d}_i{image:03d}.png`` files and ``index.json`` (file name -> prompt)."""
+    validate_prompts_for(model, prompts)
+    for name, value in (("--num-images", num_images), ("--num-steps", num_steps), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1 (got {value})")
+    if eta < 0:
+        raise ValueError(f"--eta must be >= 0 (got {eta})")
+    adapter = load_model(model, lora, device)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict[str, str] = {}
+    for i, prompt in enumerate(prompts):
+        images = generate_images(adapter, prompt, num_images, seed + 1000 * i, num_steps, guidance_scale, eta,
+                                 batch_size)
+        for j, img in enumerate(images):
+            name = f"p{i:03d}_i{j:03d}.png"
+            array = (img.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+            Image.fromarray(array).save(out / name)
+            index[name] = prompt
+    (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return index

@@ -1,0 +1,62 @@
+"""Run metrics: one JSON line per round, the same scalars in TensorBoard, and a curves plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+CURVES = (("reward/mean", "reward (mean over the round's samples)"),
+          ("kl/rollout", "KL bound to the pretrained model (sum over steps)"),
+          ("train/loss", "training loss"))
+
+
+class RunLog:
+    """Appends ``{"round": r, **metrics}`` to ``metrics.jsonl`` and writes TensorBoard scalars."""
+
+    def __init__(self, folder: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = Path(folder) / "metrics.jsonl"
+        self.writer = SummaryWriter(log_dir=str(Path(folder) / "tensorboard"))
+
+    def write(self, round_: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"round": round_, **metrics}) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, round_)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, out: Path) -> bool:
+    """Reward, KL and loss against rounds; returns False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.2))
+    for ax, (key, title) in zip(axes, CURVES):
+        points = [(r["round"], r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,135 @@
+"""Trajectory sampling with classifier-free guidance, and re-evaluation of recorded steps.
+
+``step_distribution`` is the single function that turns (x_t, t, z) into the Gaussian policy
+p_theta(x_{t-1} | x_t, z) = N(mu_theta, sigma_t^2 I): sampling calls it under
+``torch.inference_mode`` and training calls it with gradients on the same inputs, so the
+importance ratio is exactly 1 before the first update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import DiffusionAdapter, PromptEmbeds
+from .core import StepDistribution, ddim_log_prob, ddim_step_distribution
+
+
+@dataclass
+class Trajectory:
+    """A batch of B denoising trajectories of T steps (``latents[:, i]`` = x_t at step i).
+
+    - ``latents``, ``next_latents``: (B, T, C, h, w) x_t and the sampled x_{t-1}
+    - ``timesteps``: (T,) long, high to low
+    - ``log_probs``: (B, T) log p_old(x_{t-1} | x_t, z) at sampling time
+    - ``final_latents``: (B, C, h, w) x_0; ``images``: (B, 3, H, W) in [0, 1]
+    """
+
+    prompts: list[str]
+    embeds: PromptEmbeds
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    timesteps: torch.Tensor
+    log_probs: torch.Tensor
+    final_latents: torch.Tensor
+    images: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @staticmethod
+    def cat(items: list[Trajectory]) -> Trajectory:
+        return Trajectory(
+            prompts=[p for t in items for p in t.prompts],
+            embeds=PromptEmbeds.cat([t.embeds for t in items]),
+            latents=torch.cat([t.latents for t in items]),
+            next_latents=torch.cat([t.next_latents for t in items]),
+            timesteps=items[0].timesteps,
+            log_probs=torch.cat([t.log_probs for t in items]),
+            final_latents=torch.cat([t.final_latents for t in items]),
+            images=torch.cat([t.images for t in items]),
+        )
+
+
+def policy_step(adapter: DiffusionAdapter, latents: torch.Tensor, timesteps: torch.Tensor,
+                embeds: PromptEmbeds, guidance_scale: float, eta: float, num_steps: int,
+                reference: bool = False) -> tuple[StepDistribution, torch.Tensor]:
+    """p(x_{t-1} | x_t, z) for a batch with per-sample timesteps (B,), and the guided model output.
+
+    ``reference=True`` evaluates the pretrained policy (LoRA disabled / frozen copy), no grad.
+    """
+    fn = adapter.reference_noise_pred if reference else adapter.noise_pred
+    model_output = fn(latents, timesteps, embeds, guidance_scale)
+    prev = timesteps - adapter.step_size(num_steps)
+    dist = ddim_step_distribution(model_output, latents, timesteps, prev, adapter.alphas_cumprod, eta,
+                                  adapter.final_alpha_cumprod, adapter.prediction_type)
+    return dist, model_output
+
+
+def step_distribution(adapter: DiffusionAdapter, latents: torch.Tensor, timesteps: torch.Tensor,
+                      embeds: PromptEmbeds, guidance_scale: float, eta: float, num_steps: int,
+                      reference: bool = False) -> StepDistribution:
+    """:func:`policy_step` without the model output."""
+    return policy_step(adapter, latents, timesteps, embeds, guidance_scale, eta, num_steps, reference)[0]
+
+
+def initial_noise(adapter: DiffusionAdapter, n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn((n, *adapter.latent_shape), generator=generator, device=generator.device).to(adapter.device)
+
+
+@torch.inference_mode()
+def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps: int, eta: float,
+                        guidance_scale: float, generator: torch.Generator, reference: bool = False,
+                        logprob_reduce: str = "sum") -> Trajectory:
+    """Sample one trajectory per prompt with DDIM (eta > 0 makes it a stochastic policy).
+
+    Noise comes from ``generator`` only (x_T, then one draw per step), so the same generator state
+    gives the same images. ``reference=True`` samples the pretrained model (SFT's data).
+    """
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 to sample a trajectory with log-probs (got {eta}); "
+                         "eta = 0 is deterministic DDIM and has no log-prob")
+    embeds = adapter.encode_prompts(prompts)
+    x = initial_noise(adapter, len(prompts), generator)
+    timesteps = adapter.timesteps(num_steps)
+    latents, next_latents, log_probs = [], [], []
+    for t in timesteps:
+        t_batch = t.expand(len(prompts))
+        dist = step_distribution(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
+        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+        x_next = (dist.mean + dist.std * noise).to(x.dtype)
+        latents.append(x)
+        next_latents.append(x_next)
+        log_probs.append(ddim_log_prob(x_next.float(), dist, reduce=logprob_reduce))
+        x = x_next
+    return Trajectory(
+        prompts=list(prompts), embeds=embeds,
+        latents=torch.stack(latents, 1), next_latents=torch.stack(next_latents, 1),
+        timesteps=timesteps, log_probs=torch.stack(log_probs, 1),
+        final_latents=x, images=adapter.decode(x),
+    )
+
+
+def sample_in_batches(adapter: DiffusionAdapter, prompts: list[str], batch_size: int, num_steps: int, eta: float,
+                      guidance_scale: float, generator: torch.Generator, reference: bool = False,
+                      logprob_reduce: str = "sum") -> Trajectory:
+    parts = [sample_trajectories(adapter, prompts[i : i + batch_size], num_steps, eta, guidance_scale, generator,
+                                 reference, logprob_reduce)
+             for i in range(0, len(prompts), batch_size)]
+    return Trajectory.cat(parts)
+
+
+def evaluate_log_probs(adapter: DiffusionAdapter, latents: torch.Tensor, next_latents: torch.Tensor,
+                       timesteps: torch.Tensor, embeds: PromptEmbeds, guidance_scale: float, eta: float,
+                       num_steps: int, logprob_reduce: str = "sum"
+                       ) -> tuple[torch.Tensor, StepDistribution, torch.Tensor]:
+    """log p_theta(x_{t-1} | x_t, z) of recorded transitions (N,) with gradients, the step
+    distribution and the guided model output."""
+    dist, model_output = policy_step(adapter, latents, timesteps, embeds, guidance_scale, eta, num_steps)
+    return ddim_log_prob(next_latents.float(), dist, reduce=logprob_reduce), dist, model_output

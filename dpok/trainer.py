@@ -1,0 +1,243 @@
+"""The training loop: sample -> score -> update -> log -> checkpoint, each phase a small function.
+
+A run folder holds ``config.json``, ``metrics.jsonl`` (one line per round), TensorBoard events,
+``lora/pytorch_lora_weights.safetensors`` (or ``unet/`` for full fine-tuning),
+``samples_before.png`` / ``samples_after.png`` (same prompts, same seeds), ``curves.png``,
+``summary.json`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import DiffusionAdapter
+from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
+from .config import TrainConfig
+from .prompts import PromptSampler, resolve_prompts
+from .rewards import Reward, RewardOutput, make_reward
+from .runlog import RunLog, plot_curves
+from .sampling import Trajectory, sample_in_batches
+from .viz import save_prompt_grid
+
+GRID_PROMPTS = 4  # prompts shown in the before/after grids
+GRID_IMAGES = 8  # images per prompt in the grids
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    reward_before: float
+    reward_after: float
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _grammar(cfg: TrainConfig) -> str | None:
+    return "shapeworld" if cfg.model == "shapeworld" or cfg.reward.startswith("shapeworld") else None
+
+
+def prepare_prompts(cfg: TrainConfig) -> list[str]:
+    """Training prompts (default: the first prompt of the ShapeWorld ``hard`` set)."""
+    if not (cfg.prompt or cfg.prompt_file or cfg.prompt_set):
+        if cfg.model != "shapeworld":
+            raise ValueError("give training prompts with --prompt, --prompt-file or --prompt-set")
+        return ["a green triangle"]
+    return resolve_prompts(cfg.prompt or None, cfg.prompt_file or None, cfg.prompt_set or None, _grammar(cfg))
+
+
+def build_reward(cfg: TrainConfig, device: torch.device) -> Reward:
+    options = {"alignment_model": cfg.alignment_model} if cfg.alignment_model else {}
+    return make_reward(cfg.reward, device=device, **options)
+
+
+def default_output_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class Trainer:
+    """Owns the model, reward, algorithm, optimizer and the run folder for one run."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.prompts = prepare_prompts(cfg)
+        self.eval_unseen = resolve_prompts(None, None, cfg.eval_prompt_set, _grammar(cfg)) if cfg.eval_prompt_set else []
+        self.device = select_device(cfg.device)
+        self.reward = build_reward(cfg, self.device)
+        self.reward.validate_prompts(self.prompts + self.eval_unseen)
+        self.out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+        self.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        if dtype != torch.float32 and self.device.type == "cpu":
+            raise ValueError("--mixed-precision fp16/bf16 needs a GPU; use --mixed-precision no on the CPU")
+        self.adapter = DiffusionAdapter.from_pretrained(cfg.model, self.device, dtype)
+        if cfg.finetune == "lora":
+            self.adapter.add_lora(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
+        else:
+            self.adapter.enable_full_finetuning()
+        params = self.adapter.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        ctx = AlgorithmContext(cfg, self.adapter, self.optimizer, self.rng, self.generator, self.reward)
+        self.algorithm: Algorithm = ALGORITHMS.create(cfg.algorithm, ctx)
+        self.sampler = PromptSampler(self.prompts, cfg.seed)
+        self.log = RunLog(self.out)
+        self.round = 0
+        self.reward_queries = 0
+
+    # ------------------------------------------------------------------------------- phases
+    def sample(self, prompts: list[str]) -> Trajectory:
+        cfg = self.cfg
+        return sample_in_batches(self.adapter, prompts, cfg.sample_batch_size, cfg.num_steps, cfg.eta,
+                                 cfg.guidance_scale, self.generator,
+                                 reference=self.algorithm.samples_from_reference,
+                                 logprob_reduce=cfg.logprob_reduce)
+
+    def score(self, traj: Trajectory) -> RewardOutput:
+        out = self.reward(traj.images, traj.prompts)
+        self.reward_queries += len(traj.prompts)
+        return out
+
+    def rollout_kl(self, traj: Trajectory, max_samples: int = 4) -> float:
+        """Sum over steps of the closed-form KL_t to the pretrained policy, averaged over (at
+        most ``max_samples``) trajectories of this round: the DPOK bound on KL(p_theta || p_pre)."""
+        from .algorithms.dpok import step_kl
+        from .sampling import policy_step
+
+        cfg, n = self.cfg, min(max_samples, traj.batch_size)
+        with torch.no_grad():
+            x = traj.latents[:n].flatten(0, 1)
+            t = traj.timesteps.repeat(n)
+            embeds = traj.embeds[torch.arange(n).repeat_interleave(traj.num_steps)]
+            dist, out = policy_step(self.adapter, x, t, embeds, cfg.guidance_scale, cfg.eta, cfg.num_steps)
+            ref, ref_out = policy_step(self.adapter, x, t, embeds, cfg.guidance_scale, cfg.eta, cfg.num_steps,
+                                       reference=True)
+            kl = step_kl("closed-form", dist, ref, out, ref_out, cfg.logprob_reduce)
+        return float(kl.view(n, traj.num_steps).sum(1).mean())
+
+    def train_round(self) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        traj = self.sample(self.sampler.sample(cfg.samples_per_round))
+        t1 = time.perf_counter()
+        scored = self.score(traj)
+        t2 = time.perf_counter()
+        self.adapter.train(True)
+        stats = self.algorithm.update(Rollout(traj, scored.scores, scored.valid))
+        self.adapter.train(False)
+        t3 = time.perf_counter()
+        valid = scored.scores[scored.valid]
+        metrics = {f"train/{k}": v for k, v in stats.items()}
+        metrics.update({
+            "reward/mean": float(valid.mean()) if len(valid) else float("nan"),
+            "reward/std": float(valid.std()) if len(valid) > 1 else 0.0,
+            "reward/invalid": float(scored.num_invalid),
+            "kl/rollout": self.rollout_kl(traj),
+            "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
+            "charts/reward_queries": float(self.reward_queries),
+        })
+        return metrics
+
+    # ---------------------------------------------------------------------------- evaluation
+    def evaluate(self, prompts: list[str], base: bool = False) -> tuple[dict[str, float], list[np.ndarray]]:
+        """Mean reward per prompt over ``eval_images`` fixed-seed samples (same seeds every call).
+
+        ``base=True`` samples the pretrained policy; otherwise the method's own output (for
+        rejection sampling, the best of ``best_of``)."""
+        cfg, per_prompt, rows = self.cfg, {}, []
+        for i, prompt in enumerate(prompts):
+            gen = torch.Generator().manual_seed(10_000 + cfg.seed * 100 + i)
+            batch = [prompt] * cfg.eval_images
+            if base:
+                images = sample_in_batches(self.adapter, batch, cfg.sample_batch_size, cfg.num_steps, cfg.eta,
+                                           cfg.guidance_scale, gen, reference=True).images
+            else:
+                images = self.algorithm.generate(batch, gen)
+            out = self.reward(images, [prompt] * len(images))
+            per_prompt[prompt] = float(out.scores[out.valid].mean()) if out.valid.any() else float("nan")
+            rows.append(images[:GRID_IMAGES].permute(0, 2, 3, 1).cpu().numpy())
+        return per_prompt, rows
+
+    def _grid(self, rows: list[np.ndarray], prompts: list[str], name: str, scores: dict[str, float]) -> Path:
+        labels = [f"{p}  (reward {scores[p]:.3f})" for p in prompts]
+        return save_prompt_grid(rows, labels, self.out / name)
+
+    # ---------------------------------------------------------------------------------- run
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        shown = self.prompts[:GRID_PROMPTS]
+        before, rows = self.evaluate(shown, base=True)
+        self._grid(rows, shown, "samples_before.png", before)
+        rounds = cfg.rounds if self.algorithm.trains else 0
+        bar = tqdm(range(self.round, rounds), desc=f"{cfg.algorithm}", initial=self.round, total=rounds,
+                   dynamic_ncols=True, file=sys.stderr)
+        for r in bar:
+            metrics = self.train_round()
+            self.round = r + 1
+            self.log.write(self.round, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/rollout']:.2f}")
+        bar.close()
+        after, rows = self.evaluate(shown)
+        self._grid(rows, shown, "samples_after.png", after)
+        files = self._save_outputs(before, after)
+        return RunResult(self.out, float(np.mean(list(before.values()))), float(np.mean(list(after.values()))), files)
+
+    def _save_outputs(self, before: dict[str, float], after: dict[str, float]) -> dict[str, str]:
+        files = {"config": "config.json", "metrics": "metrics.jsonl", "tensorboard": "tensorboard/",
+                 "samples_before": "samples_before.png", "samples_after": "samples_after.png"}
+        if self.algorithm.trains and self.cfg.finetune == "lora":
+            self.adapter.save_lora(self.out / "lora")
+            files["lora"] = "lora/pytorch_lora_weights.safetensors"
+        elif self.algorithm.trains:
+            self.adapter.unet.save_pretrained(self.out / "unet")
+            files["unet"] = "unet/"
+        if plot_curves(self.log.path, self.out / "curves.png"):
+            files["curves"] = "curves.png"
+        summary = {"reward_before": before, "reward_after": after,
+                   "reward_before_mean": float(np.mean(list(before.values()))),
+                   "reward_after_mean": float(np.mean(list(after.values()))),
+                   "eval_images_per_prompt": self.cfg.eval_images, "rounds": self.round,
+                   "reward_queries": self.reward_queries,
+                   "reward_queries_per_eval_image": self.algorithm.reward_queries_per_image(), "files": files}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        files["summary"] = "summary.json"
+        self.log.close()
+        return files
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    return Trainer(cfg).run()
+
+
+def describe_result(result: RunResult) -> str:
+    lines = [f"reward before {result.reward_before:.3f} -> after {result.reward_after:.3f}",
+             f"outputs in {result.output_dir}/:"]
+    lines += [f"  {name:15s} {result.output_dir / rel}" for name, rel in result.files.items()]
+    return "\n".join(lines)
+
