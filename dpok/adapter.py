@@ -101,8 +101,10 @@ class DiffusionAdapter:
 
         source = resolve_model(model)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False)
+            # only a non-default dtype is passed: the keyword's name changed across diffusers versions
+            kwargs = {"torch_dtype": dtype} if dtype != torch.float32 else {}
+            pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False,
+                                                           **kwargs)
         except OSError as e:
             raise ModelLoadError(f"cannot load model {model!r}: {e}. Without network access give a local "
                                  "folder holding the pipeline (or 'shapeworld')") from e

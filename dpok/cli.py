@@ -45,11 +45,33 @@ def _cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
     return run_pretrain(cfg, argv)
 
 
+RESUMABLE_CHANGES = {"rounds", "checkpoint_every", "keep_checkpoints", "device", "resume"}
+
+
+def resume_settings(run_dir: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The run's saved settings, with the few options that may change on resume."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"--resume {run_dir}: no config.json there; give the folder of an earlier 'dpok train' run")
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k, v in given.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+    if changed:
+        raise ValueError(f"--resume keeps the run's settings; these options cannot change: {', '.join(changed)} "
+                         f"(only {', '.join(sorted(RESUMABLE_CHANGES - {'resume'}))} can)")
+    return {**saved, **given, "resume": run_dir, "output_dir": run_dir}
+
+
 def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .config import TrainConfig, build_config
     from .trainer import describe_result, train
 
-    cfg = build_config(args.preset, overrides(args, TrainConfig))
+    given = overrides(args, TrainConfig)
+    if args.resume:
+        given = resume_settings(args.resume, given)
+    cfg = build_config(None if args.resume else args.preset, given)
     result = train(cfg)
     print(describe_result(result))
     return 0
@@ -71,6 +93,24 @@ def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
 
     cfg = EvalConfig(**overrides(args, EvalConfig))
     run_eval(cfg)
+    return 0
+
+
+def _cmd_prompts(args: argparse.Namespace, argv: list[str]) -> int:
+    from .shapeworld import prompt_sets
+
+    for name, prompts in prompt_sets().items():
+        print(f"{name} ({len(prompts)}): " + "; ".join(prompts))
+    return 0
+
+
+def _cmd_rewards(args: argparse.Namespace, argv: list[str]) -> int:
+    from .rewards import available_rewards
+
+    for name, description in available_rewards().items():
+        print(f"{name:24s} {description}")
+    print(f"{'module:function':24s} your own function(images, prompts) -> one score per image")
+    print(f"{'a+0.1*b':24s} a weighted sum of any of the above")
     return 0
 
 
@@ -119,11 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="mean reward per prompt on seen and unseen prompt sets, as a table and JSON")
     add_dataclass_options(e, EvalConfig)
     e.set_defaults(func=_cmd_eval)
+
+    sub.add_parser("prompts", help="list the named prompt sets").set_defaults(func=_cmd_prompts)
+    sub.add_parser("rewards", help="list the registered rewards").set_defaults(func=_cmd_rewards)
     return parser
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (progress bars of weight loading, optional-dependency notes) hides our output."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

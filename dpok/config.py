@@ -107,7 +107,10 @@ class TrainConfig:
         need(self.logprob_reduce in ("sum", "mean"), f"--logprob-reduce must be 'sum' or 'mean' (got {self.logprob_reduce!r})")
         need(self.kl_form in ("closed-form", "epsilon"), f"--kl-form must be 'closed-form' or 'epsilon' (got {self.kl_form!r})")
         need(self.finetune in ("lora", "full"), f"--finetune must be 'lora' or 'full' (got {self.finetune!r})")
-        need(self.mixed_precision in ("no", "fp16", "bf16"), f"--mixed-precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
+        need(self.mixed_precision in ("no", "fp16", "bf16"),
+             f"--mixed-precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
+        need(self.stat_min_count <= self.stat_buffer,
+             f"--stat-min-count ({self.stat_min_count}) must be <= --stat-buffer ({self.stat_buffer})")
         for name in ("rounds", "samples_per_round", "sample_batch_size", "minibatch_size", "gradient_steps",
                      "grad_accum", "lora_rank", "buffer_size", "inner_epochs", "stat_buffer", "stat_min_count",
                      "eval_images", "best_of", "value_steps", "keep_checkpoints"):

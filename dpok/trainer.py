@@ -8,11 +8,15 @@ A run folder holds ``config.json``, ``metrics.jsonl`` (one line per round), Tens
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,11 +24,13 @@ from tqdm.auto import tqdm
 
 from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
+from .checkpoint import latest_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .prompts import PromptSampler, resolve_prompts
 from .rewards import Reward, RewardOutput, make_reward
-from .runlog import RunLog, plot_curves
+from .runlog import RunLog, plot_curves, read_metrics
 from .sampling import Trajectory, sample_in_batches
+from .utils.state_io import CheckpointError, rng_state, set_rng_state
 from .viz import save_prompt_grid
 
 GRID_PROMPTS = 4  # prompts shown in the before/after grids
@@ -88,7 +94,7 @@ class Trainer:
         self.device = select_device(cfg.device)
         self.reward = build_reward(cfg, self.device)
         self.reward.validate_prompts(self.prompts + self.eval_unseen)
-        self.out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+        self.out = Path(cfg.resume or cfg.output_dir) if (cfg.resume or cfg.output_dir) else default_output_dir(cfg)
         self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
@@ -106,9 +112,54 @@ class Trainer:
         ctx = AlgorithmContext(cfg, self.adapter, self.optimizer, self.rng, self.generator, self.reward)
         self.algorithm: Algorithm = ALGORITHMS.create(cfg.algorithm, ctx)
         self.sampler = PromptSampler(self.prompts, cfg.seed)
-        self.log = RunLog(self.out)
         self.round = 0
         self.reward_queries = 0
+        self.before: dict[str, float] | None = None
+        self.stop_signal: int | None = None
+        if cfg.resume:
+            self._resume()
+        self.log = RunLog(self.out)
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        trainable = {n: p.detach().cpu() for n, p in self.adapter.unet.named_parameters() if p.requires_grad}
+        return {
+            "round": self.round, "reward_queries": self.reward_queries, "before": self.before,
+            "trainable": trainable, "optimizer": self.optimizer.state_dict(),
+            "algorithm": self.algorithm.state_dict(), "prompt_sampler": self.sampler.state_dict(),
+            "rng": rng_state(self.rng), "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = dict(self.adapter.unet.named_parameters())
+        missing = [n for n in state["trainable"] if n not in params]
+        if missing:
+            raise CheckpointError(f"checkpoint weights {missing[:3]} do not match this model's trainable parameters; "
+                                  "resume with the same --model, --finetune and LoRA settings")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.sampler.load_state_dict(state["prompt_sampler"])
+        set_rng_state(state["rng"], self.rng)
+        self.generator.set_state(state["generator"])
+        self.round, self.reward_queries, self.before = int(state["round"]), int(state["reward_queries"]), state["before"]
+
+    def checkpoint(self) -> Path:
+        return write_checkpoint(self.out, self.round, self.state_dict(), self.cfg.keep_checkpoints)
+
+    def _resume(self) -> None:
+        found = latest_checkpoint(self.out)
+        if found is None:
+            raise CheckpointError(f"--resume {self.out}: no complete checkpoint in {self.out / 'checkpoints'}; "
+                                  "start a new run instead")
+        path, state = found
+        self.load_state_dict(state)
+        # rounds logged after the checkpoint will be run again: drop their lines
+        rows = [r for r in read_metrics(self.out / "metrics.jsonl") if r["round"] <= self.round]
+        (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tqdm.write(f"resumed {self.out} from {path.name} (round {self.round})")
 
     # ------------------------------------------------------------------------------- phases
     def sample(self, prompts: list[str]) -> Trajectory:
@@ -190,19 +241,33 @@ class Trainer:
     # ---------------------------------------------------------------------------------- run
     def run(self) -> RunResult:
         cfg = self.cfg
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if not cfg.resume:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         shown = self.prompts[:GRID_PROMPTS]
-        before, rows = self.evaluate(shown, base=True)
-        self._grid(rows, shown, "samples_before.png", before)
+        if self.before is None:
+            self.before, rows = self.evaluate(shown, base=True)
+            self._grid(rows, shown, "samples_before.png", self.before)
+        before = self.before
         rounds = cfg.rounds if self.algorithm.trains else 0
         bar = tqdm(range(self.round, rounds), desc=f"{cfg.algorithm}", initial=self.round, total=rounds,
                    dynamic_ncols=True, file=sys.stderr)
-        for r in bar:
-            metrics = self.train_round()
-            self.round = r + 1
-            self.log.write(self.round, metrics)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/rollout']:.2f}")
+        with stop_on_signals(self):
+            for r in bar:
+                metrics = self.train_round()
+                self.round = r + 1
+                self.log.write(self.round, metrics)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/rollout']:.2f}")
+                if self.stop_signal is not None:
+                    bar.close()
+                    path = self.checkpoint()
+                    tqdm.write(f"stopped by signal {self.stop_signal} after round {self.round}; checkpoint {path}; "
+                               f"continue with: dpok train --resume {self.out}")
+                    raise SystemExit(128 + self.stop_signal)
+                if cfg.checkpoint_every and self.round % cfg.checkpoint_every == 0 and self.round < rounds:
+                    self.checkpoint()
         bar.close()
+        if self.algorithm.trains:
+            self.checkpoint()
         after, rows = self.evaluate(shown)
         self._grid(rows, shown, "samples_after.png", after)
         files = self._save_outputs(before, after)
@@ -229,6 +294,21 @@ class Trainer:
         files["summary"] = "summary.json"
         self.log.close()
         return files
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGINT / SIGTERM: finish the current round, checkpoint, exit 130 / 143."""
+    def handler(signum: int, frame: object) -> None:
+        trainer.stop_signal = signum
+        tqdm.write(f"signal {signum}: stopping after this round (a checkpoint will be written)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def train(cfg: TrainConfig) -> RunResult:

@@ -72,7 +72,7 @@ class _DDPO(Algorithm):
             else:
                 loss, s = ddpo_sf_loss(log_probs, adv)
             (loss / (n_train * accum)).backward()
-            stats.append({**s, "loss": float(loss)})
+            stats.append({**s, "loss": loss.item()})
         return mean_stats(stats)
 
     def state_dict(self) -> dict[str, Any]:

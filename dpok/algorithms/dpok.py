@@ -189,7 +189,7 @@ class DPOK(Algorithm):
             kl = step_kl(cfg.kl_form, dist, ref_dist, output, ref_output, cfg.logprob_reduce)
             loss, s = dpok_loss(log_probs, mb["old_log_probs"], advantages, kl, cfg.alpha, cfg.beta, cfg.clip_range)
             (loss / cfg.grad_accum).backward()
-            stats.append({**s, "loss": float(loss), "advantage_mean": float(advantages.mean())})
+            stats.append({**s, "loss": loss.item(), "advantage_mean": float(advantages.mean())})
         out = mean_stats(stats)
         out.update(guarded_step(self.ctx.optimizer, adapter.trainable_parameters(), cfg.max_grad_norm))
         return out

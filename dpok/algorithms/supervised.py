@@ -77,7 +77,7 @@ class _Supervised(Algorithm):
                 target = denoising_target(adapter.prediction_type, x0.float(), noise.float(), abar)
                 loss, s = self._loss(pred, target, latents, t, embeds, weights_all[idx].to(device))
                 (loss / cfg.grad_accum).backward()
-                stats.append({**s, "loss": float(loss)})
+                stats.append({**s, "loss": loss.item()})
             stats.append(guarded_step(self.ctx.optimizer, adapter.trainable_parameters(), cfg.max_grad_norm))
         out = mean_stats(stats)
         out["dataset_size"] = float(len(x0_all))

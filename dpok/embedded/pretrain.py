@@ -48,7 +48,7 @@ from ..shapeworld.distribution import (
 )
 from ..shapeworld.render import Scene
 from ..utils.state_io import is_complete, load_state, rng_state, save_state, set_rng_state
-from .alignment import NUM_COUNT_CLASSES, AlignmentNet, AlignmentRewardModel, alignment_log_prob
+from .alignment import NUM_COUNT_CLASSES, AlignmentNet, AlignmentRewardModel
 from .architecture import make_scheduler, make_text_encoder, make_unet, make_vae
 from .tokenizer import build_tokenizer
 
@@ -99,6 +99,8 @@ class PretrainConfig:
     report_steps: int = field(default=50, metadata={"help": "DDIM steps in the final report"})
     report_guidance: float = field(default=5.0, metadata={"help": "guidance scale in the final report"})
     grid_path: str = field(default="", metadata={"help": "PNG grid of base samples to write (report stage)"})
+    max_steps_per_run: int = field(default=0, metadata={"help": "stop a stage after this many steps in this "
+                                                                  "invocation (0: no limit); rerun to resume"})
 
     def validate(self) -> None:
         bad = [s for s in self.stage_list() if s not in STAGES]
@@ -129,6 +131,10 @@ def tiny_config(work_dir: str) -> PretrainConfig:
         reward_batch=4, latent_pool=16, unet_steps=4, unet_batch=4, unet_warmup=1, eval_images=1,
         report_images=1, report_steps=2,
     )
+
+
+class StageInterrupted(RuntimeError):
+    """A stage stopped early on purpose, with its checkpoint written."""
 
 
 class Context:
@@ -216,6 +222,11 @@ def train_loop(
     bar = tqdm(range(start, total_steps), desc=name, initial=start, total=total_steps, dynamic_ncols=True,
                mininterval=2.0, file=sys.stderr)
     for step in bar:
+        if cfg.max_steps_per_run and step - start >= cfg.max_steps_per_run:
+            save(step)
+            bar.close()
+            raise StageInterrupted(f"{name}: stopped after {cfg.max_steps_per_run} steps at step {step} "
+                                   f"(--max-steps-per-run); run the same command again to resume")
         out = step_fn(step)
         loss = out.pop("loss")
         optimizer.zero_grad(set_to_none=True)

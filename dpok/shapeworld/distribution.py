@@ -117,7 +117,7 @@ def prompt_sets() -> dict[str, list[str]]:
             "a white triangle and a blue square",
         ],
     }
-    for name, prompts in sets.items():
+    for prompts in sets.values():
         for p in prompts:
             parse_prompt(p)  # every shipped set must be valid
     return sets
