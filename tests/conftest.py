@@ -71,7 +71,7 @@ def tiny_reward_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("rewards") / "tiny-alignment"
-    AlignmentRewardModel(AlignmentNet(width=8, hidden=16)).save(folder)
+    AlignmentRewardModel(AlignmentNet(width=16)).save(folder)
     return folder
 
 

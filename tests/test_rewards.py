@@ -254,7 +254,7 @@ def test_jpeg_noise_is_bigger_than_flat_and_in_kb() -> None:
 def tiny_alignment_dir(tmp_path):
     torch.manual_seed(0)
     folder = tmp_path / "alignment model"
-    AlignmentRewardModel(AlignmentNet(width=8, hidden=16)).save(folder)
+    AlignmentRewardModel(AlignmentNet(width=16)).save(folder)
     return folder
 
 

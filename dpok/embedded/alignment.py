@@ -1,9 +1,12 @@
 """The learned ShapeWorld alignment reward model (the analogue of a reward model learned from labels).
 
-A small CNN reads a 64x64 image and predicts, for each of the 24 (color, shape) types,
+A small fully convolutional network looks at a 64x64 image as an 8x8 grid of 8-pixel cells and
+predicts, for every cell, which of the 24 (color, shape) types has its centroid there (or none),
+and where in the cell (a detector; object centroids are at least 12 px apart, so a cell holds at
+most one). From the per-cell probabilities p_k(c) it derives, per type k,
 
-- a distribution over its count, classes 0, 1, 2, 3, "4 or more"   -> ``count_logits`` (B, 24, 5)
-- where it is, when it appears once: the centroid (x, y) / 64        -> ``positions``    (B, 24, 2)
+- the distribution of its count, counts 0, 1, 2, 3, "4 or more" (a Poisson-binomial over cells),
+- its expected centroid (probability-weighted cell centres plus the predicted offsets).
 
 The alignment of an image with a prompt is the probability the model gives to the prompt being
 exactly true:
@@ -27,6 +30,8 @@ from torch import nn
 from ..shapeworld import ALL_PAIRS, ParsedPrompt
 
 NUM_COUNT_CLASSES = 5
+GRID = 8  # cells per side
+CELL = 64 // GRID
 RELATION_SCALE = 1.5 / 64  # std of the centroid-gap noise in Phi(margin / s): ~1.5 px
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -38,33 +43,57 @@ def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class AlignmentNet(nn.Module):
-    """CNN 64x64x3 -> per-type count logits and centroid positions (about 1M parameters)."""
+    """64x64x3 image -> per-cell type logits (B, 25, 8, 8) (0 = no object) and offsets (B, 2, 8, 8)."""
 
-    def __init__(self, width: int = 32, hidden: int = 256) -> None:
+    def __init__(self, width: int = 32) -> None:
         super().__init__()
+        if width < 16 or width % 16:
+            raise ValueError(f"AlignmentNet width must be a positive multiple of 16 (group norms), got {width}")
         w = width
         self.features = nn.Sequential(
-            _block(3, w, 1),
-            _block(w, 2 * w, 2),  # 32
+            _block(3, w, 2),  # 32 px
+            _block(w, 3 * w // 2, 1),
+            _block(3 * w // 2, 2 * w, 2),  # 16 px
             _block(2 * w, 2 * w, 1),
-            _block(2 * w, 4 * w, 2),  # 16
-            _block(4 * w, 4 * w, 1),
-            _block(4 * w, 4 * w, 2),  # 8
-            _block(4 * w, 4 * w, 2),  # 4
+            _block(2 * w, 3 * w, 2),  # 8 x 8 cells; receptive field ~59 px
+            _block(3 * w, 3 * w, 1),
+            _block(3 * w, 3 * w, 1),
         )
-        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, hidden), nn.SiLU())
-        n = len(ALL_PAIRS)
-        self.count_head = nn.Linear(hidden, n * NUM_COUNT_CLASSES)
-        self.position_head = nn.Linear(hidden, n * 2)
-        self.config = {"width": width, "hidden": hidden}
+        self.head = nn.Conv2d(3 * w, len(ALL_PAIRS) + 1 + 2, 1)
+        self.config = {"width": width}
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, 64, 64) in [0, 1] -> count_logits (B, 24, 5), positions (B, 24, 2)."""
-        h = self.trunk(self.features(images * 2 - 1))
-        n = len(ALL_PAIRS)
-        counts = self.count_head(h).view(-1, n, NUM_COUNT_CLASSES)
-        positions = torch.sigmoid(self.position_head(h)).view(-1, n, 2)
-        return counts, positions
+        """images (B, 3, 64, 64) in [0, 1] -> cell logits (B, 25, 8, 8), offsets in [0, 1] (B, 2, 8, 8)."""
+        h = self.head(self.features(images * 2 - 1))
+        return h[:, : len(ALL_PAIRS) + 1], torch.sigmoid(h[:, len(ALL_PAIRS) + 1 :])
+
+
+def count_log_probs(cell_logits: torch.Tensor) -> torch.Tensor:
+    """log P(count_k = n), n = 0..3 and ">= 4", per type: (B, 24, 5), from (B, 25, G, G) logits.
+
+    Each cell independently holds type k with probability p_k(c); the count is the
+    Poisson-binomial sum over cells, computed by the usual recursion (in float64).
+    """
+    p = torch.softmax(cell_logits.double(), dim=1)[:, 1:].flatten(2)  # (B, 24, cells)
+    dist = torch.zeros(*p.shape[:2], NUM_COUNT_CLASSES, dtype=torch.float64, device=p.device)
+    dist[..., 0] = 1.0
+    for c in range(p.shape[-1]):
+        q = p[..., c : c + 1]
+        shifted = torch.cat([torch.zeros_like(dist[..., :1]), dist[..., :-1]], dim=-1)
+        shifted[..., -1] = shifted[..., -1] + dist[..., -1]  # ">= 4" absorbs
+        dist = dist * (1 - q) + shifted * q
+    return torch.log(dist.clamp_min(1e-300)).float()
+
+
+def expected_positions(cell_logits: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Probability-weighted centroid of each type, (x, y) / 64: (B, 24, 2)."""
+    p = torch.softmax(cell_logits.float(), dim=1)[:, 1:]  # (B, 24, G, G)
+    g = cell_logits.shape[-1]
+    ys, xs = torch.meshgrid(torch.arange(g, device=p.device), torch.arange(g, device=p.device), indexing="ij")
+    cx = (xs[None] + offsets[:, 0]) / g  # (B, G, G)
+    cy = (ys[None] + offsets[:, 1]) / g
+    w = p / p.sum((-1, -2), keepdim=True).clamp_min(1e-12)
+    return torch.stack([(w * cx[:, None]).sum((-1, -2)), (w * cy[:, None]).sum((-1, -2))], dim=-1)
 
 
 def count_targets(parsed: ParsedPrompt) -> torch.Tensor:
@@ -76,19 +105,21 @@ def count_targets(parsed: ParsedPrompt) -> torch.Tensor:
 
 
 def alignment_log_prob(
-    count_logits: torch.Tensor, positions: torch.Tensor, prompts: list[ParsedPrompt]
+    cell_logits: torch.Tensor, offsets: torch.Tensor, prompts: list[ParsedPrompt]
 ) -> torch.Tensor:
     """log r(x, z) of the module docstring, shape (B,). Inputs as returned by ``AlignmentNet``."""
-    targets = torch.stack([count_targets(p) for p in prompts]).to(count_logits.device)
-    log_p = torch.log_softmax(count_logits.float(), dim=-1)
-    out = log_p.gather(-1, targets[..., None]).squeeze(-1).sum(-1)
+    targets = torch.stack([count_targets(p) for p in prompts]).to(cell_logits.device)
+    out = count_log_probs(cell_logits).gather(-1, targets[..., None]).squeeze(-1).sum(-1)
+    if all(p.relation is None for p in prompts):
+        return out
+    positions = expected_positions(cell_logits, offsets)
     normal = torch.distributions.Normal(0.0, 1.0)
     for i, p in enumerate(prompts):
         if p.relation is None:
             continue
         a, b = (_PAIR_INDEX[g.pair] for g in p.groups)
         axis = 0 if p.relation == "left of" else 1
-        margin = (positions[i, b, axis] - positions[i, a, axis]).float() / RELATION_SCALE
+        margin = (positions[i, b, axis] - positions[i, a, axis]) / RELATION_SCALE
         out[i] = out[i] + torch.log(normal.cdf(margin).clamp_min(1e-12))
     return out
 
@@ -105,8 +136,8 @@ class AlignmentRewardModel(nn.Module):
         """images (B, 3, 64, 64) in [0, 1]; returns log r, shape (B,)."""
         if images.shape[-2:] != (64, 64):
             images = nn.functional.interpolate(images, size=(64, 64), mode="bilinear", antialias=True)
-        counts, positions = self.net(images)
-        return alignment_log_prob(counts, positions, prompts)
+        logits, offsets = self.net(images)
+        return alignment_log_prob(logits, offsets, prompts)
 
     def score(self, images: torch.Tensor, prompts: list[ParsedPrompt]) -> torch.Tensor:
         """r in [0, 1], shape (B,)."""
@@ -121,6 +152,7 @@ class AlignmentRewardModel(nn.Module):
             **self.net.config,
             "pairs": [list(p) for p in ALL_PAIRS],
             "count_classes": NUM_COUNT_CLASSES,
+            "grid": GRID,
             "relation_scale": RELATION_SCALE,
             "output": "probability in [0, 1] that the prompt is exactly true of the image",
         }
@@ -138,7 +170,7 @@ class AlignmentRewardModel(nn.Module):
                 )
         try:
             meta = json.loads(config.read_text())
-            net = AlignmentNet(width=int(meta["width"]), hidden=int(meta["hidden"]))
+            net = AlignmentNet(width=int(meta["width"]))
             net.load_state_dict(load_file(weights))
         except Exception as e:  # corrupt JSON, truncated safetensors, wrong shapes
             raise ValueError(f"cannot load the alignment reward model from {folder}: {e}") from e

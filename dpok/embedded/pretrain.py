@@ -8,10 +8,11 @@ Stages, in order (each resumable, each leaving its result in ``work_dir/<stage>`
                    as Stable Diffusion freezes CLIP's.
 3. ``vae``       - AutoencoderKL on 32 px crops of renders (conv only, so crops are exact and 4x
                    cheaper); the latent scaling factor is 1/std of the latents, as in SD.
-4. ``reward``    - the ``shapeworld-alignment`` reward model on labelled scenes, with blur, noise,
-                   colour jitter and VAE round trips so that it also reads generated images.
-5. ``unet``      - the UNet on VAE latents of the biased caption mix, epsilon prediction, 10 %
+4. ``unet``      - the UNet on VAE latents of the biased caption mix, epsilon prediction, 10 %
                    empty-caption dropout for classifier-free guidance, EMA weights.
+5. ``reward``    - the ``shapeworld-alignment`` reward model (a per-cell object detector) on
+                   labelled scenes, with blur, noise, colour jitter and VAE round trips so that it
+                   also reads generated images.
 6. ``export``    - the StableDiffusionPipeline folder, the reward folder, checksums and the log.
 7. ``report``    - alignment of the exported model per prompt category, judged by the reward.
 
@@ -48,11 +49,11 @@ from ..shapeworld.distribution import (
 )
 from ..shapeworld.render import Scene
 from ..utils.state_io import is_complete, load_state, rng_state, save_state, set_rng_state
-from .alignment import NUM_COUNT_CLASSES, AlignmentNet, AlignmentRewardModel
+from .alignment import CELL, NUM_COUNT_CLASSES, AlignmentNet, AlignmentRewardModel, count_log_probs
 from .architecture import make_scheduler, make_text_encoder, make_unet, make_vae
 from .tokenizer import build_tokenizer
 
-STAGES = ("tokenizer", "text", "vae", "reward", "unet", "export", "report")
+STAGES = ("tokenizer", "text", "vae", "unet", "reward", "export", "report")
 _PAIR_INDEX = {p: i for i, p in enumerate(ALL_PAIRS)}
 
 
@@ -83,10 +84,10 @@ class PretrainConfig:
     vae_crop: int = field(default=32, metadata={"help": "VAE training crop size (px)"})
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE learning rate"})
     vae_kl_weight: float = field(default=1e-6, metadata={"help": "weight of the VAE's KL term"})
-    reward_steps: int = field(default=3000, metadata={"help": "alignment reward model steps"})
+    reward_steps: int = field(default=2000, metadata={"help": "alignment reward model steps"})
     reward_batch: int = field(default=64, metadata={"help": "images per reward step"})
     reward_lr: float = field(default=1e-3, metadata={"help": "reward model learning rate"})
-    reward_vae_fraction: float = field(default=0.25, metadata={"help": "share of reward images sent through the VAE"})
+    reward_vae_fraction: float = field(default=0.125, metadata={"help": "share of reward images sent through the VAE"})
     latent_pool: int = field(default=60000, metadata={"help": "pretraining images encoded once for the UNet"})
     unet_steps: int = field(default=6000, metadata={"help": "UNet steps"})
     unet_batch: int = field(default=64, metadata={"help": "latents per UNet step"})
@@ -404,37 +405,39 @@ def _load_vae(ctx: Context):  # noqa: ANN202
     return AutoencoderKL.from_pretrained(ctx.stage_dir("vae") / "vae").eval().requires_grad_(False)
 
 
-def _scene_labels(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Count classes (B, 24), centroids / 64 (B, 24, 2) and their mask (B, 24) of scenes."""
+def _cell_labels(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-cell type (B, 8, 8) (0 = none, k + 1 = type k), in-cell centroid offsets (B, 2, 8, 8),
+    their mask (B, 8, 8), and per-type count classes (B, 24) of scenes."""
+    from .alignment import CELL, GRID
+
+    cls = torch.zeros(len(scenes), GRID, GRID, dtype=torch.long)
+    off = torch.zeros(len(scenes), 2, GRID, GRID)
     counts = torch.zeros(len(scenes), len(ALL_PAIRS), dtype=torch.long)
-    pos = torch.zeros(len(scenes), len(ALL_PAIRS), 2)
     for b, scene in enumerate(scenes):
         for s in scene:
+            cx, cy = s.centroid
+            col, row = int(cx // CELL), int(cy // CELL)
+            cls[b, row, col] = _PAIR_INDEX[s.pair] + 1
+            off[b, 0, row, col] = cx / CELL - col
+            off[b, 1, row, col] = cy / CELL - row
             counts[b, _PAIR_INDEX[s.pair]] += 1
-        for s in scene:
-            k = _PAIR_INDEX[s.pair]
-            if counts[b, k] == 1:
-                pos[b, k] = torch.tensor(s.centroid) / IMAGE_SIZE
-    mask = counts == 1
-    return counts.clamp_max(NUM_COUNT_CLASSES - 1), pos, mask
+    return cls, off, cls > 0, counts.clamp_max(NUM_COUNT_CLASSES - 1)
 
 
 def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Blur, colour jitter and pixel noise of the strength seen in generated images."""
-    b = len(x)
-    sigma = torch.from_numpy(rng.uniform(0, 1.0, b)).float()
+    b, c, h, w = x.shape
+    sigma = torch.from_numpy(rng.uniform(0, 1.0, b)).float().clamp_min(1e-3)
     k = torch.arange(-2, 3).float()
-    kernels = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
-    kernels = kernels / kernels.sum(-1, keepdim=True)
-    blurred = []
-    for img, ker in zip(x, kernels):
-        img = F.conv2d(F.pad(img[:, None], (2, 2, 0, 0), mode="replicate"), ker.view(1, 1, 1, 5))
-        img = F.conv2d(F.pad(img, (0, 0, 2, 2), mode="replicate"), ker.view(1, 1, 5, 1))
-        blurred.append(img[:, 0])
-    x = torch.stack(blurred)
+    kernels = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kernels = (kernels / kernels.sum(-1, keepdim=True)).repeat_interleave(c, 0)  # (b*c, 5)
+    # one grouped convolution per axis: each image channel gets its own image's kernel
+    y = F.pad(x.reshape(1, b * c, h, w), (2, 2, 2, 2), mode="replicate")
+    y = F.conv2d(y, kernels.view(b * c, 1, 1, 5), groups=b * c)
+    y = F.conv2d(y, kernels.view(b * c, 1, 5, 1), groups=b * c).view(b, c, h, w)
     gain = 1 + torch.from_numpy(rng.uniform(-0.08, 0.08, (b, 3, 1, 1))).float()
     noise = torch.from_numpy(rng.normal(0, 1, x.shape)).float() * torch.from_numpy(rng.uniform(0, 0.05, (b, 1, 1, 1))).float()
-    return (x * gain + noise).clamp(0, 1)
+    return (y * gain + noise).clamp(0, 1)
 
 
 def _noise_images(n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -483,11 +486,13 @@ def stage_reward(ctx: Context) -> None:
                 rec = vae.decode(vae.encode(x[:n_vae] * 2 - 1).latent_dist.sample()).sample
             x = torch.cat([((rec + 1) / 2).clamp(0, 1), x[n_vae:]])
         x = torch.cat([_augment(x, rng), _noise_images(n_noise, rng)])
-        counts, pos, mask = _scene_labels(scenes + [()] * n_noise)
-        logits, pred_pos = net(x)
-        ce = F.cross_entropy(logits.flatten(0, 1), counts.flatten(), reduction="sum") / len(x)
-        l1 = ((pred_pos - pos).abs().sum(-1) * mask).sum() / mask.sum().clamp_min(1)
-        return {"loss": ce + 20 * l1, "count_ce": ce.item(), "pos_l1_px": l1.item() * IMAGE_SIZE / 2}
+        cls, off, mask, counts = _cell_labels(scenes + [()] * n_noise)
+        logits, pred_off = net(x)
+        ce = F.cross_entropy(logits, cls, reduction="sum") / len(x)
+        l1 = ((pred_off - off).abs().sum(1) * mask).sum() / mask.sum().clamp_min(1)
+        count_nll = -count_log_probs(logits).gather(-1, counts[..., None]).sum() / len(x)
+        loss = ce + 5 * l1 + 0.2 * count_nll
+        return {"loss": loss, "cell_ce": ce.item(), "offset_l1_px": l1.item() * CELL, "count_nll": count_nll.item()}
 
     def eval_fn(step: int) -> dict[str, float]:
         net.eval()

@@ -1,0 +1,117 @@
+"""End-to-end: the CLI on the embedded model (subprocess) and on a tiny pipeline (in process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpok.cli import main
+from dpok.config import build_config
+from dpok.trainer import Trainer
+
+TINY_RUN = ["--rounds", "2", "--samples-per-round", "4", "--sample-batch-size", "4", "--minibatch-size", "4",
+            "--gradient-steps", "1", "--num-steps", "3", "--eval-images", "2"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
+def test_train_on_the_embedded_model_writes_every_output(tmp_path: Path, shipped_model_dir: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "run with space"
+    proc = subprocess.run([sys.executable, "-m", "dpok", "train", *TINY_RUN, "--output-dir", str(out)],
+                          capture_output=True, text=True, env=_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("config.json", "metrics.jsonl", "samples_before.png", "samples_after.png", "curves.png",
+                 "summary.json", "lora/pytorch_lora_weights.safetensors"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert {"reward/mean", "kl/rollout", "train/loss", "time/sample_s"} <= rows[0].keys()
+    assert "samples_after" in proc.stdout and str(out) in proc.stdout
+    pipe = StableDiffusionPipeline.from_pretrained(shipped_model_dir)
+    pipe.load_lora_weights(str(out / "lora"))
+    assert json.loads((out / "config.json").read_text())["algorithm"] == "dpok"
+
+
+def _tiny_cfg(pipeline: Path, reward: Path, out: Path, **kw: object):  # noqa: ANN202
+    values = dict(model=str(pipeline), alignment_model=str(reward), prompt=["a red circle", "two blue squares"],
+                  output_dir=str(out), rounds=3, samples_per_round=2, sample_batch_size=2, minibatch_size=2,
+                  gradient_steps=2, num_steps=3, eval_images=1, learning_rate=1e-2, clip_range=0.1)
+    values.update(kw)
+    return build_config(None, values)
+
+
+@pytest.mark.parametrize("algorithm", ["dpok", "ddpo-is"])
+def test_sigterm_then_resume_is_bit_identical(tiny_pipeline_dir: Path, tiny_reward_dir: Path, tmp_path: Path,
+                                               algorithm: str) -> None:
+    straight = Trainer(_tiny_cfg(tiny_pipeline_dir, tiny_reward_dir, tmp_path / "a", algorithm=algorithm,
+                                 stat_min_count=1, stat_buffer=4))
+    straight.run()
+    interrupted = Trainer(_tiny_cfg(tiny_pipeline_dir, tiny_reward_dir, tmp_path / "b", algorithm=algorithm,
+                                    stat_min_count=1, stat_buffer=4))
+    interrupted.stop_signal = signal.SIGTERM  # as if SIGTERM arrived during round 1
+    with pytest.raises(SystemExit) as code:
+        interrupted.run()
+    assert code.value.code == 143
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["round-000001"]
+    resumed = Trainer(_tiny_cfg(tiny_pipeline_dir, tiny_reward_dir, tmp_path / "b", algorithm=algorithm,
+                                stat_min_count=1, stat_buffer=4, resume=str(tmp_path / "b")))
+    assert resumed.round == 1
+    resumed.run()
+    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    rows_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert strip(rows_a) == strip(rows_b)
+
+
+def test_checkpoints_keep_only_the_newest(tiny_pipeline_dir: Path, tiny_reward_dir: Path, tmp_path: Path) -> None:
+    Trainer(_tiny_cfg(tiny_pipeline_dir, tiny_reward_dir, tmp_path, checkpoint_every=1, keep_checkpoints=2)).run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-000002", "round-000003"]
+
+
+def test_bad_inputs_fail_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--prompt", "a red dog"]) == 2
+    assert "'a red dog' is outside the ShapeWorld grammar" in capsys.readouterr().err
+    assert main(["train", "--model", str(tmp_path / "missing"), "--prompt", "x", "--reward", "jpeg-compressibility"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--eta", "0"]) == 2
+    assert "eta" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
+    bad = tmp_path / "prompts.txt"
+    bad.write_text("a red circle\nthree blue dogs\n")
+    assert main(["train", "--prompt-file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "prompts.txt" in err and "line 2" in err
+
+
+def test_sample_and_eval_commands(tmp_path: Path, shipped_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "samples"
+    assert main(["sample", "--prompt", "a red circle", "--prompt", "two blue squares", "--num-images", "2",
+                 "--num-steps", "3", "--output-dir", str(out)]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index == {"p000_i000.png": "a red circle", "p000_i001.png": "a red circle",
+                     "p001_i000.png": "two blue squares", "p001_i001.png": "two blue squares"}
+    assert all((out / name).is_file() for name in index)
+    ev = tmp_path / "eval"
+    assert main(["eval", "--prompt", "a red circle", "--unseen-prompt-set", "heldout", "--num-images", "2",
+                 "--num-steps", "3", "--output-dir", str(ev)]) == 0
+    result = json.loads((ev / "eval.json").read_text())
+    assert set(result["splits"]) == {"seen", "unseen"}
+    assert 0 <= result["splits"]["seen"]["prompts"]["a red circle"]["reward_mean"] <= 1
+    assert (ev / "grid_seen.png").is_file() and "unseen" in capsys.readouterr().out
