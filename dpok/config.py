@@ -91,6 +91,8 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "rounds between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(2, "complete checkpoints kept")
     resume: str = _f("", "run folder to continue from its newest complete checkpoint")
+    max_bad_rounds: int = _f(5, "stop after this many rounds in a row whose update was skipped (non-finite loss, "
+                                "gradient or an all-invalid reward batch)")
 
     def validate(self) -> None:
         """Check every value before any model loads; raise ValueError naming the option."""
@@ -113,7 +115,7 @@ class TrainConfig:
              f"--stat-min-count ({self.stat_min_count}) must be <= --stat-buffer ({self.stat_buffer})")
         for name in ("rounds", "samples_per_round", "sample_batch_size", "minibatch_size", "gradient_steps",
                      "grad_accum", "lora_rank", "buffer_size", "inner_epochs", "stat_buffer", "stat_min_count",
-                     "eval_images", "best_of", "value_steps", "keep_checkpoints"):
+                     "eval_images", "best_of", "value_steps", "keep_checkpoints", "max_bad_rounds"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         for name in ("learning_rate", "value_lr", "max_grad_norm", "clip_range", "rwr_temperature", "lora_alpha", "adv_clip"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")

@@ -37,6 +37,10 @@ GRID_PROMPTS = 4  # prompts shown in the before/after grids
 GRID_IMAGES = 8  # images per prompt in the grids
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many skipped updates in a row."""
+
+
 @dataclass
 class RunResult:
     output_dir: Path
@@ -116,6 +120,7 @@ class Trainer:
         self.reward_queries = 0
         self.before: dict[str, float] | None = None
         self.stop_signal: int | None = None
+        self.bad_rounds = 0
         if cfg.resume:
             self._resume()
         self.log = RunLog(self.out)
@@ -234,6 +239,18 @@ class Trainer:
             rows.append(images[:GRID_IMAGES].permute(0, 2, 3, 1).cpu().numpy())
         return per_prompt, rows
 
+    def _check_bad_round(self, metrics: dict[str, float]) -> None:
+        """Count rounds in a row whose update was skipped; stop at ``max_bad_rounds``."""
+        skipped = metrics.get("train/skipped_steps", 0) > 0 or metrics.get("train/skipped_updates", 0) > 0
+        self.bad_rounds = self.bad_rounds + 1 if skipped else 0
+        if self.bad_rounds >= self.cfg.max_bad_rounds:
+            last = latest_checkpoint(self.out)
+            where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written before"
+            raise TrainingDiverged(
+                f"{self.bad_rounds} rounds in a row had their update skipped (non-finite loss or gradient, or every "
+                f"reward invalid; see reward/invalid and train/skipped_* in {self.log.path}); {where}. Lower "
+                "--learning-rate or check the reward, then --resume")
+
     def _grid(self, rows: list[np.ndarray], prompts: list[str], name: str, scores: dict[str, float]) -> Path:
         labels = [f"{p}  (reward {scores[p]:.3f})" for p in prompts]
         return save_prompt_grid(rows, labels, self.out / name)
@@ -257,6 +274,7 @@ class Trainer:
                 self.round = r + 1
                 self.log.write(self.round, metrics)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/rollout']:.2f}")
+                self._check_bad_round(metrics)
                 if self.stop_signal is not None:
                     bar.close()
                     path = self.checkpoint()

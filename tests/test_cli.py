@@ -115,3 +115,22 @@ def test_sample_and_eval_commands(tmp_path: Path, shipped_model_dir: Path, capsy
     assert set(result["splits"]) == {"seen", "unseen"}
     assert 0 <= result["splits"]["seen"]["prompts"]["a red circle"]["reward_mean"] <= 1
     assert (ev / "grid_seen.png").is_file() and "unseen" in capsys.readouterr().out
+
+
+def test_all_invalid_rewards_skip_updates_then_stop_the_run(tiny_pipeline_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from dpok.trainer import TrainingDiverged
+
+    (tmp_path / "nan_reward_mod.py").write_text(
+        "import torch\ndef reward(images, prompts):\n    return torch.full((len(images),), float('nan'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = _tiny_cfg(tiny_pipeline_dir, tmp_path, tmp_path / "run", reward="nan_reward_mod:reward",
+                    alignment_model="", max_bad_rounds=2, rounds=5)
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.adapter.unet.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match="2 rounds in a row"):
+        trainer.run()
+    after = trainer.adapter.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward/invalid"] for r in rows] == [2.0, 2.0]

@@ -22,7 +22,7 @@ def test_count_distribution_is_the_poisson_binomial_of_the_cells() -> None:
     logits[0, 1, 0, 0] = math.log(3.0)  # type 0 with p = 3/4 in one cell
     logits[0, 1, 1, 1] = 0.0  # and p = 1/2 in another
     probs = count_log_probs(logits).exp()[0, 0]
-    expected = torch.tensor([0.25 * 0.5, 0.75 * 0.5 + 0.25 * 0.5, 0.75 * 0.5, 0.0, 0.0])
+    expected = torch.tensor([0.25 * 0.5, 0.75 * 0.5 + 0.25 * 0.5, 0.75 * 0.5, 0.0, 0.0, 0.0])
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=0)
     assert count_log_probs(logits).exp()[0, 5, 0] > 0.999  # other types: count 0
 
@@ -79,6 +79,18 @@ def test_shipped_reward_ranks_the_right_render_above_wrong_ones(shipped_reward_d
             wrong_image = to_tensor([render_scene(scene_for_prompt(wrong, rng))])
             assert model.score(wrong_image, [parsed]).item() < right, (prompt, wrong.text())
             assert model.score(image, [wrong]).item() < 0.5, (prompt, wrong.text())
+
+
+def test_shipped_reward_tells_four_from_five(shipped_reward_dir: Path) -> None:
+    from dpok.shapeworld.render import place_objects
+
+    model = AlignmentRewardModel.load(shipped_reward_dir)
+    rng = np.random.default_rng(5)
+    four = parse_prompt("four red circles")
+    for n, aligned in ((3, False), (4, True), (5, False)):
+        scenes = [s for s in (place_objects([("red", "circle")] * n, rng) for _ in range(20)) if s is not None][:8]
+        scores = model.score(to_tensor([render_scene(s) for s in scenes]), [four] * len(scenes))
+        assert bool((scores > 0.5).float().mean() > 0.5) == aligned, (n, scores)
 
 
 def test_shipped_reward_is_not_fooled_by_blank_or_noise(shipped_reward_dir: Path) -> None:

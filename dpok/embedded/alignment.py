@@ -5,7 +5,7 @@ predicts, for every cell, which of the 24 (color, shape) types has its centroid 
 and where in the cell (a detector; object centroids are at least 12 px apart, so a cell holds at
 most one). From the per-cell probabilities p_k(c) it derives, per type k,
 
-- the distribution of its count, counts 0, 1, 2, 3, "4 or more" (a Poisson-binomial over cells),
+- the distribution of its count, counts 0 to 4 and "5 or more" (a Poisson-binomial over cells),
 - its expected centroid (probability-weighted cell centres plus the predicted offsets).
 
 The alignment of an image with a prompt is the probability the model gives to the prompt being
@@ -29,7 +29,7 @@ from torch import nn
 
 from ..shapeworld import ALL_PAIRS, ParsedPrompt
 
-NUM_COUNT_CLASSES = 5
+NUM_COUNT_CLASSES = 6  # counts 0..4 and "5 or more": "four" must mean exactly four
 GRID = 8  # cells per side
 CELL = 64 // GRID
 RELATION_SCALE = 1.5 / 64  # std of the centroid-gap noise in Phi(margin / s): ~1.5 px
@@ -69,7 +69,7 @@ class AlignmentNet(nn.Module):
 
 
 def count_log_probs(cell_logits: torch.Tensor) -> torch.Tensor:
-    """log P(count_k = n), n = 0..3 and ">= 4", per type: (B, 24, 5), from (B, 25, G, G) logits.
+    """log P(count_k = n), n = 0..4 and ">= 5", per type: (B, 24, 6), from (B, 25, G, G) logits.
 
     Each cell independently holds type k with probability p_k(c); the count is the
     Poisson-binomial sum over cells, computed by the usual recursion (in float64).
@@ -80,7 +80,7 @@ def count_log_probs(cell_logits: torch.Tensor) -> torch.Tensor:
     for c in range(p.shape[-1]):
         q = p[..., c : c + 1]
         shifted = torch.cat([torch.zeros_like(dist[..., :1]), dist[..., :-1]], dim=-1)
-        shifted[..., -1] = shifted[..., -1] + dist[..., -1]  # ">= 4" absorbs
+        shifted[..., -1] = shifted[..., -1] + dist[..., -1]  # the last class, ">= 5", absorbs
         dist = dist * (1 - q) + shifted * q
     return torch.log(dist.clamp_min(1e-300)).float()
 
@@ -96,11 +96,11 @@ def expected_positions(cell_logits: torch.Tensor, offsets: torch.Tensor) -> torc
     return torch.stack([(w * cx[:, None]).sum((-1, -2)), (w * cy[:, None]).sum((-1, -2))], dim=-1)
 
 
-def count_targets(parsed: ParsedPrompt) -> torch.Tensor:
-    """The prompt's count class of every type, long (24,)."""
+def count_targets(parsed: ParsedPrompt, classes: int = NUM_COUNT_CLASSES) -> torch.Tensor:
+    """The prompt's count class of every type, long (24,) (the last class means "that many or more")."""
     t = torch.zeros(len(ALL_PAIRS), dtype=torch.long)
     for pair, n in parsed.objects.items():
-        t[_PAIR_INDEX[pair]] = min(n, NUM_COUNT_CLASSES - 1)
+        t[_PAIR_INDEX[pair]] = min(n, classes - 1)
     return t
 
 

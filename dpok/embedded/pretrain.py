@@ -55,6 +55,7 @@ from .tokenizer import build_tokenizer
 
 STAGES = ("tokenizer", "text", "vae", "unet", "reward", "export", "report")
 _PAIR_INDEX = {p: i for i, p in enumerate(ALL_PAIRS)}
+TEXT_COUNT_CLASSES = 5  # captions count 0..4 of a type
 
 
 def default_model_dir() -> Path:
@@ -286,7 +287,7 @@ def stage_tokenizer(ctx: Context) -> None:
 def _caption_targets(parsed_list) -> dict[str, torch.Tensor]:  # noqa: ANN001
     from .alignment import count_targets
 
-    counts = torch.stack([count_targets(p) for p in parsed_list])
+    counts = torch.stack([count_targets(p, TEXT_COUNT_CLASSES) for p in parsed_list])
     rel = torch.tensor([0 if p.relation is None else 1 + ("left of", "above").index(p.relation) for p in parsed_list])
     subj = torch.tensor([_PAIR_INDEX[p.groups[0].pair] if p.relation else len(ALL_PAIRS) for p in parsed_list])
     obj = torch.tensor([_PAIR_INDEX[p.groups[1].pair] if p.relation else len(ALL_PAIRS) for p in parsed_list])
@@ -299,13 +300,13 @@ class CaptionHead(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         n = len(ALL_PAIRS)
-        self.counts = nn.Linear(width, n * NUM_COUNT_CLASSES)
+        self.counts = nn.Linear(width, n * TEXT_COUNT_CLASSES)
         self.relation = nn.Linear(width, 3)
         self.subject = nn.Linear(width, n + 1)
         self.object = nn.Linear(width, n + 1)
 
     def loss(self, pooled: torch.Tensor, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        counts = self.counts(pooled).view(len(pooled), -1, NUM_COUNT_CLASSES)
+        counts = self.counts(pooled).view(len(pooled), -1, TEXT_COUNT_CLASSES)
         heads = [(counts.flatten(0, 1), t["counts"].flatten()), (self.relation(pooled), t["relation"]),
                  (self.subject(pooled), t["subject"]), (self.object(pooled), t["object"])]
         loss = sum(F.cross_entropy(logits, target) for logits, target in heads)
@@ -608,6 +609,14 @@ def stage_unet(ctx: Context) -> None:
     ema_unet.save_pretrained(ctx.stage_dir("unet") / "unet")
 
 
+def _shown(path: Path) -> str:
+    """A path for logs: relative to the working directory when inside it (logs ship with the model)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -654,7 +663,7 @@ def stage_export(ctx: Context, argv: list[str] | None) -> None:
     for folder in (out, reward_out):
         (folder / "PRETRAIN_COMMAND.txt").write_text(f"{command}\n\nSettings:\n{settings}\n")
         write_checksums(folder)
-    ctx.log(f"export: pipeline -> {out}, alignment reward -> {reward_out}")
+    ctx.log(f"export: pipeline -> {_shown(out)}, alignment reward -> {_shown(reward_out)}")
 
 
 def stage_report(ctx: Context) -> None:

@@ -130,17 +130,18 @@ def pair_category(pair: Pair) -> str:
     return "rare" if pair in RARE_PAIRS else "common"
 
 
-def sample_labelled_scene(rng: np.random.Generator, max_objects: int = 7) -> Scene:
+def sample_labelled_scene(rng: np.random.Generator, max_objects: int = 8) -> Scene:
     """A scene outside the grammar's constraints, for training the alignment reward model.
 
-    0-3 groups of distinct uniform (color, shape) types, 1-4 objects each, at most
-    ``max_objects`` in all (the reward must also see crowded and empty images).
+    0-3 groups of distinct uniform (color, shape) types, 1-6 objects each, at most
+    ``max_objects`` in all (the reward must also see crowded and empty images, and five or six
+    of a type, so that it can tell "four" from "more than four").
     """
     n_groups = int(rng.choice(4, p=[0.05, 0.45, 0.35, 0.15]))
     types = rng.choice(len(ALL_PAIRS), size=n_groups, replace=False)
     pairs: list[Pair] = []
     for k in types:
-        pairs += [ALL_PAIRS[k]] * int(rng.choice([1, 2, 3, 4], p=[0.4, 0.3, 0.2, 0.1]))
+        pairs += [ALL_PAIRS[k]] * int(rng.choice([1, 2, 3, 4, 5, 6], p=[0.35, 0.25, 0.15, 0.12, 0.08, 0.05]))
     pairs = pairs[:max_objects]
     while True:
         scene = place_objects(pairs, rng)
