@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fine-tune a diffusion model against a reward (DPOK, DDPO, SFT-KL, RWR, ...)",
                        description="Fine-tune a text-to-image diffusion model with RL from a reward. With no "
-                                   "options: DPOK on the embedded ShapeWorld model, prompt 'a green triangle', "
+                                   "options: DPOK on the embedded ShapeWorld model, prompt 'two white triangles', "
                                    "reward shapeworld-alignment.")
     t.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="named settings applied before your options (e.g. dpok-paper, ddpo-paper)")

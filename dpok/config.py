@@ -16,8 +16,12 @@ from typing import Any
 ALGORITHM_NAMES = ("dpok", "ddpo-sf", "ddpo-is", "sft-kl", "rwr", "rwr-sparse", "rejection-sampling")
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - the CLI's word
+def option(default: Any, help: str) -> Any:  # noqa: A002 - the CLI's word
+    """A dataclass field whose ``help`` becomes the CLI option's help text."""
     return field(default=default, metadata={"help": help})
+
+
+_f = option
 
 
 @dataclass
@@ -48,19 +52,19 @@ class TrainConfig:
     num_steps: int = _f(20, "denoising (DDIM) steps per trajectory")
     eta: float = _f(1.0, "DDIM eta; must be > 0 for training (eta = 1 in both papers)")
     guidance_scale: float = _f(5.0, "classifier-free guidance scale w, also used for log-probs and KL")
-    logprob_reduce: str = _f("sum", "'sum' log-probs over latent elements (paper) or 'mean' (DPOK code)")
+    logprob_reduce: str = _f("mean", "'mean' log-probs over latent elements (DPOK code; fits clip-range 1e-4) or 'sum' (paper)")
 
     # ---- budget
-    rounds: int = _f(30, "training rounds (sample -> score -> update)")
-    samples_per_round: int = _f(16, "trajectories sampled (reward queries) per round")
-    sample_batch_size: int = _f(16, "trajectories per sampling forward batch")
+    rounds: int = _f(60, "training rounds (sample -> score -> update)")
+    samples_per_round: int = _f(32, "trajectories sampled (reward queries) per round")
+    sample_batch_size: int = _f(32, "trajectories per sampling forward batch")
 
     # ---- optimisation
     learning_rate: float = _f(3e-4, "policy learning rate (AdamW)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clipping")
-    minibatch_size: int = _f(16, "transitions (or samples) per backward pass")
-    gradient_steps: int = _f(4, "optimizer steps per round (DPOK, SFT-KL, RWR)")
+    minibatch_size: int = _f(32, "transitions (or samples) per backward pass")
+    gradient_steps: int = _f(6, "optimizer steps per round (DPOK, SFT-KL, RWR)")
     grad_accum: int = _f(1, "minibatches accumulated per optimizer step")
 
     # ---- DPOK
@@ -71,7 +75,7 @@ class TrainConfig:
     buffer_size: int = _f(1000, "DPOK replay buffer capacity in transitions")
     value_lr: float = _f(1e-3, "DPOK value-function learning rate")
     value_steps: int = _f(1, "value-function steps per policy step")
-    normalize_advantages: bool = _f(True, "DPOK: standardise r - V over the minibatch")
+    normalize_advantages: bool = _f(False, "DPOK: standardise r - V over the minibatch")
 
     # ---- DDPO
     inner_epochs: int = _f(1, "DDPO-IS passes over each round's samples")
@@ -87,7 +91,7 @@ class TrainConfig:
     best_of: int = _f(8, "rejection sampling: candidates per image (best-of-n)")
 
     # ---- outputs
-    eval_images: int = _f(16, "images per prompt for the before/after evaluation and grids")
+    eval_images: int = _f(32, "images per prompt for the before/after evaluation and grids")
     checkpoint_every: int = _f(0, "rounds between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(2, "complete checkpoints kept")
     resume: str = _f("", "run folder to continue from its newest complete checkpoint")
@@ -141,13 +145,16 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------- presets
 
 def preset_shapeworld_cpu() -> dict[str, Any]:
-    """The embedded model on a 2-core CPU: 20 DDIM steps, small rounds, LoRA rank 4."""
+    """The defaults: the embedded model on a 2-core CPU in about 5 minutes. 20 DDIM steps (eta 1,
+    guidance 5), 60 rounds of 32 samples, 6 gradient steps of 32 transitions from the replay buffer,
+    LoRA rank 4 at lr 3e-4; log-probs averaged over latent elements as in the DPOK code, which is
+    what the clip range 1e-4 is calibrated for (with summed log-probs ~90 % of ratios clip)."""
     return {}
 
 
 def preset_dpok_paper() -> dict[str, Any]:
     """DPOK, SD v1.5 + ImageReward, single prompt (Fan et al. 2023, Sec. 5 and App.)."""
-    return dict(algorithm="dpok", alpha=10.0, beta=0.01, learning_rate=1e-5, samples_per_round=10,
+    return dict(algorithm="dpok", alpha=10.0, beta=0.01, learning_rate=1e-5, logprob_reduce="mean", samples_per_round=10,
                 sample_batch_size=10, gradient_steps=5, grad_accum=12, minibatch_size=4, buffer_size=1000,
                 clip_range=1e-4, max_grad_norm=0.1, value_lr=1e-4, rounds=2000, num_steps=50, eta=1.0,
                 guidance_scale=7.5, lora_rank=4, lora_alpha=4.0, kl_form="closed-form", reward="image-reward")

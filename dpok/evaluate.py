@@ -9,14 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from .config import option
 from .generate import generate_images, load_model
 from .prompts import resolve_prompts
 from .rewards import make_reward
 from .viz import save_prompt_grid
 
-
-def _f(default: Any, help: str) -> Any:  # noqa: A002
-    return field(default=default, metadata={"help": help})
+_f = option
 
 
 @dataclass

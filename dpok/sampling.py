@@ -34,6 +34,13 @@ class Trajectory:
     log_probs: torch.Tensor
     final_latents: torch.Tensor
     images: torch.Tensor
+    logprob_reduce: str = "sum"  # how ``log_probs`` were reduced over latent elements
+
+    def check_reduce(self, expected: str) -> None:
+        """Ratios are only meaningful when old and new log-probs are reduced the same way."""
+        if self.logprob_reduce != expected:
+            raise ValueError(f"trajectory log-probs were reduced with {self.logprob_reduce!r} but the update uses "
+                             f"logprob_reduce={expected!r}; sample with the same setting")
 
     @property
     def batch_size(self) -> int:
@@ -54,6 +61,7 @@ class Trajectory:
             log_probs=torch.cat([t.log_probs for t in items]),
             final_latents=torch.cat([t.final_latents for t in items]),
             images=torch.cat([t.images for t in items]),
+            logprob_reduce=items[0].logprob_reduce,
         )
 
 
@@ -112,7 +120,7 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
         prompts=list(prompts), embeds=embeds,
         latents=torch.stack(latents, 1), next_latents=torch.stack(next_latents, 1),
         timesteps=timesteps, log_probs=torch.stack(log_probs, 1),
-        final_latents=x, images=adapter.decode(x),
+        final_latents=x, images=adapter.decode(x), logprob_reduce=logprob_reduce,
     )
 
 

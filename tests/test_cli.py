@@ -45,8 +45,8 @@ def test_train_on_the_embedded_model_writes_every_output(tmp_path: Path, shipped
     assert json.loads((out / "config.json").read_text())["algorithm"] == "dpok"
 
 
-def _tiny_cfg(pipeline: Path, reward: Path, out: Path, **kw: object):  # noqa: ANN202
-    values = dict(model=str(pipeline), alignment_model=str(reward), prompt=["a red circle", "two blue squares"],
+def _tiny_cfg(pipeline: Path, reward_dir: Path, out: Path, **kw: object):  # noqa: ANN202
+    values = dict(model=str(pipeline), alignment_model=str(reward_dir), prompt=["a red circle", "two blue squares"],
                   output_dir=str(out), rounds=3, samples_per_round=2, sample_batch_size=2, minibatch_size=2,
                   gradient_steps=2, num_steps=3, eval_images=1, learning_rate=1e-2, clip_range=0.1)
     values.update(kw)

@@ -14,7 +14,7 @@ from dpok.adapter import DiffusionAdapter, ModelLoadError
 from dpok.algorithms import ALGORITHMS, AlgorithmContext, Rollout
 from dpok.algorithms.dpok import step_kl
 from dpok.config import TrainConfig, build_config
-from dpok.sampling import evaluate_log_probs, policy_step, sample_trajectories
+from dpok.sampling import evaluate_log_probs, policy_step, sample_in_batches, sample_trajectories
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -68,7 +68,7 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update(tiny_pipeline_dir: Pat
 
 def _rollout(adapter: DiffusionAdapter, cfg: TrainConfig, seed: int = 0) -> Rollout:
     traj = sample_trajectories(adapter, PROMPTS, cfg.num_steps, cfg.eta, cfg.guidance_scale,
-                               torch.Generator().manual_seed(seed))
+                               torch.Generator().manual_seed(seed), logprob_reduce=cfg.logprob_reduce)
     return Rollout(traj, torch.tensor([1.0, 0.0]), torch.tensor([True, True]))
 
 
@@ -114,6 +114,10 @@ def test_invalid_samples_are_left_out_of_the_update(tiny_pipeline_dir: Path) -> 
     rollout = _rollout(adapter, cfg)
     before = [p.clone() for p in adapter.trainable_parameters()]
     stats = algo.update(Rollout(rollout.trajectory, rollout.rewards, torch.tensor([False, False])))
+    bad = sample_trajectories(adapter, PROMPTS, cfg.num_steps, cfg.eta, cfg.guidance_scale, torch.Generator(),
+                              logprob_reduce="sum")
+    with pytest.raises(ValueError, match="logprob_reduce"):
+        algo.update(Rollout(bad, rollout.rewards, rollout.valid))
     assert stats == {"skipped_updates": 1.0}
     assert all(torch.equal(a, b) for a, b in zip(before, adapter.trainable_parameters()))
     assert len(algo.buffer) == 0
@@ -127,8 +131,8 @@ def test_rejection_sampling_returns_the_best_candidate(tiny_pipeline_dir: Path) 
     brightness = lambda images, prompts: RewardOutput.from_raw(images.mean((1, 2, 3)))  # noqa: E731
     algo = ALGORITHMS.create("rejection-sampling", _context(adapter, cfg, brightness))
     best = algo.generate(["a red circle"] * 2, torch.Generator().manual_seed(1))
-    candidates = sample_trajectories(adapter, ["a red circle"] * 6, cfg.num_steps, 1.0, cfg.guidance_scale,
-                                     torch.Generator().manual_seed(1)).images
+    candidates = sample_in_batches(adapter, ["a red circle"] * 6, cfg.sample_batch_size, cfg.num_steps, 1.0,
+                                   cfg.guidance_scale, torch.Generator().manual_seed(1)).images
     expected = candidates.view(2, 3, *candidates.shape[1:]).mean((2, 3, 4)).max(1).values
     torch.testing.assert_close(best.mean((1, 2, 3)), expected)
     assert algo.reward_queries_per_image() == 3

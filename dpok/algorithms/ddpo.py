@@ -28,6 +28,7 @@ class _DDPO(Algorithm):
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg, traj = self.cfg, rollout.trajectory
+        traj.check_reduce(cfg.logprob_reduce)
         rewards = torch.where(rollout.valid, rollout.rewards, torch.full_like(rollout.rewards, float("nan")))
         advantages = clip_advantages(self.tracker.update(traj.prompts, rewards), cfg.adv_clip)
         keep = rollout.valid.nonzero().flatten()

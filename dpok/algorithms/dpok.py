@@ -146,6 +146,7 @@ class DPOK(Algorithm):
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg, traj = self.cfg, rollout.trajectory
+        traj.check_reduce(cfg.logprob_reduce)
         keep = rollout.valid.nonzero().flatten()
         if len(keep) == 0:
             return {"skipped_updates": 1.0}

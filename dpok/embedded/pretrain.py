@@ -658,7 +658,7 @@ def stage_export(ctx: Context, argv: list[str] | None) -> None:
     for name in ("vocab.json", "merges.txt"):  # what older transformers versions load
         shutil.copy(ctx.stage_dir("tokenizer") / name, out / "tokenizer" / name)
     shutil.copytree(ctx.stage_dir("reward") / "model", reward_out)
-    command = "dpok pretrain " + " ".join(argv) if argv is not None else "dpok pretrain"
+    command = "dpok " + " ".join(argv) if argv else "dpok pretrain"  # argv starts with the subcommand
     settings = json.dumps(dataclasses.asdict(cfg), indent=2)
     for folder in (out, reward_out):
         (folder / "PRETRAIN_COMMAND.txt").write_text(f"{command}\n\nSettings:\n{settings}\n")

@@ -96,8 +96,8 @@ def prompt_sets() -> dict[str, list[str]]:
         "count4": _one_group(COMMON_PAIRS, (4,)),
         "heldout": _one_group(HELD_OUT_PAIRS, (1, 2)),
         "hard": [
-            "a green triangle",
-            "four red circles",
+            "two white triangles",
+            "four red squares",
             "two yellow squares and a white triangle",
         ],
         "seen": [
