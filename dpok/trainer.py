@@ -262,6 +262,8 @@ class Trainer:
         if not cfg.resume:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         shown = self.prompts[:GRID_PROMPTS]
+        tqdm.write(f"{cfg.algorithm} on {cfg.model} with reward {cfg.reward}: {len(self.prompts)} prompt(s), "
+                   f"{cfg.rounds} rounds x {cfg.samples_per_round} samples; run folder {self.out}")
         if self.before is None:
             self.before, rows = self.evaluate(shown, base=True)
             self._grid(rows, shown, "samples_before.png", self.before)
