@@ -38,7 +38,7 @@ def test_train_on_the_embedded_model_writes_every_output(tmp_path: Path, shipped
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    assert {"reward/mean", "kl/rollout", "train/loss", "time/sample_s"} <= rows[0].keys()
+    assert {"reward/mean", "reward/invalid", "kl/rollout", "train/loss", "train/grad_norm", "time/sample_s"} <= rows[0].keys()
     assert "samples_after" in proc.stdout and str(out) in proc.stdout
     pipe = StableDiffusionPipeline.from_pretrained(shipped_model_dir)
     pipe.load_lora_weights(str(out / "lora"))
