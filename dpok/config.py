@@ -47,6 +47,7 @@ class TrainConfig:
     lora_rank: int = _f(4, "LoRA rank")
     lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)")
     lora_targets: str = _f("to_q,to_k,to_v,to_out.0", "comma-separated UNet module names that get LoRA")
+    gradient_checkpointing: bool = _f(False, "recompute UNet activations in the backward pass (less memory, slower)")
 
     # ---- sampling (the policy)
     num_steps: int = _f(20, "denoising (DDIM) steps per trajectory")

@@ -110,6 +110,8 @@ class Trainer:
             self.adapter.add_lora(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
         else:
             self.adapter.enable_full_finetuning()
+        if cfg.gradient_checkpointing:
+            self.adapter.unet.enable_gradient_checkpointing()
         params = self.adapter.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
