@@ -114,6 +114,14 @@ def _cmd_rewards(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _cmd_reward_server(args: argparse.Namespace, argv: list[str]) -> int:
+    from .rewards.server import serve
+
+    options = {k: v for k, v in (("alignment_model", args.alignment_model), ("device", args.device)) if v}
+    serve(args.reward, host=args.host, port=args.port, token=args.token or None, **options)
+    return 0
+
+
 def _add_sample_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="shapeworld", help="pipeline folder, hub id, or 'shapeworld' (default)")
     p.add_argument("--lora", default="", help="LoRA folder of a run (its 'lora/' folder) to load")
@@ -159,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="mean reward per prompt on seen and unseen prompt sets, as a table and JSON")
     add_dataclass_options(e, EvalConfig)
     e.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("reward-server", help="serve a registered reward over HTTP (JSON, PNG/base64 images)",
+                       description="Serve any reward over HTTP for training jobs elsewhere to call with "
+                                   "--reward http --reward-url URL. POST /score, GET /health.")
+    r.add_argument("--reward", required=True, help="reward name or spec to serve")
+    r.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    r.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
+    r.add_argument("--token", default="", help="shared token clients must send as 'Authorization: Bearer TOKEN'")
+    r.add_argument("--alignment-model", default="", help="folder of the shapeworld-alignment weights")
+    r.add_argument("--device", default="", help="device for the reward model (default: the reward's choice)")
+    r.set_defaults(func=_cmd_reward_server)
 
     sub.add_parser("prompts", help="list the named prompt sets").set_defaults(func=_cmd_prompts)
     sub.add_parser("rewards", help="list the registered rewards").set_defaults(func=_cmd_rewards)

@@ -32,6 +32,8 @@ class TrainConfig:
     model: str = _f("shapeworld", "diffusers pipeline folder, hub id, or 'shapeworld' (the embedded model)")
     reward: str = _f("shapeworld-alignment", "reward name, 'module:function', or a sum like 'a+0.1*b'")
     alignment_model: str = _f("", "folder of the shapeworld-alignment reward weights (default: the shipped ones)")
+    reward_url: str = _f("", "URL of a 'dpok reward-server' (with --reward http)")
+    reward_token: str = _f("", "shared token of the reward server (with --reward http)")
     prompt: list[str] = field(default_factory=list, metadata={"help": "a training prompt (repeatable)"})
     prompt_file: str = _f("", "text file with one training prompt per line ('#' starts a comment)")
     prompt_set: str = _f("", "named prompt set, e.g. hard, seen, common (see 'dpok prompts')")

@@ -27,7 +27,7 @@ from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
 from .checkpoint import latest_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .prompts import PromptSampler, resolve_prompts
-from .rewards import Reward, RewardOutput, make_reward
+from .rewards import Reward, RewardError, RewardOutput, make_reward
 from .runlog import RunLog, plot_curves, read_metrics
 from .sampling import Trajectory, sample_in_batches
 from .utils.state_io import CheckpointError, rng_state, set_rng_state
@@ -80,8 +80,8 @@ def prepare_prompts(cfg: TrainConfig) -> list[str]:
 
 
 def build_reward(cfg: TrainConfig, device: torch.device) -> Reward:
-    options = {"alignment_model": cfg.alignment_model} if cfg.alignment_model else {}
-    return make_reward(cfg.reward, device=device, **options)
+    options = {"alignment_model": cfg.alignment_model, "url": cfg.reward_url, "token": cfg.reward_token}
+    return make_reward(cfg.reward, device=device, **{k: v for k, v in options.items() if v})
 
 
 def default_output_dir(cfg: TrainConfig) -> Path:
@@ -177,8 +177,19 @@ class Trainer:
                                  reference=self.algorithm.samples_from_reference,
                                  logprob_reduce=cfg.logprob_reduce)
 
-    def score(self, traj: Trajectory) -> RewardOutput:
-        out = self.reward(traj.images, traj.prompts)
+    def score(self, traj: Trajectory, attempts: int = 3) -> RewardOutput:
+        """Score a round's samples. If the reward fails (e.g. its server is down after its own
+        retries), the samples are kept and scored again, never given a made-up score."""
+        for attempt in range(1, attempts + 1):
+            try:
+                out = self.reward(traj.images, traj.prompts)
+                break
+            except RewardError as e:
+                if attempt == attempts:
+                    raise RewardError(f"round {self.round + 1}: scoring failed {attempts} times, last: {e}. The "
+                                      f"run stops here; its last checkpoint is kept (continue with --resume)") from e
+                tqdm.write(f"reward failed ({e}); scoring the same {len(traj.prompts)} samples again")
+                time.sleep(2.0 * attempt)
         self.reward_queries += len(traj.prompts)
         return out
 

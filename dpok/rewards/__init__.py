@@ -8,10 +8,13 @@ is given as ``package.module:function``. See :mod:`dpok.rewards.base` for the ca
 from .base import Reward, RewardError, RewardOutput, WeightedSum
 from .builtin import JpegSizeReward, ShapeWorldAlignmentReward, jpeg_sizes_kb  # importing registers the built-ins
 from .custom import CustomReward, load_custom_reward
+from .http import HttpReward, http_reward  # registers the "http" reward
 from .registry import REWARDS, RewardRegistry, available_rewards, make_reward, parse_reward_spec, register_reward
+from .server import RewardServer, decode_images, encode_images, serve
 
 __all__ = [
     "REWARDS", "CustomReward", "JpegSizeReward", "Reward", "RewardError", "RewardOutput", "RewardRegistry",
     "ShapeWorldAlignmentReward", "WeightedSum", "available_rewards", "jpeg_sizes_kb", "load_custom_reward",
-    "make_reward", "parse_reward_spec", "register_reward",
+    "make_reward", "parse_reward_spec", "register_reward", "HttpReward", "http_reward", "RewardServer",
+    "decode_images", "encode_images", "serve",
 ]
