@@ -100,6 +100,9 @@ class Trainer:
         self.reward = build_reward(cfg, self.device)
         self.reward.validate_prompts(self.prompts + self.eval_unseen)
         self.out = Path(cfg.resume or cfg.output_dir) if (cfg.resume or cfg.output_dir) else default_output_dir(cfg)
+        if not cfg.resume and (self.out / "config.json").exists():
+            raise ValueError(f"--output-dir {self.out} already holds a run (config.json); continue it with "
+                             f"--resume {self.out} or choose another --output-dir (nothing was changed)")
         self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]

@@ -82,6 +82,10 @@ def test_sigterm_then_resume_is_bit_identical(tiny_pipeline_dir: Path, tiny_rewa
 def test_checkpoints_keep_only_the_newest(tiny_pipeline_dir: Path, tiny_reward_dir: Path, tmp_path: Path) -> None:
     Trainer(_tiny_cfg(tiny_pipeline_dir, tiny_reward_dir, tmp_path, checkpoint_every=1, keep_checkpoints=2)).run()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-000002", "round-000003"]
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        Trainer(_tiny_cfg(tiny_pipeline_dir, tiny_reward_dir, tmp_path))
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics  # nothing lost
 
 
 def test_bad_inputs_fail_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
