@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .config import option
 from .generate import generate_images, load_model
@@ -70,7 +71,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             valid = scored.scores[scored.valid]
             per_prompt[prompt] = {"reward_mean": float(valid.mean()) if len(valid) else float("nan"),
                                   "reward_std": float(valid.std()) if len(valid) > 1 else 0.0,
-                                  "invalid": scored.num_invalid}
+                                  "invalid": scored.num_invalid, "diversity": diversity(images)}
+            if cfg.model == "shapeworld" or cfg.reward.startswith("shapeworld"):
+                per_prompt[prompt].update(shapeworld_judgement(images, prompt))
             rows.append(images[:8].permute(0, 2, 3, 1).numpy())
         mean = float(np.nanmean([v["reward_mean"] for v in per_prompt.values()]))
         result["splits"][split] = {"prompts": per_prompt, "reward_mean": mean}
@@ -81,10 +84,33 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
+def diversity(images: torch.Tensor) -> float:
+    """Mean pairwise RMS pixel distance between the images of one prompt (0: all identical)."""
+    flat = images.flatten(1).float()
+    if len(flat) < 2:
+        return 0.0
+    d = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
+    n = len(flat)
+    return float(d.sum() / (n * (n - 1)))
+
+
+def shapeworld_judgement(images: torch.Tensor, prompt: str) -> dict[str, float]:
+    """The exact geometric judge (independent of every learned model): share aligned, share clean."""
+    from .shapeworld.judge import is_aligned, judge
+
+    arrays = images.permute(0, 2, 3, 1).numpy()
+    return {"judge_aligned": float(np.mean([is_aligned(a, prompt) for a in arrays])),
+            "clean_share": float(np.mean([judge(a).clean for a in arrays]))}
+
+
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{'split':7s} {'prompt':45s} {'reward':>8s} {'std':>7s}"]
+    def cell(v: dict[str, float], key: str) -> str:
+        return f"{v[key]:8.3f}" if key in v else f"{'-':>8s}"
+
+    lines = [f"{'split':7s} {'prompt':45s} {'reward':>8s} {'std':>7s} {'judge':>8s} {'clean':>8s} {'divers.':>8s}"]
     for split, data in result["splits"].items():
         for prompt, v in data["prompts"].items():
-            lines.append(f"{split:7s} {prompt:45s} {v['reward_mean']:8.3f} {v['reward_std']:7.3f}")
+            lines.append(f"{split:7s} {prompt:45s} {v['reward_mean']:8.3f} {v['reward_std']:7.3f} "
+                         f"{cell(v, 'judge_aligned')} {cell(v, 'clean_share')} {cell(v, 'diversity')}")
         lines.append(f"{split:7s} {'(mean)':45s} {data['reward_mean']:8.3f}")
     return "\n".join(lines)

@@ -117,7 +117,9 @@ def test_sample_and_eval_commands(tmp_path: Path, shipped_model_dir: Path, capsy
                  "--num-steps", "3", "--output-dir", str(ev)]) == 0
     result = json.loads((ev / "eval.json").read_text())
     assert set(result["splits"]) == {"seen", "unseen"}
-    assert 0 <= result["splits"]["seen"]["prompts"]["a red circle"]["reward_mean"] <= 1
+    row = result["splits"]["seen"]["prompts"]["a red circle"]
+    assert 0 <= row["reward_mean"] <= 1 and 0 <= row["judge_aligned"] <= 1 and 0 <= row["clean_share"] <= 1
+    assert row["diversity"] > 0
     assert (ev / "grid_seen.png").is_file() and "unseen" in capsys.readouterr().out
 
 
@@ -138,3 +140,11 @@ def test_all_invalid_rewards_skip_updates_then_stop_the_run(tiny_pipeline_dir: P
     assert all(torch.equal(before[k], after[k]) for k in before)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward/invalid"] for r in rows] == [2.0, 2.0]
+
+
+def test_diversity_is_zero_for_copies_and_grows_with_differences() -> None:
+    from dpok.evaluate import diversity
+
+    x = torch.rand(1, 3, 8, 8)
+    assert diversity(x.repeat(3, 1, 1, 1)) == 0.0
+    assert diversity(torch.cat([x, 1 - x])) > diversity(torch.cat([x, x * 0.9]))
