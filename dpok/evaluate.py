@@ -73,7 +73,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                                   "reward_std": float(valid.std()) if len(valid) > 1 else 0.0,
                                   "invalid": scored.num_invalid, "diversity": diversity(images)}
             if cfg.model == "shapeworld" or cfg.reward.startswith("shapeworld"):
-                per_prompt[prompt].update(shapeworld_judgement(images, prompt))
+                per_prompt[prompt].update(shapeworld_judgement(images, prompt, cfg.seed + 1000 * i))
             rows.append(images[:8].permute(0, 2, 3, 1).numpy())
         mean = float(np.nanmean([v["reward_mean"] for v in per_prompt.values()]))
         result["splits"][split] = {"prompts": per_prompt, "reward_mean": mean}
@@ -94,23 +94,30 @@ def diversity(images: torch.Tensor) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
-def shapeworld_judgement(images: torch.Tensor, prompt: str) -> dict[str, float]:
-    """The exact geometric judge (independent of every learned model): share aligned, share clean."""
+def shapeworld_judgement(images: torch.Tensor, prompt: str, seed: int) -> dict[str, float]:
+    """Measures independent of every learned model: the geometric judge's aligned and clean
+    shares, and the Fréchet distance of hand-built features to as many true renders of the prompt."""
+    from .shapeworld import render_prompt
     from .shapeworld.judge import is_aligned, judge
+    from .shapeworld.quality import frechet_distance, image_features
 
     arrays = images.permute(0, 2, 3, 1).numpy()
+    rng = np.random.default_rng(seed)
+    renders = [render_prompt(prompt, rng)[0] for _ in range(max(len(arrays), 32))]
+    fd = frechet_distance(np.stack([image_features(a) for a in arrays]), np.stack([image_features(r) for r in renders]))
     return {"judge_aligned": float(np.mean([is_aligned(a, prompt) for a in arrays])),
-            "clean_share": float(np.mean([judge(a).clean for a in arrays]))}
+            "clean_share": float(np.mean([judge(a).clean for a in arrays])), "frechet": fd}
 
 
 def format_table(result: dict[str, Any]) -> str:
     def cell(v: dict[str, float], key: str) -> str:
         return f"{v[key]:8.3f}" if key in v else f"{'-':>8s}"
 
-    lines = [f"{'split':7s} {'prompt':45s} {'reward':>8s} {'std':>7s} {'judge':>8s} {'clean':>8s} {'divers.':>8s}"]
+    lines = [f"{'split':7s} {'prompt':45s} {'reward':>8s} {'std':>7s} {'judge':>8s} {'clean':>8s} {'divers.':>8s} "
+             f"{'FD':>8s}"]
     for split, data in result["splits"].items():
         for prompt, v in data["prompts"].items():
             lines.append(f"{split:7s} {prompt:45s} {v['reward_mean']:8.3f} {v['reward_std']:7.3f} "
-                         f"{cell(v, 'judge_aligned')} {cell(v, 'clean_share')} {cell(v, 'diversity')}")
+                         f"{cell(v, 'judge_aligned')} {cell(v, 'clean_share')} {cell(v, 'diversity')} {cell(v, 'frechet')}")
         lines.append(f"{split:7s} {'(mean)':45s} {data['reward_mean']:8.3f}")
     return "\n".join(lines)

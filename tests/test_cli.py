@@ -119,7 +119,7 @@ def test_sample_and_eval_commands(tmp_path: Path, shipped_model_dir: Path, capsy
     assert set(result["splits"]) == {"seen", "unseen"}
     row = result["splits"]["seen"]["prompts"]["a red circle"]
     assert 0 <= row["reward_mean"] <= 1 and 0 <= row["judge_aligned"] <= 1 and 0 <= row["clean_share"] <= 1
-    assert row["diversity"] > 0
+    assert row["diversity"] > 0 and row["frechet"] >= 0
     assert (ev / "grid_seen.png").is_file() and "unseen" in capsys.readouterr().out
 
 

@@ -193,3 +193,18 @@ def test_misaligned_variants_are_false_of_aligned_scenes() -> None:
 def test_group_text_uses_an_before_vowels() -> None:
     assert Group(1, "orange", "circle").text() == "an orange circle"
     assert Group(3, "orange", "circle").text() == "three orange circles"
+
+
+def test_frechet_distance_is_near_zero_for_renders_and_large_for_noise() -> None:
+    from dpok.shapeworld.quality import frechet_distance, image_features
+
+    rng = np.random.default_rng(9)
+    prompt = "two blue squares"
+    renders_a = np.stack([image_features(render_prompt(prompt, rng)[0]) for _ in range(64)])
+    renders_b = np.stack([image_features(render_prompt(prompt, rng)[0]) for _ in range(64)])
+    noise = np.stack([image_features(rng.random((64, 64, 3))) for _ in range(64)])
+    other = np.stack([image_features(render_prompt("three red circles", rng)[0]) for _ in range(64)])
+    same = frechet_distance(renders_a, renders_b)
+    assert same < 0.05
+    assert frechet_distance(renders_a, noise) > 100 * max(same, 1e-3)
+    assert frechet_distance(renders_a, other) > 10 * max(same, 1e-3)
