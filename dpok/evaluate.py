@@ -1,4 +1,10 @@
-"""``dpok eval``: mean reward per prompt for a model with or without LoRA, on seen and unseen prompts."""
+"""``dpok eval``: how good a model (with or without LoRA) is, per prompt and per split (seen / unseen).
+
+Per prompt: the training reward (mean, std, invalid count); the diversity (mean pairwise RMS
+distance); the KL to the base model along the sampled trajectories; on ShapeWorld also an
+alignment judge that shares no weights with the reward (exact geometry of the drawn objects), the
+share of images whose objects are clean shapes, and a Fréchet distance to true renders.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .adapter import DiffusionAdapter
 from .config import option
-from .generate import generate_images, load_model
+from .generate import load_model
 from .prompts import resolve_prompts
-from .rewards import make_reward
+from .rewards import Reward, make_reward
+from .sampling import Trajectory, policy_step, sample_in_batches
 from .viz import save_prompt_grid
 
 _f = option
+MEASURES = ("reward_mean", "judge_aligned", "clean_share", "frechet", "diversity", "kl_to_base")
 
 
 @dataclass
@@ -54,6 +63,8 @@ class EvalConfig:
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.num_images < 1 or cfg.num_steps < 1:
         raise ValueError("--num-images and --num-steps must be >= 1")
+    if cfg.eta <= 0:
+        raise ValueError(f"--eta must be > 0 (got {cfg.eta}): the KL to the base model needs a stochastic sampler")
     splits = cfg.splits()
     options = {"alignment_model": cfg.alignment_model} if cfg.alignment_model else {}
     reward = make_reward(cfg.reward, **options)
@@ -61,27 +72,110 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     adapter = load_model(cfg.model, cfg.lora, cfg.device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    shapeworld = cfg.model == "shapeworld" or cfg.reward.startswith("shapeworld")
+    settings = SampleSettings(cfg.num_images, cfg.num_steps, cfg.guidance_scale, cfg.eta)
     result: dict[str, Any] = {"config": asdict(cfg), "splits": {}}
     for split, prompts in splits.items():
         per_prompt, rows = {}, []
         for i, prompt in enumerate(prompts):
-            images = generate_images(adapter, prompt, cfg.num_images, cfg.seed + 1000 * i, cfg.num_steps,
-                                     cfg.guidance_scale, cfg.eta)
-            scored = reward(images, [prompt] * len(images))
-            valid = scored.scores[scored.valid]
-            per_prompt[prompt] = {"reward_mean": float(valid.mean()) if len(valid) else float("nan"),
-                                  "reward_std": float(valid.std()) if len(valid) > 1 else 0.0,
-                                  "invalid": scored.num_invalid, "diversity": diversity(images)}
-            if cfg.model == "shapeworld" or cfg.reward.startswith("shapeworld"):
-                per_prompt[prompt].update(shapeworld_judgement(images, prompt, cfg.seed + 1000 * i))
+            seed = cfg.seed + 1000 * i
+            per_prompt[prompt], images = evaluate_prompt(adapter, reward, prompt, settings, seed, shapeworld)
             rows.append(images[:8].permute(0, 2, 3, 1).numpy())
-        mean = float(np.nanmean([v["reward_mean"] for v in per_prompt.values()]))
-        result["splits"][split] = {"prompts": per_prompt, "reward_mean": mean}
-        save_prompt_grid(rows, [f"{p}  ({per_prompt[p]['reward_mean']:.3f})" for p in prompts], out / f"grid_{split}.png")
+            grid = out / "grids" / f"{split}_{i:02d}_{slug(prompt)}.png"
+            save_prompt_grid([images.permute(0, 2, 3, 1).numpy()], [prompt_label(prompt, per_prompt[prompt])], grid)
+        result["splits"][split] = {"prompts": per_prompt, **split_means(per_prompt)}
+        save_prompt_grid(rows, [prompt_label(p, per_prompt[p]) for p in prompts], out / f"grid_{split}.png")
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))
-    print(f"\nwrote {out / 'eval.json'} and grid_<split>.png")
+    print(f"\nwrote {out / 'eval.json'}, grid_<split>.png and grids/ (one per prompt)")
     return result
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How evaluation images are sampled: ``num_images`` per prompt, DDIM ``num_steps``, ``eta`` > 0."""
+
+    num_images: int
+    num_steps: int = 20
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    batch_size: int = 32
+
+
+def sample_prompt(adapter: DiffusionAdapter, prompt: str, settings: SampleSettings, seed: int) -> Trajectory:
+    """``num_images`` trajectories of one prompt from one seeded generator (the pipeline's own
+    trajectories: the sampler is tested equal to the diffusers pipeline)."""
+    gen = torch.Generator().manual_seed(seed)
+    return sample_in_batches(adapter, [prompt] * settings.num_images, settings.batch_size, settings.num_steps,
+                             settings.eta, settings.guidance_scale, gen)
+
+
+def trajectory_kl(adapter: DiffusionAdapter, traj: Trajectory, settings: SampleSettings,
+                  chunk: int = 8) -> torch.Tensor:
+    """KL to the base model along each sampled trajectory, (B,) in nats.
+
+    sum_t KL(p_theta(x_{t-1} | x_t, z) || p_pre(x_{t-1} | x_t, z)) at the visited x_t, each term in
+    closed form ||mu_theta - mu_pre||^2 / (2 sigma_t^2) summed over latent elements: a single-sample
+    estimate of the DPOK upper bound on KL(p_theta(x_0 | z) || p_pre(x_0 | z)) (Lemma 4.2). Zero
+    for a model without LoRA or fine-tuned weights.
+    """
+    from .algorithms.dpok import step_kl
+
+    if adapter.lora_config is None and adapter.reference_unet is None:
+        return torch.zeros(traj.batch_size)
+    out = []
+    with torch.no_grad():
+        for start in range(0, traj.batch_size, chunk):
+            idx = torch.arange(start, min(start + chunk, traj.batch_size))
+            x = traj.latents[idx].flatten(0, 1)
+            t = traj.timesteps.repeat(len(idx))
+            embeds = traj.embeds[idx.repeat_interleave(traj.num_steps)]
+            args = (x, t, embeds, settings.guidance_scale, settings.eta, settings.num_steps)
+            dist, model_out = policy_step(adapter, *args)
+            ref, ref_out = policy_step(adapter, *args, reference=True)
+            kl = step_kl("closed-form", dist, ref, model_out, ref_out, "sum")
+            out.append(kl.view(len(idx), traj.num_steps).sum(1).cpu())
+    return torch.cat(out)
+
+
+def evaluate_prompt(adapter: DiffusionAdapter, reward: Reward, prompt: str, settings: SampleSettings, seed: int,
+                    shapeworld: bool, images: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """Every measure for one prompt: reward (mean, std, invalid), diversity, KL to the base along the
+    sampled trajectories and, on ShapeWorld, the judge, the clean-shape share and the Fréchet
+    distance. Give ``images`` (N, 3, H, W) to evaluate a method that is not a sampler of this
+    model (e.g. best-of-n); its KL is then reported as NaN (not measured)."""
+    if images is None:
+        traj = sample_prompt(adapter, prompt, settings, seed)
+        images, kl = traj.images, trajectory_kl(adapter, traj, settings)
+    else:
+        kl = torch.full((len(images),), float("nan"))
+    scored = reward(images, [prompt] * len(images))
+    valid = scored.scores[scored.valid]
+    row = {"reward_mean": float(valid.mean()) if len(valid) else float("nan"),
+           "reward_std": float(valid.std()) if len(valid) > 1 else 0.0,
+           "invalid": scored.num_invalid, "diversity": diversity(images),
+           "kl_to_base": float(kl.mean()), "kl_to_base_std": float(kl.std()) if len(kl) > 1 else 0.0}
+    if shapeworld:
+        row.update(shapeworld_judgement(images, prompt, seed))
+    return row, images
+
+
+def split_means(per_prompt: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean of each measure over the prompts of a split (``reward_mean`` stays the mean reward)."""
+    keys = [k for k in MEASURES if all(k in v for v in per_prompt.values())]
+    return {("reward_mean" if k == "reward_mean" else f"{k}_mean"): float(np.nanmean([v[k] for v in per_prompt.values()]))
+            for k in keys}
+
+
+def slug(prompt: str) -> str:
+    return "-".join(prompt.split())[:60]
+
+
+def prompt_label(prompt: str, row: dict[str, float]) -> str:
+    text = f"{prompt}  reward {row['reward_mean']:.3f}"
+    if "judge_aligned" in row:
+        text += f"  judge {row['judge_aligned']:.2f}"
+    return text
 
 
 def diversity(images: torch.Tensor) -> float:
@@ -113,11 +207,14 @@ def format_table(result: dict[str, Any]) -> str:
     def cell(v: dict[str, float], key: str) -> str:
         return f"{v[key]:8.3f}" if key in v else f"{'-':>8s}"
 
-    lines = [f"{'split':7s} {'prompt':45s} {'reward':>8s} {'std':>7s} {'judge':>8s} {'clean':>8s} {'divers.':>8s} "
-             f"{'FD':>8s}"]
+    lines = [f"{'split':7s} {'prompt':45s} {'reward':>8s} {'std':>7s} {'judge':>8s} {'clean':>8s} {'FD':>8s} "
+             f"{'divers.':>8s} {'KL':>8s}"]
     for split, data in result["splits"].items():
         for prompt, v in data["prompts"].items():
             lines.append(f"{split:7s} {prompt:45s} {v['reward_mean']:8.3f} {v['reward_std']:7.3f} "
-                         f"{cell(v, 'judge_aligned')} {cell(v, 'clean_share')} {cell(v, 'diversity')} {cell(v, 'frechet')}")
-        lines.append(f"{split:7s} {'(mean)':45s} {data['reward_mean']:8.3f}")
+                         + " ".join(cell(v, k) for k in ("judge_aligned", "clean_share", "frechet", "diversity", "kl_to_base")))
+        means = {k: data[k if k == "reward_mean" else f"{k}_mean"] for k in MEASURES
+                 if (k if k == "reward_mean" else f"{k}_mean") in data}
+        lines.append(f"{split:7s} {'(mean)':45s} {means['reward_mean']:8.3f} {'':7s} "
+                     + " ".join(cell(means, k) for k in ("judge_aligned", "clean_share", "frechet", "diversity", "kl_to_base")))
     return "\n".join(lines)

@@ -119,8 +119,9 @@ def test_sample_and_eval_commands(tmp_path: Path, shipped_model_dir: Path, capsy
     assert set(result["splits"]) == {"seen", "unseen"}
     row = result["splits"]["seen"]["prompts"]["a red circle"]
     assert 0 <= row["reward_mean"] <= 1 and 0 <= row["judge_aligned"] <= 1 and 0 <= row["clean_share"] <= 1
-    assert row["diversity"] > 0 and row["frechet"] >= 0
+    assert row["diversity"] > 0 and row["frechet"] >= 0 and row["kl_to_base"] == 0.0  # no LoRA: the base itself
     assert (ev / "grid_seen.png").is_file() and "unseen" in capsys.readouterr().out
+    assert len(list((ev / "grids").glob("unseen_*.png"))) == len(result["splits"]["unseen"]["prompts"])
 
 
 def test_all_invalid_rewards_skip_updates_then_stop_the_run(tiny_pipeline_dir: Path, tmp_path: Path,
