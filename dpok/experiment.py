@@ -1,0 +1,417 @@
+"""The paper experiment: does online RL beat supervised fine-tuning at equal reward queries, does
+the KL term protect image quality, does DDPO-IS beat RWR, does fine-tuning carry over to unseen
+prompts? (DPOK, Fan et al. 2023, Sec. 5; DDPO, Black et al. 2023, Sec. 6.)
+
+One *unit* is (task, method, seed): fine-tune with the method for ``rounds x samples_per_round``
+reward queries (the same budget for every trained method), then evaluate the result on the task's
+seen prompts and, for the multi-prompt task, its unseen prompts, with the measures of
+:mod:`dpok.evaluate` (training reward, geometric judge, clean-shape share, Fréchet distance,
+diversity, KL to the base). A unit's outcome is ``<output>/units/<task>/<method>/seed<k>/result.json``;
+it is written last and atomically, so an interrupted experiment starts again where it stopped
+(training inside a unit resumes from its checkpoints too).
+
+The over-optimisation study trains one prompt for a long time with beta = 0 and beta > 0 and
+evaluates every ``overopt_eval_every`` rounds, so the reward can be seen rising while the judge or
+the image quality falls.
+
+:mod:`dpok.report` turns the outcome folder into ``docs/results.md`` with tables and figures;
+nothing in it is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .evaluate import SampleSettings, evaluate_prompt, split_means
+
+GRID_IMAGES = 8  # images per prompt kept for the before/after figures
+
+
+@dataclass(frozen=True)
+class Task:
+    """Prompts fine-tuned on (``seen``) and prompts only evaluated (``unseen``)."""
+
+    name: str
+    title: str
+    seen: tuple[str, ...]
+    unseen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Method:
+    """A baseline or fine-tuning algorithm with the settings that differ from the defaults."""
+
+    name: str
+    title: str
+    algorithm: str | None  # None: the base model, no training
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def trains(self) -> bool:
+        return self.algorithm not in (None, "rejection-sampling")
+
+
+def default_tasks() -> list[Task]:
+    """The paper's three single-prompt tasks and its multi-prompt task, on ShapeWorld."""
+    from .shapeworld.distribution import prompt_sets
+
+    sets = prompt_sets()
+    hard = sets["hard"]
+    return [
+        Task("color", "colour binding on a rare pair", (hard[0],)),
+        Task("count", "counting to four", (hard[1],)),
+        Task("composition", "two-group composition", (hard[2],)),
+        Task("multi", "multi-prompt, with held-out unseen prompts", tuple(sets["seen"]), tuple(sets["unseen"])),
+    ]
+
+
+def default_methods() -> list[Method]:
+    return [
+        Method("base", "base model", None),
+        Method("rejection", "rejection sampling (best of 8)", "rejection-sampling", (("best_of", 8),)),
+        Method("sft-kl", "SFT-KL (supervised, KL-regularised)", "sft-kl"),
+        Method("rwr", "RWR (reward-weighted regression)", "rwr"),
+        Method("ddpo-is", "DDPO-IS", "ddpo-is"),
+        Method("dpok", "DPOK (beta = 0.01)", "dpok", (("beta", 0.01),)),
+        Method("dpok-no-kl", "DPOK without KL (beta = 0)", "dpok", (("beta", 0.0),)),
+    ]
+
+
+@dataclass
+class ExperimentConfig:
+    """Sizes of the experiment. The defaults fit in about two hours on a 2-core CPU (see
+    ``benchmarks/README.md`` for the measured timings)."""
+
+    output_dir: str = "runs/paper_experiment"
+    model: str = "shapeworld"
+    reward: str = "shapeworld-alignment"
+    alignment_model: str = ""
+    tasks: list[str] = field(default_factory=lambda: ["color", "count", "composition", "multi"])
+    methods: list[str] = field(default_factory=lambda: [m.name for m in default_methods()])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    rounds: int = 16
+    samples_per_round: int = 32
+    num_steps: int = 20
+    guidance_scale: float = 5.0
+    eval_images: int = 32  # per prompt, single-prompt tasks
+    multi_eval_images: int = 8  # per prompt, multi-prompt task
+    checkpoint_every: int = 4
+    overopt_prompt: str = "two white triangles"
+    overopt_betas: list[float] = field(default_factory=lambda: [0.0, 0.01])
+    overopt_rounds: int = 100
+    overopt_eval_every: int = 20
+    overopt_eval_images: int = 32
+    overopt_learning_rate: float = 1e-3  # higher than the default to reach over-optimisation sooner
+    train_overrides: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig settings for every method
+
+    def validate(self) -> None:
+        known_tasks = {t.name for t in default_tasks()}
+        known_methods = {m.name for m in default_methods()}
+        errors = [f"unknown task {t!r} (valid: {', '.join(sorted(known_tasks))})" for t in self.tasks if t not in known_tasks]
+        errors += [f"unknown method {m!r} (valid: {', '.join(sorted(known_methods))})"
+                   for m in self.methods if m not in known_methods]
+        for name in ("rounds", "samples_per_round", "num_steps", "eval_images", "multi_eval_images",
+                     "overopt_eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.overopt_rounds < 0:
+            errors.append(f"overopt_rounds must be >= 0 (got {self.overopt_rounds})")
+        if not self.seeds:
+            errors.append("give at least one seed")
+        if errors:
+            raise ValueError("invalid experiment settings:\n  " + "\n  ".join(errors))
+
+    @property
+    def budget(self) -> int:
+        """Reward queries every trained method spends."""
+        return self.rounds * self.samples_per_round
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write, fsync, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _save_strip(images: torch.Tensor, path: Path) -> None:
+    """The first images of a prompt side by side, as one PNG (used by the report's figures)."""
+    a = (images[:GRID_IMAGES].permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(list(a), axis=1)).save(path)
+
+
+class Experiment:
+    """Runs the units that have no result yet, then the over-optimisation study."""
+
+    def __init__(self, cfg: ExperimentConfig, log: Any = print) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.log = log
+        self.tasks = {t.name: t for t in default_tasks() if t.name in cfg.tasks}
+        self.methods = {m.name: m for m in default_methods() if m.name in cfg.methods}
+        self._reward = None
+
+    # ------------------------------------------------------------------------------- helpers
+    def reward(self):  # noqa: ANN201
+        if self._reward is None:
+            from .rewards import make_reward
+
+            options = {"alignment_model": self.cfg.alignment_model} if self.cfg.alignment_model else {}
+            self._reward = make_reward(self.cfg.reward, **options)
+        return self._reward
+
+    def unit_dir(self, task: str, method: str, seed: int) -> Path:
+        return self.out / "units" / task / method / f"seed{seed}"
+
+    def train_config(self, task: Task, method: Method, seed: int, run_dir: Path, rounds: int,
+                     extra: dict[str, Any] | None = None):  # noqa: ANN201
+        from .config import build_config
+
+        c = self.cfg
+        settings = {"model": c.model, "reward": c.reward, "prompt": list(task.seen), "algorithm": method.algorithm,
+                    "rounds": rounds, "samples_per_round": c.samples_per_round, "seed": seed,
+                    "num_steps": c.num_steps, "guidance_scale": c.guidance_scale, "output_dir": str(run_dir),
+                    "eval_images": 1, "checkpoint_every": c.checkpoint_every, "keep_checkpoints": 1, "device": "cpu",
+                    **dict(method.overrides), **c.train_overrides, **(extra or {})}
+        if c.alignment_model:
+            settings["alignment_model"] = c.alignment_model
+        if (run_dir / "config.json").is_file():
+            from .checkpoint import latest_checkpoint
+
+            if latest_checkpoint(run_dir) is not None:
+                settings["resume"] = str(run_dir)
+            else:  # interrupted before its first checkpoint: nothing worth keeping
+                shutil.rmtree(run_dir)
+        return build_config(None, settings)
+
+    def evaluate(self, adapter, task: Task, seed: int, folder: Path, generate=None) -> dict[str, Any]:  # noqa: ANN001
+        """Every measure on the seen and unseen prompts; the same evaluation noise for every method."""
+        c = self.cfg
+        n = c.multi_eval_images if task.unseen else c.eval_images
+        settings = SampleSettings(n, c.num_steps, c.guidance_scale, 1.0)
+        shapeworld = c.model == "shapeworld" or c.reward.startswith("shapeworld")
+        splits: dict[str, Any] = {}
+        for split, prompts in (("seen", task.seen), ("unseen", task.unseen)):
+            rows = {}
+            for i, prompt in enumerate(prompts):
+                eval_seed = 900_000 + 1000 * seed + i
+                images = None
+                if generate is not None:
+                    images = generate([prompt] * n, torch.Generator().manual_seed(eval_seed))
+                rows[prompt], images = evaluate_prompt(adapter, self.reward(), prompt, settings, eval_seed, shapeworld,
+                                                       images)
+                _save_strip(images, folder / "images" / f"{split}_{i:02d}.png")
+            if rows:
+                splits[split] = {"prompts": rows, **split_means(rows)}
+        return splits
+
+    # --------------------------------------------------------------------------------- units
+    def run_unit(self, task: Task, method: Method, seed: int) -> dict[str, Any]:
+        from .generate import load_model
+        from .runlog import read_metrics
+        from .trainer import Trainer, seed_everything
+
+        folder = self.unit_dir(task.name, method.name, seed)
+        t0 = time.perf_counter()
+        curve: list[dict[str, float]] = []
+        queries, per_image = 0, 1
+        if method.algorithm is None:
+            seed_everything(seed)
+            adapter = load_model(self.cfg.model, "", "cpu")
+            splits = self.evaluate(adapter, task, seed, folder)
+        elif not method.trains:  # rejection sampling: best-of-n of the base model, nothing trained
+            cfg = self.train_config(task, method, seed, folder / "run", rounds=1)
+            trainer = Trainer(cfg)
+            splits = self.evaluate(trainer.adapter, task, seed, folder, generate=trainer.algorithm.generate)
+            per_image = trainer.algorithm.reward_queries_per_image()
+        else:
+            cfg = self.train_config(task, method, seed, folder / "run", rounds=self.cfg.rounds)
+            trainer = Trainer(cfg)
+            trainer.run()
+            queries = trainer.reward_queries
+            curve = [{"queries": r["charts/reward_queries"], "reward": r["reward/mean"], "kl": r.get("kl/rollout", 0.0)}
+                     for r in read_metrics(folder / "run" / "metrics.jsonl")]
+            splits = self.evaluate(trainer.adapter, task, seed, folder)
+        result = {"task": task.name, "method": method.name, "seed": seed, "train_queries": queries,
+                  "queries_per_image": per_image, "curve": curve, "splits": splits,
+                  "wall_s": time.perf_counter() - t0}
+        _write_json(folder / "result.json", result)
+        return result
+
+    def pending_units(self) -> list[tuple[Task, Method, int]]:
+        """Seed-major order, so a partial experiment still covers every method and task."""
+        todo = []
+        for seed in self.cfg.seeds:
+            for task in self.tasks.values():
+                for method in self.methods.values():
+                    if not (self.unit_dir(task.name, method.name, seed) / "result.json").is_file():
+                        todo.append((task, method, seed))
+        return todo
+
+    # ---------------------------------------------------------------------- over-optimisation
+    def overopt_dir(self, beta: float) -> Path:
+        return self.out / "overopt" / f"beta{beta:g}"
+
+    def run_overopt(self, beta: float) -> None:
+        """Train one prompt for ``overopt_rounds`` with KL weight ``beta``, evaluating every
+        ``overopt_eval_every`` rounds (round 0 is the base model). Each segment resumes the last."""
+        from .runlog import read_metrics
+        from .trainer import Trainer
+
+        c = self.cfg
+        folder = self.overopt_dir(beta)
+        points_path = folder / "points.jsonl"
+        done = {json.loads(line)["round"] for line in points_path.read_text().splitlines()} if points_path.is_file() else set()
+        task = Task("overopt", "over-optimisation", (c.overopt_prompt,))
+        method = Method(f"dpok-beta{beta:g}", f"DPOK beta = {beta:g}", "dpok", (("beta", beta),))
+        settings = SampleSettings(c.overopt_eval_images, c.num_steps, c.guidance_scale, 1.0)
+        shapeworld = c.model == "shapeworld" or c.reward.startswith("shapeworld")
+        for end in range(0, c.overopt_rounds + 1, c.overopt_eval_every):
+            if end in done:
+                continue
+            if end == 0:
+                from .generate import load_model
+
+                adapter = load_model(c.model, "", "cpu")
+            else:
+                extra = {"learning_rate": c.overopt_learning_rate, "checkpoint_every": c.overopt_eval_every}
+                cfg = self.train_config(task, method, 0, folder / "run", rounds=end, extra=extra)
+                trainer = Trainer(cfg)
+                trainer.run()
+                adapter = trainer.adapter
+            row, images = evaluate_prompt(adapter, self.reward(), c.overopt_prompt, settings, 777_000, shapeworld)
+            _save_strip(images, folder / "images" / f"round{end:04d}.png")
+            train = read_metrics(folder / "run" / "metrics.jsonl") if end else []
+            point = {"round": end, "queries": end * c.samples_per_round, **row,
+                     "train_reward_last": float(np.mean([r["reward/mean"] for r in train[-c.overopt_eval_every:]]))
+                     if train else None}
+            with open(points_path, "a") as f:
+                f.write(json.dumps(point) + "\n")
+            self.log(f"over-optimisation beta={beta:g} round {end}: reward {row['reward_mean']:.3f}"
+                     + (f" judge {row['judge_aligned']:.3f} FD {row['frechet']:.3f}" if "frechet" in row else "")
+                     + f" KL {row['kl_to_base']:.3f}")
+
+    # ----------------------------------------------------------------------------------- run
+    def jobs(self) -> list[tuple[str, Path, Any]]:
+        """Everything to run, in order: seed 0's units, the over-optimisation runs, the other seeds'
+        units, so that a partial experiment already covers every method, task and question."""
+        jobs: list[tuple[str, Path, Any]] = []
+        for k, seed in enumerate(self.cfg.seeds):
+            for task in self.tasks.values():
+                for method in self.methods.values():
+                    jobs.append(("unit", self.unit_dir(task.name, method.name, seed), (task, method, seed)))
+            if k == 0 and self.cfg.overopt_rounds:
+                jobs += [("overopt", self.overopt_dir(beta), beta) for beta in self.cfg.overopt_betas]
+        return jobs
+
+    def is_done(self, kind: str, folder: Path) -> bool:
+        if kind == "unit":
+            return (folder / "result.json").is_file()
+        points = folder / "points.jsonl"
+        if not points.is_file():
+            return False
+        rounds = {json.loads(line)["round"] for line in points.read_text().splitlines() if line.strip()}
+        return set(range(0, self.cfg.overopt_rounds + 1, self.cfg.overopt_eval_every)) <= rounds
+
+    def write_meta(self) -> None:
+        _write_json(self.out / "experiment.json", {"config": asdict(self.cfg), "budget": self.cfg.budget})
+
+    def run(self) -> int:
+        """Run every job not done and not claimed by another live worker; several workers may share
+        one output folder (each claims a job with an exclusive lock file). Returns jobs run here."""
+        self.write_meta()
+        jobs = self.jobs()
+        todo = [j for j in jobs if not self.is_done(j[0], j[1])]
+        self.log(f"{len(todo)} of {len(jobs)} job(s) left ({self.cfg.budget} reward queries per trained method) "
+                 f"in {self.out}")
+        ran = 0
+        for kind, folder, arg in todo:
+            if self.is_done(kind, folder) or not claim(folder):
+                continue
+            try:
+                t0 = time.perf_counter()
+                if kind == "overopt":
+                    self.run_overopt(arg)
+                    continue
+                task, method, seed = arg
+                result = self.run_unit(task, method, seed)
+                seen = result["splits"]["seen"]
+                judge = f" judge {seen['judge_aligned_mean']:.3f}" if "judge_aligned_mean" in seen else ""
+                self.log(f"{task.name} {method.name} seed {seed}: reward {seen['reward_mean']:.3f}{judge} "
+                         f"({time.perf_counter() - t0:.0f} s)")
+            finally:
+                release(folder)
+                ran += 1
+        return ran
+
+    def finished(self) -> bool:
+        return all(self.is_done(kind, folder) for kind, folder, _ in self.jobs())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(folder: Path) -> bool:
+    """Take ``folder``'s job for this process, unless a live process holds it; a claim left by a
+    killed worker is taken over (its job resumes from its checkpoints)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".claim"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(folder: Path) -> None:
+    (folder / ".claim").unlink(missing_ok=True)
+
+
+def load_results(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """(experiment config, unit results, over-optimisation points by beta) of an outcome folder."""
+    folder = Path(folder)
+    meta_path = folder / "experiment.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} holds no experiment.json: run benchmarks/paper_experiment.py first")
+    meta = json.loads(meta_path.read_text())
+    units = [json.loads(p.read_text()) for p in sorted(folder.glob("units/*/*/seed*/result.json"))]
+    overopt = {}
+    for path in sorted(folder.glob("overopt/beta*/points.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        overopt[path.parent.name.removeprefix("beta")] = sorted({r["round"]: r for r in rows}.values(),
+                                                               key=lambda r: r["round"])
+    return meta, units, overopt
