@@ -21,6 +21,7 @@ nothing in it is typed by hand.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -100,7 +101,7 @@ class ExperimentConfig:
     methods: list[str] = field(default_factory=lambda: [m.name for m in default_methods()])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     rounds: int = 16
-    samples_per_round: int = 32
+    samples_per_round: int = 16
     num_steps: int = 20
     guidance_scale: float = 5.0
     eval_images: int = 32  # per prompt, single-prompt tasks
@@ -108,8 +109,9 @@ class ExperimentConfig:
     checkpoint_every: int = 4
     overopt_prompt: str = "two white triangles"
     overopt_betas: list[float] = field(default_factory=lambda: [0.0, 0.01])
-    overopt_rounds: int = 100
-    overopt_eval_every: int = 20
+    overopt_rounds: int = 60
+    overopt_eval_every: int = 15
+    overopt_samples_per_round: int = 32
     overopt_eval_images: int = 32
     overopt_learning_rate: float = 1e-3  # higher than the default to reach over-optimisation sooner
     train_overrides: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig settings for every method
@@ -121,7 +123,7 @@ class ExperimentConfig:
         errors += [f"unknown method {m!r} (valid: {', '.join(sorted(known_methods))})"
                    for m in self.methods if m not in known_methods]
         for name in ("rounds", "samples_per_round", "num_steps", "eval_images", "multi_eval_images",
-                     "overopt_eval_every", "checkpoint_every"):
+                     "overopt_eval_every", "overopt_samples_per_round", "checkpoint_every"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.overopt_rounds < 0:
@@ -184,8 +186,13 @@ class Experiment:
         from .config import build_config
 
         c = self.cfg
+        samples = (extra or {}).get("samples_per_round", c.samples_per_round)
+        # batch sizes that divide the round (DDPO's minibatches split the round's samples)
+        fit = {"sample_batch_size": math.gcd(32, samples)}
+        if method.algorithm in ("ddpo-is", "ddpo-sf"):
+            fit["minibatch_size"] = math.gcd(32, samples)
         settings = {"model": c.model, "reward": c.reward, "prompt": list(task.seen), "algorithm": method.algorithm,
-                    "rounds": rounds, "samples_per_round": c.samples_per_round, "seed": seed,
+                    "rounds": rounds, "samples_per_round": samples, "seed": seed, **fit,
                     "num_steps": c.num_steps, "guidance_scale": c.guidance_scale, "output_dir": str(run_dir),
                     "eval_images": 1, "checkpoint_every": c.checkpoint_every, "keep_checkpoints": 1, "device": "cpu",
                     **dict(method.overrides), **c.train_overrides, **(extra or {})}
@@ -290,7 +297,8 @@ class Experiment:
 
                 adapter = load_model(c.model, "", "cpu")
             else:
-                extra = {"learning_rate": c.overopt_learning_rate, "checkpoint_every": c.overopt_eval_every}
+                extra = {"learning_rate": c.overopt_learning_rate, "checkpoint_every": c.overopt_eval_every,
+                         "samples_per_round": c.overopt_samples_per_round}
                 cfg = self.train_config(task, method, 0, folder / "run", rounds=end, extra=extra)
                 trainer = Trainer(cfg)
                 trainer.run()
@@ -298,7 +306,7 @@ class Experiment:
             row, images = evaluate_prompt(adapter, self.reward(), c.overopt_prompt, settings, 777_000, shapeworld)
             _save_strip(images, folder / "images" / f"round{end:04d}.png")
             train = read_metrics(folder / "run" / "metrics.jsonl") if end else []
-            point = {"round": end, "queries": end * c.samples_per_round, **row,
+            point = {"round": end, "queries": end * c.overopt_samples_per_round, **row,
                      "train_reward_last": float(np.mean([r["reward/mean"] for r in train[-c.overopt_eval_every:]]))
                      if train else None}
             with open(points_path, "a") as f:

@@ -298,8 +298,9 @@ def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str |
     lines += ["## Over-optimisation study", ""]
     f3 = plot_overopt(overopt, fig_dir / "overoptimization.png")
     if f3:
-        lines += [f"DPOK on `{cfg['overopt_prompt']}` for up to {cfg['overopt_rounds']} rounds × {cfg['samples_per_round']} "
-                  f"samples (learning rate {cfg['overopt_learning_rate']}), evaluated every {cfg['overopt_eval_every']} "
+        lines += [f"DPOK on `{cfg['overopt_prompt']}` for up to {cfg['overopt_rounds']} rounds × "
+                  f"{cfg['overopt_samples_per_round']} samples (learning rate {cfg['overopt_learning_rate']}), evaluated "
+                  f"every {cfg['overopt_eval_every']} "
                   f"rounds on {cfg['overopt_eval_images']} images:", "", f"![over-optimisation]({rel(f3)})", ""]
         lines += overopt_reading(overopt) + [""]
         for beta, points in overopt.items():
