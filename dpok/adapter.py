@@ -1,18 +1,23 @@
 """The one place that knows diffusers: load a pipeline, encode prompts, evaluate the denoiser,
 decode latents, attach LoRA, give the reference policy, save LoRA weights.
 
-Stable Diffusion 1.x/2.x folders (or hub ids) and the embedded ShapeWorld model go through the
-same class. Shapes: latents (B, C, h, w); prompt embeddings (B, L, D); images (B, 3, H, W) in [0, 1].
+Stable Diffusion 1.x, 2.x (epsilon or v-prediction) and SDXL folders (or hub ids) and the embedded
+ShapeWorld model go through the same class; the family is read from ``model_index.json``.
+Shapes: latents (B, C, h, w); prompt embeddings (B, L, D); SDXL pooled text embeddings (B, P) and
+micro-conditioning time ids (B, 6); images (B, 3, H, W) in [0, 1].
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -47,7 +52,7 @@ def resolve_model(model: str) -> str:
             raise ModelLoadError(f"model folder {model!r} has no {', '.join(missing)}: it is not a diffusers "
                                  "pipeline folder (save one with pipe.save_pretrained(folder))")
         index = json.loads((path / "model_index.json").read_text())
-        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        for part in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"):
             if part in index and index[part] and index[part][0] is not None and not (path / part).is_dir():
                 raise ModelLoadError(f"model folder {model!r} lists '{part}' in model_index.json but has no "
                                      f"'{part}/' subfolder; the download or copy is incomplete")
@@ -55,41 +60,138 @@ def resolve_model(model: str) -> str:
     return model  # a hub id
 
 
+def pipeline_class_name(source: str) -> str:
+    """``_class_name`` of a pipeline folder's (or hub id's) ``model_index.json``.
+
+    A local folder is read directly (offline); a hub id goes through diffusers' config loading,
+    and when that fails (no network, no cache) Stable Diffusion is assumed, so the pipeline load
+    that follows reports the real problem.
+    """
+    index = Path(source) / "model_index.json"
+    if index.is_file():
+        return str(json.loads(index.read_text()).get("_class_name", ""))
+    from diffusers import DiffusionPipeline
+
+    try:
+        return str(DiffusionPipeline.load_config(source).get("_class_name", ""))
+    except Exception:  # noqa: BLE001 - any failure here resurfaces, with its message, in from_pretrained
+        return ""
+
+
 @dataclass
 class PromptEmbeds:
-    """Text conditioning for a batch: ``cond`` and ``uncond`` (B, L, D) (uncond = empty prompt)."""
+    """Text conditioning for a batch of B prompts.
+
+    - ``cond``, ``uncond``: (B, L, D) encoder states for the prompts and for the empty prompt (guidance)
+    - ``pooled``, ``uncond_pooled``: (B, P) SDXL's pooled text embeddings (``None`` for SD 1.x/2.x)
+    - ``time_ids``: (B, 6) SDXL's micro-conditioning (original size, crop corner, target size),
+      shared by both guidance branches (``None`` for SD 1.x/2.x)
+
+    Indexing, ``to`` and ``cat`` carry every field, so callers never look inside.
+    """
 
     cond: torch.Tensor
     uncond: torch.Tensor
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PromptEmbeds:
+        return PromptEmbeds(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v)
+                               for f in dataclasses.fields(self)})
 
     def __getitem__(self, idx: torch.Tensor | slice) -> PromptEmbeds:
-        return PromptEmbeds(self.cond[idx], self.uncond[idx])
+        return self._map(lambda v: v[idx])
 
     def to(self, device: torch.device | str) -> PromptEmbeds:
-        return PromptEmbeds(self.cond.to(device), self.uncond.to(device))
+        return self._map(lambda v: v.to(device))
 
     @staticmethod
     def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
-        return PromptEmbeds(torch.cat([e.cond for e in items]), torch.cat([e.uncond for e in items]))
+        def join(name: str) -> torch.Tensor | None:
+            parts = [getattr(e, name) for e in items]
+            if any(p is None for p in parts):
+                if not all(p is None for p in parts):
+                    raise ValueError(f"cannot concatenate prompt embeddings with and without {name!r} (mixed model families)")
+                return None
+            return torch.cat(parts)
+
+        return PromptEmbeds(**{f.name: join(f.name) for f in dataclasses.fields(PromptEmbeds)})
+
+    def added_cond_kwargs(self, unconditional: bool = False) -> dict[str, torch.Tensor] | None:
+        """SDXL's extra UNet inputs for one guidance branch: ``text_embeds`` (B, P), ``time_ids`` (B, 6)."""
+        if self.time_ids is None:
+            return None
+        pooled = self.uncond_pooled if unconditional else self.pooled
+        return {"text_embeds": pooled, "time_ids": self.time_ids}
+
+
+class SDXLTextEncoders(torch.nn.Module):
+    """SDXL's two CLIP encoders seen as one text encoder.
+
+    The conditioning is the penultimate hidden states of both, concatenated on the feature axis
+    (B, L, D1 + D2), plus the projected pooled output of the second (B, P), as in SDXL.
+    ``config.hidden_size`` is D1 + D2, the width of :attr:`PromptEmbeds.cond`, so code that sizes
+    a layer on the text width (the DPOK value function) works for every family unchanged.
+    """
+
+    def __init__(self, first: torch.nn.Module, second: torch.nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+        self.config = SimpleNamespace(hidden_size=first.config.hidden_size + second.config.hidden_size,
+                                      projection_dim=second.config.projection_dim)
+
+    def forward(self, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, L) for each tokenizer -> states (B, L, D1 + D2), pooled (B, P)."""
+        out_1 = self.first(ids, output_hidden_states=True)
+        out_2 = self.second(ids_2, output_hidden_states=True)
+        # SDXL was trained on the penultimate layer of both encoders
+        states = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+        return states, out_2.text_embeds
+
+
+def use_sdpa(model: torch.nn.Module) -> None:
+    """Route attention through PyTorch's ``scaled_dot_product_attention`` (diffusers' AttnProcessor2_0).
+
+    diffusers picks it by default; a plain ``AttnProcessor`` (e.g. after ``set_default_attn_processor``)
+    or xformers is replaced, any other (custom) processor is left alone.
+    """
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+
+    if not hasattr(model, "attn_processors"):
+        return
+    processors = model.attn_processors
+    if all(isinstance(p, AttnProcessor2_0) for p in processors.values()):
+        return
+    model.set_attn_processor({name: AttnProcessor2_0() if isinstance(p, (AttnProcessor, XFormersAttnProcessor)) else p
+                              for name, p in processors.items()})
 
 
 class DiffusionAdapter:
-    """A Stable-Diffusion-style pipeline seen as a policy over denoising steps."""
+    """A Stable-Diffusion-style pipeline (SD 1.x, 2.x or SDXL) seen as a policy over denoising steps."""
 
     def __init__(self, pipe, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:  # noqa: ANN001
         self.pipe = pipe
         self.device = torch.device(device)
         self.dtype = dtype
+        self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        if self.is_sdxl and pipe.text_encoder is None:
+            raise ModelLoadError("SDXL pipelines with a single text encoder (the refiner) are not supported; "
+                                 "give an SDXL base model")
         self.unet = pipe.unet
         self.vae = pipe.vae
-        self.text_encoder = pipe.text_encoder
+        # for SDXL one module holding both encoders, whose config.hidden_size is the conditioning width
+        self.text_encoder = SDXLTextEncoders(pipe.text_encoder, pipe.text_encoder_2) if self.is_sdxl else pipe.text_encoder
         self.tokenizer = pipe.tokenizer
+        self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
         self.scheduler = pipe.scheduler
         self.reference_unet: torch.nn.Module | None = None  # frozen copy, full fine-tuning only
         self.lora_config = None
         for module in (self.vae, self.text_encoder, self.unet):
             module.requires_grad_(False)
             module.eval()
+        for module in (self.unet, self.vae):
+            use_sdpa(module)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
 
@@ -97,14 +199,19 @@ class DiffusionAdapter:
     @classmethod
     def from_pretrained(cls, model: str = "shapeworld", device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> DiffusionAdapter:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         source = resolve_model(model)
+        class_name = pipeline_class_name(source)
         try:
             # only a non-default dtype is passed: the keyword's name changed across diffusers versions
-            kwargs = {"torch_dtype": dtype} if dtype != torch.float32 else {}
-            pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False,
-                                                           **kwargs)
+            kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype != torch.float32 else {}
+            if class_name.startswith("StableDiffusionXL"):
+                # no invisible watermark: rewards must score the images the policy produced
+                pipe = StableDiffusionXLPipeline.from_pretrained(source, add_watermarker=False, **kwargs)
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None,
+                                                               requires_safety_checker=False, **kwargs)
         except OSError as e:
             raise ModelLoadError(f"cannot load model {model!r}: {e}. Without network access give a local "
                                  "folder holding the pipeline (or 'shapeworld')") from e
@@ -117,15 +224,54 @@ class DiffusionAdapter:
     # ----------------------------------------------------------------------------------- prompts
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        """CLIP text states (B, L, D) for prompts and for the empty prompt (guidance)."""
+        """Text conditioning for prompts and for the empty prompt (guidance).
+
+        SD 1.x/2.x: the text encoder's last states (B, L, D). SDXL: both encoders' penultimate states
+        (B, L, D1 + D2), the pooled embedding (B, P) and time ids (B, 6); the unconditional branch is
+        all zeros when the pipeline's ``force_zeros_for_empty_prompt`` is set, as diffusers does.
+        """
+        if self.is_sdxl:
+            return self._encode_sdxl(list(prompts))
+
         def encode(texts: list[str]) -> torch.Tensor:
-            ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+            ids = self._tokenize(self.tokenizer, texts)
             return self.text_encoder(ids)[0].to(self.dtype)
 
         cond = encode(list(prompts))
         uncond = encode([""]).expand(len(prompts), -1, -1).contiguous()
         return PromptEmbeds(cond, uncond)
+
+    def _tokenize(self, tokenizer, texts: list[str]) -> torch.Tensor:  # noqa: ANN001
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
+
+    def _encode_sdxl(self, prompts: list[str]) -> PromptEmbeds:
+        def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            states, pooled = self.text_encoder(self._tokenize(self.tokenizer, texts),
+                                               self._tokenize(self.tokenizer_2, texts))
+            return states.to(self.dtype), pooled.to(self.dtype)
+
+        n = len(prompts)
+        cond, pooled = encode(prompts)
+        if self.pipe.config.force_zeros_for_empty_prompt:
+            uncond, uncond_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+        else:
+            uncond, uncond_pooled = encode([""])
+            uncond, uncond_pooled = uncond.expand(n, -1, -1).contiguous(), uncond_pooled.expand(n, -1).contiguous()
+        time_ids = self.sdxl_time_ids().expand(n, -1).contiguous()
+        return PromptEmbeds(cond, uncond, pooled, uncond_pooled, time_ids)
+
+    def sdxl_time_ids(self) -> torch.Tensor:
+        """SDXL micro-conditioning (1, 6): original size, crop top-left (0, 0), target size, all at the
+        native resolution (UNet sample size x VAE scale factor), what the pipeline uses by default."""
+        size = self.unet.config.sample_size * self.pipe.vae_scale_factor
+        ids = [size, size, 0, 0, size, size]
+        expected = self.unet.config.projection_class_embeddings_input_dim
+        got = self.unet.config.addition_time_embed_dim * len(ids) + self.text_encoder.config.projection_dim
+        if expected != got:
+            raise ModelLoadError(f"this SDXL UNet expects {expected} added-condition features but time ids and "
+                                 f"the pooled text embedding give {got}; the text_encoder_2 does not match the UNet")
+        return torch.tensor([ids], dtype=self.dtype, device=self.device)
 
     # ---------------------------------------------------------------------------------- denoiser
     def noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
@@ -147,16 +293,24 @@ class DiffusionAdapter:
 
     def conditional_noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor,
                                embeds: PromptEmbeds) -> torch.Tensor:
-        """Unguided conditional eps_theta(x_t, t, z) for supervised losses (SFT, RWR)."""
-        return self.unet(latents, timesteps, embeds.cond).sample
+        """Unguided conditional eps_theta(x_t, t, z) (B, C, h, w) for supervised losses (SFT, RWR)."""
+        if self.is_sdxl and embeds.time_ids is None:
+            raise ValueError("SDXL needs the pooled text embeddings and time ids: build the PromptEmbeds with "
+                             "encode_prompts (or index one from it), not from the encoder states alone")
+        return self.unet(latents, timesteps, embeds.cond, added_cond_kwargs=embeds.added_cond_kwargs()).sample
 
     @staticmethod
     def _guided(unet, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,  # noqa: ANN001
                 guidance_scale: float) -> torch.Tensor:
         if guidance_scale == 1.0:
-            return unet(latents, timesteps, embeds.cond).sample
+            return unet(latents, timesteps, embeds.cond, added_cond_kwargs=embeds.added_cond_kwargs()).sample
+        # one batched call, unconditional half first, as the diffusers pipelines do
+        added = embeds.added_cond_kwargs()
+        if added is not None:
+            uncond_added = embeds.added_cond_kwargs(unconditional=True)
+            added = {k: torch.cat([uncond_added[k], v]) for k, v in added.items()}
         out = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
-                   torch.cat([embeds.uncond, embeds.cond])).sample
+                   torch.cat([embeds.uncond, embeds.cond]), added_cond_kwargs=added).sample
         eps_u, eps_c = out.chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 
@@ -173,17 +327,45 @@ class DiffusionAdapter:
             self.unet.enable_adapters()
 
     # ------------------------------------------------------------------------------------ images
+    @contextlib.contextmanager
+    def _vae_precision(self) -> Iterator[None]:
+        """SDXL's VAE overflows in fp16: like its pipeline, run it in fp32 when its config asks to."""
+        upcast = self.is_sdxl and self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            yield
+        finally:
+            if upcast:
+                self.vae.to(torch.float16)
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-channel latent mean and std (1, C, 1, 1) of a VAE that declares them (some SDXL VAEs)."""
+        mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
+        if mean is None or std is None:
+            return None
+        shape = (1, len(mean), 1, 1)
+        return (torch.tensor(mean, device=like.device, dtype=like.dtype).view(shape),
+                torch.tensor(std, device=like.device, dtype=like.dtype).view(shape))
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """x_0 latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1] (float32)."""
-        with torch.no_grad():
-            x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        scale = self.vae.config.scaling_factor
+        with torch.no_grad(), self._vae_precision():
+            z = latents.to(self.vae.dtype)
+            stats = self._latent_stats(z)
+            z = z / scale if stats is None else z * stats[1] / scale + stats[0]  # the pipelines' exact arithmetic
+            x = self.vae.decode(z).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [0, 1] -> scaled latents (mode of the posterior)."""
-        with torch.no_grad():
+        """images (B, 3, H, W) in [0, 1] -> scaled latents (B, C, h, w) (mode of the posterior)."""
+        scale = self.vae.config.scaling_factor
+        with torch.no_grad(), self._vae_precision():
             z = self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist.mode()
-        return z * self.vae.config.scaling_factor
+            stats = self._latent_stats(z)
+            z = z * scale if stats is None else (z - stats[0]) * scale / stats[1]
+        return z.to(self.dtype)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -242,20 +424,22 @@ class DiffusionAdapter:
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
 
     def save_lora(self, folder: str | Path) -> Path:
-        """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(folder)`` loads."""
-        from diffusers import StableDiffusionPipeline
+        """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(folder)`` loads.
 
+        Saved through this model's own pipeline class (SD or SDXL), whose LoRA format its
+        ``load_lora_weights`` expects.
+        """
         if self.lora_config is None:
             raise RuntimeError("this model has no LoRA adapter to save (full fine-tuning saves the UNet)")
         folder = Path(folder)
-        StableDiffusionPipeline.save_lora_weights(
+        type(self.pipe).save_lora_weights(
             folder, unet_lora_layers={k: v.detach().cpu() for k, v in self.lora_state_dict().items()},
             safe_serialization=True, unet_lora_adapter_metadata=self.lora_config.to_dict(),
         )
         return folder / "pytorch_lora_weights.safetensors"
 
     def load_lora(self, folder: str | Path) -> None:
-        """Load LoRA weights saved by :meth:`save_lora` (or any diffusers SD LoRA) into the UNet."""
+        """Load LoRA weights saved by :meth:`save_lora` (or any diffusers LoRA of this family) into the UNet."""
         folder = Path(folder)
         if not (folder / "pytorch_lora_weights.safetensors").is_file():
             raise ModelLoadError(f"no pytorch_lora_weights.safetensors in {folder}; give the 'lora' folder of a run")
