@@ -1,0 +1,88 @@
+"""A tiny paper experiment end to end: units, resume, the over-optimisation study and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpok.experiment import Experiment, ExperimentConfig, claim, load_results, release
+from dpok.report import write_report
+
+
+def tiny_config(out: Path) -> ExperimentConfig:
+    return ExperimentConfig(
+        output_dir=str(out), tasks=["count", "multi"], methods=["base", "dpok"], seeds=[0], rounds=2, samples_per_round=4,
+        num_steps=3, eval_images=2, multi_eval_images=1, checkpoint_every=1, overopt_rounds=2, overopt_eval_every=1,
+        overopt_eval_images=2, train_overrides={"sample_batch_size": 4, "minibatch_size": 4, "gradient_steps": 1},
+    )
+
+
+def test_tiny_paper_experiment_runs_resumes_and_writes_the_report(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "out")
+    exp = Experiment(cfg, log=lambda m: None)
+    assert exp.run() == 6  # 2 tasks x 2 methods + 2 over-optimisation runs
+    assert exp.finished()
+    meta, units, overopt = load_results(cfg.output_dir)
+    assert meta["budget"] == 8 and len(units) == 4
+    dpok_unit = next(u for u in units if u["task"] == "count" and u["method"] == "dpok")
+    assert dpok_unit["train_queries"] == 8 and [c["queries"] for c in dpok_unit["curve"]] == [4, 8]
+    assert dpok_unit["splits"]["seen"]["kl_to_base_mean"] > 0
+    base_multi = next(u for u in units if u["task"] == "multi" and u["method"] == "base")
+    assert set(base_multi["splits"]) == {"seen", "unseen"} and base_multi["splits"]["unseen"]["kl_to_base_mean"] == 0
+    assert sorted(overopt) == ["0", "0.01"] and [p["round"] for p in overopt["0"]] == [0, 1, 2]
+
+    # a second run has nothing to do; a lost result is recomputed, and only it
+    assert Experiment(cfg, log=lambda m: None).run() == 0
+    (tmp_path / "out" / "units" / "count" / "base" / "seed0" / "result.json").unlink()
+    assert Experiment(cfg, log=lambda m: None).run() == 1
+
+    report = write_report(cfg.output_dir, tmp_path / "docs" / "results.md")
+    text = report.read_text()
+    for needle in ("counting to four", "unseen prompts", "reward_vs_queries.png", "Over-optimisation study",
+                   "(1) Online RL beats supervised", "(4) Fine-tuning on some prompts"):
+        assert needle in text, needle
+    # every figure the report links to exists
+    for line in text.splitlines():
+        if line.startswith("!["):
+            assert (report.parent / line.split("(")[1].rstrip(")")).is_file(), line
+
+
+def test_an_interrupted_unit_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "out")
+    cfg.tasks, cfg.methods, cfg.overopt_rounds, cfg.rounds = ["count"], ["dpok"], 0, 3
+    exp = Experiment(cfg, log=lambda m: None)
+    task, method = exp.tasks["count"], exp.methods["dpok"]
+    run_dir = exp.unit_dir("count", "dpok", 0) / "run"
+    # a unit killed after its round-2 checkpoint: the next attempt resumes it instead of starting over
+    from dpok.trainer import Trainer
+
+    Trainer(exp.train_config(task, method, 0, run_dir, rounds=2)).run()
+    cfg2 = exp.train_config(task, method, 0, run_dir, rounds=3)
+    assert cfg2.resume == str(run_dir)
+    result = exp.run_unit(task, method, 0)
+    assert [c["queries"] for c in result["curve"]] == [4, 8, 12]
+
+
+def test_claims_exclude_live_workers_and_take_over_dead_ones(tmp_path: Path) -> None:
+    folder = tmp_path / "job"
+    assert claim(folder)
+    assert not claim(folder)  # held by this (live) process
+    release(folder)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / ".claim").write_text(dead.stdout.strip())  # a worker that was killed
+    assert claim(folder) and (folder / ".claim").read_text() == str(os.getpid())
+
+
+def test_bad_experiment_settings_are_named(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    cfg.methods, cfg.rounds = ["dpok", "ppo"], 0
+    with pytest.raises(ValueError, match=r"unknown method 'ppo'.*\n.*rounds must be >= 1"):
+        cfg.validate()
+    with pytest.raises(FileNotFoundError, match="experiment.json"):
+        load_results(tmp_path / "nothing")
+    json.dumps(tiny_config(tmp_path).__dict__)  # the config is plain data (written to experiment.json)
