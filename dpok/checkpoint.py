@@ -2,9 +2,10 @@
 
 ``RUN/checkpoints/round-000012/`` holds the trainable weights, the optimizer, the algorithm's
 state (value function, replay buffer, per-prompt statistics, SFT data), the prompt sampler, the
-round and reward-query counters and every RNG state. Folders are written atomically (see
-:mod:`dpok.utils.state_io`); a folder without its completion marker is ignored, and older complete
-ones are deleted only after a newer one is complete.
+round and reward-query counters and every RNG state. A multi-process run's checkpoint also holds,
+under ``processes``, each further process's own states (see :meth:`dpok.trainer.Trainer.checkpoint`).
+Folders are written atomically (see :mod:`dpok.utils.state_io`); a folder without its completion
+marker is ignored, and older complete ones are deleted only after a newer one is complete.
 """
 
 from __future__ import annotations
@@ -32,9 +33,14 @@ def list_complete(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def checkpoint_path(run_dir: Path, round_: int) -> Path:
+    """Where the checkpoint of ``round_`` is (or will be) written."""
+    return checkpoint_dir(run_dir) / f"{PREFIX}{round_:06d}"
+
+
 def write_checkpoint(run_dir: Path, round_: int, state: dict[str, Any], keep: int) -> Path:
     """Write ``state`` as the checkpoint of ``round_``; then keep only the newest ``keep`` complete."""
-    path = checkpoint_dir(run_dir) / f"{PREFIX}{round_:06d}"
+    path = checkpoint_path(run_dir, round_)
     save_state(path, state)
     complete = list_complete(run_dir)
     for old in complete[: max(0, len(complete) - keep)]:

@@ -66,6 +66,7 @@ def resume_settings(run_dir: str, given: dict[str, Any]) -> dict[str, Any]:
 
 def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .config import TrainConfig, build_config
+    from .distributed import shutdown
     from .trainer import describe_result, train
 
     given = overrides(args, TrainConfig)
@@ -73,7 +74,9 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         given = resume_settings(args.resume, given)
     cfg = build_config(None if args.resume else args.preset, given)
     result = train(cfg)
-    print(describe_result(result))
+    if result.main_process:  # one report for a multi-process run
+        print(describe_result(result))
+    shutdown()
     return 0
 
 
@@ -201,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":
+        from .distributed import relaunch_cpu_workers
+
+        relaunch_cpu_workers(argv)  # returns unless 'accelerate launch --cpu' started too few processes
     try:
         return int(args.func(args, argv))
     except KeyboardInterrupt:

@@ -40,7 +40,8 @@ class TrainConfig:
     eval_prompt_set: str = _f("", "named prompt set evaluated as unseen prompts at the end (optional)")
     algorithm: str = _f("dpok", f"one of {', '.join(ALGORITHM_NAMES)}")
     output_dir: str = _f("", "run folder (default: runs/<algorithm>-<time>)")
-    seed: int = _f(0, "seed of prompts, noise and initialisation")
+    seed: int = _f(0, "seed of prompts, noise and initialisation (with N processes, process r > 0 draws its prompts "
+                      "and noise from a stream derived from (seed, r); process 0 from seed)")
     device: str = _f("auto", "'auto' (cuda if present), 'cpu' or 'cuda[:N]'")
     mixed_precision: str = _f("no", "'no', 'fp16' or 'bf16' (GPU only): dtype of the frozen weights")
 
@@ -59,14 +60,16 @@ class TrainConfig:
 
     # ---- budget
     rounds: int = _f(60, "training rounds (sample -> score -> update)")
-    samples_per_round: int = _f(32, "trajectories sampled (reward queries) per round")
-    sample_batch_size: int = _f(32, "trajectories per sampling forward batch")
+    samples_per_round: int = _f(32, "trajectories sampled (reward queries) per round, in total: with N processes "
+                                    "each samples samples-per-round / N")
+    sample_batch_size: int = _f(32, "trajectories per sampling forward batch (per process)")
 
     # ---- optimisation
     learning_rate: float = _f(3e-4, "policy learning rate (AdamW)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clipping")
-    minibatch_size: int = _f(32, "transitions (or samples) per backward pass")
+    minibatch_size: int = _f(32, "transitions (or samples) per backward pass, per process (with N processes a step "
+                                 "averages N minibatches)")
     gradient_steps: int = _f(6, "optimizer steps per round (DPOK, SFT-KL, RWR)")
     grad_accum: int = _f(1, "minibatches accumulated per optimizer step")
 
@@ -101,8 +104,11 @@ class TrainConfig:
     max_bad_rounds: int = _f(5, "stop after this many rounds in a row whose update was skipped (non-finite loss, "
                                 "gradient or an all-invalid reward batch)")
 
-    def validate(self) -> None:
-        """Check every value before any model loads; raise ValueError naming the option."""
+    def validate(self, num_processes: int = 1) -> None:
+        """Check every value before any model loads; raise ValueError naming the option.
+
+        ``num_processes``: processes of a data-parallel run, each sampling samples_per_round / N.
+        """
         errors: list[str] = []
 
         def need(cond: bool, msg: str) -> None:
@@ -130,12 +136,17 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         need(0 < self.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1] (got {self.timestep_fraction})")
         need(0 <= self.rwr_percentile < 100, f"--rwr-percentile must be in [0, 100) (got {self.rwr_percentile})")
-        if self.sample_batch_size >= 1 and self.samples_per_round % self.sample_batch_size:
-            errors.append(f"--samples-per-round ({self.samples_per_round}) must be a multiple of "
-                          f"--sample-batch-size ({self.sample_batch_size})")
-        if self.algorithm in ("ddpo-sf", "ddpo-is") and self.minibatch_size >= 1 and self.samples_per_round % self.minibatch_size:
-            errors.append(f"--samples-per-round ({self.samples_per_round}) must be a multiple of --minibatch-size "
-                          f"({self.minibatch_size}) for {self.algorithm}")
+        # samples_per_round is the round's total: each of the N processes samples an equal share, in
+        # whole sampling batches (and, for DDPO, whole minibatches)
+        sizes = [("sample-batch-size", self.sample_batch_size, "")]
+        if self.algorithm in ("ddpo-sf", "ddpo-is"):
+            sizes.append(("minibatch-size", self.minibatch_size, f" for {self.algorithm}"))
+        times = f"{num_processes} x " if num_processes > 1 else ""
+        total = f" (it is the total over the {num_processes} processes)" if num_processes > 1 else ""
+        for name, size, why in sizes:
+            if size >= 1 and self.samples_per_round % (num_processes * size):
+                errors.append(f"--samples-per-round ({self.samples_per_round}) must be a multiple of {times}--{name} "
+                              f"({size}){why}{total}")
         if self.resume and not Path(self.resume).is_dir():
             errors.append(f"--resume {self.resume!r} is not a run folder")
         if errors:

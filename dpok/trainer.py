@@ -4,6 +4,12 @@ A run folder holds ``config.json``, ``metrics.jsonl`` (one line per round), Tens
 ``lora/pytorch_lora_weights.safetensors`` (or ``unet/`` for full fine-tuning),
 ``samples_before.png`` / ``samples_after.png`` (same prompts, same seeds), ``curves.png``,
 ``summary.json`` and ``checkpoints/``.
+
+Several processes (``accelerate launch --multi_gpu --num_processes N -m dpok train``, or
+``torchrun``) train data-parallel: each samples ``samples_per_round / N`` trajectories with its own
+prompt and noise streams, gradients are averaged before every optimizer step (see
+:mod:`dpok.distributed`), rewards are gathered for the statistics and metrics, and only the main
+process evaluates and writes files while the others wait for it.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
-from .checkpoint import latest_checkpoint, write_checkpoint
+from .checkpoint import checkpoint_path, latest_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .prompts import PromptSampler, resolve_prompts
 from .rewards import Reward, RewardError, RewardOutput, make_reward
@@ -47,6 +54,7 @@ class RunResult:
     reward_before: float
     reward_after: float
     files: dict[str, str] = field(default_factory=dict)
+    main_process: bool = True  # False on the other processes of a multi-process run (they print nothing)
 
 
 def select_device(name: str) -> torch.device:
@@ -92,18 +100,26 @@ class Trainer:
     """Owns the model, reward, algorithm, optimizer and the run folder for one run."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        cfg.validate()
+        state = distributed.init_processes(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+        self.rank, self.num_processes = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        cfg.validate(num_processes=self.num_processes)
         self.cfg = cfg
         self.prompts = prepare_prompts(cfg)
         self.eval_unseen = resolve_prompts(None, None, cfg.eval_prompt_set, _grammar(cfg)) if cfg.eval_prompt_set else []
         self.device = select_device(cfg.device)
+        if state is not None and self.device.type == "cuda":
+            self.device = state.device  # one GPU per process: cuda:<local rank>
         self.reward = build_reward(cfg, self.device)
         self.reward.validate_prompts(self.prompts + self.eval_unseen)
         self.out = Path(cfg.resume or cfg.output_dir) if (cfg.resume or cfg.output_dir) else default_output_dir(cfg)
         if not cfg.resume and (self.out / "config.json").exists():
             raise ValueError(f"--output-dir {self.out} already holds a run (config.json); continue it with "
                              f"--resume {self.out} or choose another --output-dir (nothing was changed)")
+        # every process has checked the folder before the main one writes config.json into it
+        distributed.barrier()
         self.out.mkdir(parents=True, exist_ok=True)
+        # the same seed everywhere first: every process builds identical LoRA / value-function weights
         seed_everything(cfg.seed)
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         if dtype != torch.float32 and self.device.type == "cpu":
@@ -117,11 +133,16 @@ class Trainer:
             self.adapter.unet.enable_gradient_checkpointing()
         params = self.adapter.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
+        # each process its own prompt and noise streams (process 0: the run's seed, as with one process)
+        seed = distributed.rank_seed(cfg.seed, self.rank)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
         ctx = AlgorithmContext(cfg, self.adapter, self.optimizer, self.rng, self.generator, self.reward)
         self.algorithm: Algorithm = ALGORITHMS.create(cfg.algorithm, ctx)
-        self.sampler = PromptSampler(self.prompts, cfg.seed)
+        self.sampler = PromptSampler(self.prompts, seed)
+        if self.rank > 0:
+            seed_everything(seed)  # the global RNGs too, now that the shared weights are built
+        distributed.broadcast_parameters(self._replicated_parameters())
         self.round = 0
         self.reward_queries = 0
         self.before: dict[str, float] | None = None
@@ -129,7 +150,11 @@ class Trainer:
         self.bad_rounds = 0
         if cfg.resume:
             self._resume()
-        self.log = RunLog(self.out)
+        self.log: RunLog | None = RunLog(self.out) if self.is_main else None
+
+    def _replicated_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters every process holds the same copy of: the policy's trainable ones and the algorithm's."""
+        return self.adapter.trainable_parameters() + self.algorithm.replicated_parameters()
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -141,7 +166,17 @@ class Trainer:
             "rng": rng_state(self.rng), "generator": self.generator.get_state(),
         }
 
+    # what differs between the processes of a run; the rest (weights, optimizer, counters) is the same on all
+    PER_PROCESS = ("algorithm", "prompt_sampler", "rng", "generator")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, or a checkpoint of a multi-process run: there each process
+        takes its own entry of ``state["processes"]`` (the main process's is the top level)."""
+        saved = int(state.get("num_processes", 1))
+        if saved != self.num_processes:
+            raise CheckpointError(f"the checkpoint was written by a run of {saved} process(es); resume it with "
+                                  f"{saved} (this run has {self.num_processes}) so that it continues identically")
+        mine = state if self.rank == 0 else state["processes"][self.rank]
         params = dict(self.adapter.unet.named_parameters())
         missing = [n for n in state["trainable"] if n not in params]
         if missing:
@@ -151,14 +186,41 @@ class Trainer:
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.algorithm.load_state_dict(state["algorithm"])
-        self.sampler.load_state_dict(state["prompt_sampler"])
-        set_rng_state(state["rng"], self.rng)
-        self.generator.set_state(state["generator"])
+        self.algorithm.load_state_dict(mine["algorithm"])
+        self.sampler.load_state_dict(mine["prompt_sampler"])
+        set_rng_state(mine["rng"], self.rng)
+        self.generator.set_state(mine["generator"])
         self.round, self.reward_queries, self.before = int(state["round"]), int(state["reward_queries"]), state["before"]
 
     def checkpoint(self) -> Path:
-        return write_checkpoint(self.out, self.round, self.state_dict(), self.cfg.keep_checkpoints)
+        """Write a checkpoint (main process); with several processes every one must call this.
+
+        A multi-process checkpoint adds ``num_processes`` and ``processes``: for each process
+        r >= 1 its own algorithm state (replay buffer, SFT data), prompt sampler, RNG and
+        generator states, gathered to the main process. Each process's digest of the replicated
+        weights is compared first: a mismatch means the processes diverged, and no checkpoint
+        is written.
+        """
+        state = self.state_dict()
+        if self.num_processes == 1:
+            return write_checkpoint(self.out, self.round, state, self.cfg.keep_checkpoints)
+        own = {k: state[k] for k in self.PER_PROCESS}
+        own["weights_digest"] = distributed.parameters_digest(self._replicated_parameters())
+        gathered = distributed.gather_objects(distributed.to_cpu(own))
+        error = None
+        if gathered is not None:
+            digests = [g["weights_digest"] for g in gathered]
+            if len(set(digests)) > 1:
+                error = (f"the processes' weights differ after round {self.round} (digests {digests}): they must "
+                         "stay identical; no checkpoint was written")
+            else:
+                state.update(num_processes=self.num_processes, weights_digest=digests[0],
+                             processes={r: gathered[r] for r in range(1, self.num_processes)})
+                write_checkpoint(self.out, self.round, state, self.cfg.keep_checkpoints)
+        error = distributed.broadcast_object(error)  # also: nobody goes on before the checkpoint exists
+        if error:
+            raise TrainingDiverged(error)
+        return checkpoint_path(self.out, self.round)
 
     def _resume(self) -> None:
         found = latest_checkpoint(self.out)
@@ -167,10 +229,12 @@ class Trainer:
                                   "start a new run instead")
         path, state = found
         self.load_state_dict(state)
-        # rounds logged after the checkpoint will be run again: drop their lines
-        rows = [r for r in read_metrics(self.out / "metrics.jsonl") if r["round"] <= self.round]
-        (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tqdm.write(f"resumed {self.out} from {path.name} (round {self.round})")
+        if self.is_main:
+            # rounds logged after the checkpoint will be run again: drop their lines
+            rows = [r for r in read_metrics(self.out / "metrics.jsonl") if r["round"] <= self.round]
+            (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tqdm.write(f"resumed {self.out} from {path.name} (round {self.round})")
+        distributed.barrier()  # every process has read the checkpoint before the main one may replace it
 
     # ------------------------------------------------------------------------------- phases
     def sample(self, prompts: list[str]) -> Trajectory:
@@ -193,7 +257,7 @@ class Trainer:
                                       f"run stops here; its last checkpoint is kept (continue with --resume)") from e
                 tqdm.write(f"reward failed ({e}); scoring the same {len(traj.prompts)} samples again")
                 time.sleep(2.0 * attempt)
-        self.reward_queries += len(traj.prompts)
+        self.reward_queries += distributed.all_sum(len(traj.prompts))  # the run's total, over processes
         return out
 
     def rollout_kl(self, traj: Trajectory, max_samples: int = 4) -> float:
@@ -216,7 +280,8 @@ class Trainer:
     def train_round(self) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        traj = self.sample(self.sampler.sample(cfg.samples_per_round))
+        # samples_per_round is the round's total: each process draws its share
+        traj = self.sample(self.sampler.sample(cfg.samples_per_round // self.num_processes))
         t1 = time.perf_counter()
         scored = self.score(traj)
         t2 = time.perf_counter()
@@ -224,17 +289,21 @@ class Trainer:
         stats = self.algorithm.update(Rollout(traj, scored.scores, scored.valid))
         self.adapter.train(False)
         t3 = time.perf_counter()
-        valid = scored.scores[scored.valid]
+        # reward statistics over every process's samples (one process: its own)
+        _, scores, _ = distributed.gather_batch(traj.prompts, scored.scores)
+        _, valid_mask, _ = distributed.gather_batch(traj.prompts, scored.valid)
+        valid = scores[valid_mask]
         metrics = {f"train/{k}": v for k, v in stats.items()}
         metrics.update({
             "reward/mean": float(valid.mean()) if len(valid) else float("nan"),
             "reward/std": float(valid.std()) if len(valid) > 1 else 0.0,
-            "reward/invalid": float(scored.num_invalid),
+            "reward/invalid": float(distributed.all_sum(scored.num_invalid)),
             "kl/rollout": self.rollout_kl(traj),
             "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
             "charts/reward_queries": float(self.reward_queries),
         })
-        return metrics
+        # the same dict on every process, so that every process takes the same stop decisions
+        return distributed.merge_metrics(metrics)
 
     # ---------------------------------------------------------------------------- evaluation
     def evaluate(self, prompts: list[str], base: bool = False) -> tuple[dict[str, float], list[np.ndarray]]:
@@ -265,7 +334,7 @@ class Trainer:
             where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written before"
             raise TrainingDiverged(
                 f"{self.bad_rounds} rounds in a row had their update skipped (non-finite loss or gradient, or every "
-                f"reward invalid; see reward/invalid and train/skipped_* in {self.log.path}); {where}. Lower "
+                f"reward invalid; see reward/invalid and train/skipped_* in {self.out / 'metrics.jsonl'}); {where}. Lower "
                 "--learning-rate or check the reward, then --resume")
 
     def _grid(self, rows: list[np.ndarray], prompts: list[str], name: str, scores: dict[str, float]) -> Path:
@@ -274,41 +343,55 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- run
     def run(self) -> RunResult:
-        cfg = self.cfg
-        if not cfg.resume:
+        cfg, main = self.cfg, self.is_main
+        if main and not cfg.resume:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         shown = self.prompts[:GRID_PROMPTS]
-        tqdm.write(f"{cfg.algorithm} on {cfg.model} with reward {cfg.reward}: {len(self.prompts)} prompt(s), "
-                   f"{cfg.rounds} rounds x {cfg.samples_per_round} samples; run folder {self.out}")
+        if main:
+            procs = f" on {self.num_processes} processes" if self.num_processes > 1 else ""
+            tqdm.write(f"{cfg.algorithm} on {cfg.model} with reward {cfg.reward}: {len(self.prompts)} prompt(s), "
+                       f"{cfg.rounds} rounds x {cfg.samples_per_round} samples{procs}; run folder {self.out}")
         if self.before is None:
-            self.before, rows = self.evaluate(shown, base=True)
-            self._grid(rows, shown, "samples_before.png", self.before)
+            if main:  # evaluation and grids: the main process only, the others wait for its result
+                self.before, rows = self.evaluate(shown, base=True)
+                self._grid(rows, shown, "samples_before.png", self.before)
+            self.before = distributed.broadcast_object(self.before)
         before = self.before
         rounds = cfg.rounds if self.algorithm.trains else 0
         bar = tqdm(range(self.round, rounds), desc=f"{cfg.algorithm}", initial=self.round, total=rounds,
-                   dynamic_ncols=True, file=sys.stderr)
+                   dynamic_ncols=True, file=sys.stderr, disable=not main)
         with stop_on_signals(self):
             for r in bar:
                 metrics = self.train_round()
                 self.round = r + 1
-                self.log.write(self.round, metrics)
+                if self.log is not None:
+                    self.log.write(self.round, metrics)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/rollout']:.2f}")
                 self._check_bad_round(metrics)
-                if self.stop_signal is not None:
+                # a signal may reach only some processes: all stop if any got one
+                stop = distributed.all_max(self.stop_signal or 0)
+                if stop:
+                    self.stop_signal = stop
                     bar.close()
                     path = self.checkpoint()
-                    tqdm.write(f"stopped by signal {self.stop_signal} after round {self.round}; checkpoint {path}; "
-                               f"continue with: dpok train --resume {self.out}")
-                    raise SystemExit(128 + self.stop_signal)
+                    if main:
+                        tqdm.write(f"stopped by signal {stop} after round {self.round}; checkpoint {path}; "
+                                   f"continue with: dpok train --resume {self.out}")
+                    raise SystemExit(128 + stop)
                 if cfg.checkpoint_every and self.round % cfg.checkpoint_every == 0 and self.round < rounds:
                     self.checkpoint()
         bar.close()
         if self.algorithm.trains:
             self.checkpoint()
-        after, rows = self.evaluate(shown)
-        self._grid(rows, shown, "samples_after.png", after)
-        files = self._save_outputs(before, after)
-        return RunResult(self.out, float(np.mean(list(before.values()))), float(np.mean(list(after.values()))), files)
+        after: dict[str, float] | None = None
+        files: dict[str, str] = {}
+        if main:
+            after, rows = self.evaluate(shown)
+            self._grid(rows, shown, "samples_after.png", after)
+            files = self._save_outputs(before, after)
+        after, files = distributed.broadcast_object((after, files))
+        return RunResult(self.out, float(np.mean(list(before.values()))), float(np.mean(list(after.values()))), files,
+                         main_process=main)
 
     def _save_outputs(self, before: dict[str, float], after: dict[str, float]) -> dict[str, str]:
         files = {"config": "config.json", "metrics": "metrics.jsonl", "tensorboard": "tensorboard/",
@@ -329,7 +412,8 @@ class Trainer:
                    "reward_queries_per_eval_image": self.algorithm.reward_queries_per_image(), "files": files}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         files["summary"] = "summary.json"
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
         return files
 
 
@@ -338,7 +422,8 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
     """SIGINT / SIGTERM: finish the current round, checkpoint, exit 130 / 143."""
     def handler(signum: int, frame: object) -> None:
         trainer.stop_signal = signum
-        tqdm.write(f"signal {signum}: stopping after this round (a checkpoint will be written)")
+        if trainer.is_main:  # a launcher passes the signal to every process: one message
+            tqdm.write(f"signal {signum}: stopping after this round (a checkpoint will be written)")
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -12,6 +12,7 @@ import torch
 
 from ..adapter import DiffusionAdapter
 from ..config import TrainConfig
+from ..distributed import sync_gradients
 from ..sampling import Trajectory, sample_in_batches
 
 
@@ -69,6 +70,12 @@ class Algorithm:
     def reward_queries_per_image(self) -> int:
         return 1
 
+    def replicated_parameters(self) -> list[torch.nn.Parameter]:
+        """Trained parameters of the algorithm's own (besides the policy's), e.g. DPOK's value
+        function: in a multi-process run they start from the main process's values and their
+        gradients are averaged like the policy's, so every process keeps the same copy."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -104,7 +111,12 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramet
 
     A non-finite gradient norm skips the step and clears the gradients, leaving the weights
     bitwise unchanged (``skipped`` = 1). ``grad_norm`` is the norm before clipping.
+
+    In a multi-process run the gradients are first averaged over processes (every process calls
+    this the same number of times); the norm, and so the skip decision, is then the same on all.
     """
+    params = list(params)
+    sync_gradients(params)
     if scale != 1.0:
         for p in params:
             if p.grad is not None:

@@ -6,6 +6,9 @@ Each update pass shuffles the samples into minibatches of ``minibatch_size`` and
 random ``timestep_fraction`` of its steps; gradients are accumulated over those steps and
 ``grad_accum`` minibatches before each optimizer step. SF makes one optimizer step per round
 over the whole batch (the on-policy gradient); IS makes ``inner_epochs`` passes.
+
+With several processes each one trains on its own samples (``minibatch_size`` per process) with
+gradients averaged before each step, and the per-prompt statistics see every process's rewards.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..core import PerPromptStatTracker, clip_advantages, ddpo_is_loss, ddpo_sf_loss
 from ..sampling import evaluate_log_probs
 from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats
@@ -30,25 +34,33 @@ class _DDPO(Algorithm):
         cfg, traj = self.cfg, rollout.trajectory
         traj.check_reduce(cfg.logprob_reduce)
         rewards = torch.where(rollout.valid, rollout.rewards, torch.full_like(rollout.rewards, float("nan")))
-        advantages = clip_advantages(self.tracker.update(traj.prompts, rewards), cfg.adv_clip)
+        # per-prompt statistics over the whole round, i.e. the rewards of every process (one
+        # process: this batch); every process then holds the same tracker state
+        all_prompts, all_rewards, mine = distributed.gather_batch(traj.prompts, rewards)
+        all_advantages = clip_advantages(self.tracker.update(all_prompts, all_rewards), cfg.adv_clip)
+        advantages = all_advantages[mine]
         keep = rollout.valid.nonzero().flatten()
-        if len(keep) == 0:
+        # each optimizer step is a collective in a multi-process run: every process makes as many
+        # as the process with the most valid samples needs (one process: len(keep))
+        most = distributed.all_max(len(keep))
+        if most == 0:
             return {"skipped_updates": 1.0}
         n_train = max(1, round(traj.num_steps * cfg.timestep_fraction))
         epochs = cfg.inner_epochs if self.importance_sampling else 1
-        minibatches = [keep[i : i + cfg.minibatch_size] for i in range(0, len(keep), cfg.minibatch_size)]
-        accum = len(minibatches) if not self.importance_sampling else cfg.grad_accum
+        n_minibatches = -(-most // cfg.minibatch_size)
+        accum = n_minibatches if not self.importance_sampling else cfg.grad_accum
         stats: list[dict[str, float]] = []
         for _ in range(epochs):
             order = keep[torch.randperm(len(keep), generator=self.ctx.generator)]
-            minibatches = [order[i : i + cfg.minibatch_size] for i in range(0, len(order), cfg.minibatch_size)]
+            minibatches = [order[i * cfg.minibatch_size : (i + 1) * cfg.minibatch_size] for i in range(n_minibatches)]
             for j, mb in enumerate(minibatches):
-                stats.append(self._accumulate(traj, mb, advantages, n_train, accum))
+                if len(mb):  # empty only on a process with fewer valid samples than another
+                    stats.append(self._accumulate(traj, mb, advantages, n_train, accum))
                 if (j + 1) % accum == 0 or j + 1 == len(minibatches):
                     stats.append(guarded_step(self.ctx.optimizer, self.adapter.trainable_parameters(),
                                               cfg.max_grad_norm))
         out = mean_stats(stats)
-        out["advantage_abs_mean"] = float(advantages[keep].abs().mean())
+        out["advantage_abs_mean"] = float(all_advantages[torch.isfinite(all_rewards)].abs().mean())
         return out
 
     def _accumulate(self, traj, mb: torch.Tensor, advantages: torch.Tensor, n_train: int,  # noqa: ANN001

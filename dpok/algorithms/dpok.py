@@ -9,6 +9,11 @@ then ``gradient_steps`` optimizer steps, each accumulating ``grad_accum`` miniba
 with rho = p_theta(x_{t-1}|x_t,z) / p_old(x_{t-1}|x_t,z) and KL_t either the closed form
 ||mu_theta - mu_pre||^2 / (2 sigma_t^2) (paper) or mean((eps_theta - eps_pre)^2) (official code).
 The value function V_phi is regressed by MSE onto the final reward of the transition's trajectory.
+
+With several processes each keeps a replay buffer of its own transitions and draws its own
+minibatches (``minibatch_size`` per process); policy and value gradients are averaged over
+processes before each step, and ``normalize_advantages`` standardises over the union of the
+processes' minibatches (the minibatch of that step).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..core import dpok_loss, gaussian_kl_same_std, value_loss
 from ..sampling import evaluate_log_probs, policy_step
 from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats
@@ -148,14 +154,17 @@ class DPOK(Algorithm):
         cfg, traj = self.cfg, rollout.trajectory
         traj.check_reduce(cfg.logprob_reduce)
         keep = rollout.valid.nonzero().flatten()
-        if len(keep) == 0:
+        # skip only when no process has a valid sample: the steps below are collectives
+        if distributed.all_sum(len(keep)) == 0:
             return {"skipped_updates": 1.0}
         t = traj.num_steps
-        self.buffer.add(
-            traj.latents[keep].flatten(0, 1), traj.next_latents[keep].flatten(0, 1),
-            traj.timesteps.repeat(len(keep)), traj.log_probs[keep].flatten(),
-            rollout.rewards[keep].repeat_interleave(t), [traj.prompts[i] for i in keep.tolist() for _ in range(t)],
-        )
+        if len(keep):
+            self.buffer.add(
+                traj.latents[keep].flatten(0, 1), traj.next_latents[keep].flatten(0, 1),
+                traj.timesteps.repeat(len(keep)), traj.log_probs[keep].flatten(),
+                rollout.rewards[keep].repeat_interleave(t),
+                [traj.prompts[i] for i in keep.tolist() for _ in range(t)],
+            )
         stats = []
         for _ in range(cfg.gradient_steps):
             stats.append(self._policy_step())
@@ -170,17 +179,35 @@ class DPOK(Algorithm):
         device = self.adapter.device
         return {k: v.to(device) for k, v in mb.items()}
 
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        return list(self.value.parameters())
+
+    def _normalize(self, advantages: torch.Tensor) -> torch.Tensor:
+        """Standardise advantages over the step's minibatch (every process's share of it)."""
+        if distributed.world_size() == 1:
+            if len(advantages) > 1:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-6)
+            return advantages
+        count, mean, std = distributed.all_mean_std(advantages)
+        return (advantages - mean) / (std + 1e-6) if count > 1 else advantages
+
     def _policy_step(self) -> dict[str, float]:
         cfg, adapter = self.cfg, self.adapter
         stats = []
         for _ in range(cfg.grad_accum):
+            if not len(self.buffer):
+                # a process whose samples were all invalid so far (several processes only) adds no
+                # gradient but still takes part in the collectives of this step
+                if cfg.normalize_advantages:
+                    self._normalize(torch.zeros(0, device=adapter.device))
+                continue
             mb = self._batch()
             embeds = self._embed(mb["prompt_ids"])
             with torch.no_grad():
                 values = self.value(mb["latents"], mb["timesteps"], embeds.cond)
             advantages = mb["rewards"] - values
-            if cfg.normalize_advantages and len(advantages) > 1:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-6)
+            if cfg.normalize_advantages:
+                advantages = self._normalize(advantages)
             log_probs, dist, output = evaluate_log_probs(
                 adapter, mb["latents"], mb["next_latents"], mb["timesteps"], embeds, cfg.guidance_scale,
                 cfg.eta, cfg.num_steps, cfg.logprob_reduce)
@@ -196,12 +223,14 @@ class DPOK(Algorithm):
         return out
 
     def _value_step(self) -> dict[str, float]:
-        mb = self._batch()
-        embeds = self._embed(mb["prompt_ids"])
-        values = self.value(mb["latents"], mb["timesteps"], embeds.cond)
-        loss, stats = value_loss(values, mb["rewards"])
+        stats: dict[str, float] = {}
         self.value_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if len(self.buffer):  # see _policy_step: an empty buffer contributes no gradient
+            mb = self._batch()
+            embeds = self._embed(mb["prompt_ids"])
+            values = self.value(mb["latents"], mb["timesteps"], embeds.cond)
+            loss, stats = value_loss(values, mb["rewards"])
+            loss.backward()
         step = guarded_step(self.value_optimizer, list(self.value.parameters()), 1.0)
         return {**stats, "value_grad_norm": step["grad_norm"]}
 

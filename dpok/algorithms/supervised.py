@@ -7,6 +7,9 @@ uniform timestep (the pretraining objective), weighted by reward:
   budget as the online methods, loss  E[r ||eps - eps_theta||^2] + gamma E[||eps_pre - eps_theta||^2];
 - ``rwr``: data from the current model (this round), weights softmax(r / T) * N;
 - ``rwr-sparse``: weight 1 for samples at or above the round's ``rwr_percentile`` reward, else 0.
+
+With several processes each keeps its own samples and draws its own minibatches; the weights
+(softmax, percentile) are computed over every process's rewards and gradients are averaged.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..adapter import PromptEmbeds
 from ..core import rwr_loss, rwr_sparse_weights, rwr_weights, sft_kl_loss
 from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats
@@ -55,15 +59,20 @@ class _Supervised(Algorithm):
     def update(self, rollout: Rollout) -> dict[str, float]:
         self._append(rollout)
         x0_all, cond_all, rewards_all = self._tensors()
-        if len(x0_all) == 0:
+        # skip only when no process has data: the optimizer steps below are collectives
+        if distributed.all_sum(len(x0_all)) == 0:
             return {"skipped_updates": 1.0}
-        weights_all = self._weights(rewards_all)
+        # weights normalised over the data of every process (one process: its own)
+        _, every_reward, mine = distributed.gather_batch([""] * len(rewards_all), rewards_all)
+        weights_all = self._weights(every_reward)[mine]
         cfg, adapter, gen = self.cfg, self.adapter, self.ctx.generator
         device = adapter.device
         uncond = adapter.encode_prompts([""])
         stats = []
         for _ in range(cfg.gradient_steps):
             for _ in range(cfg.grad_accum):
+                if len(x0_all) == 0:  # a process without valid samples yet adds no gradient to the step
+                    continue
                 idx = torch.randint(0, len(x0_all), (cfg.minibatch_size,), generator=gen)
                 x0 = x0_all[idx].to(device)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
