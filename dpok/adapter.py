@@ -299,6 +299,13 @@ class DiffusionAdapter:
                              "encode_prompts (or index one from it), not from the encoder states alone")
         return self.unet(latents, timesteps, embeds.cond, added_cond_kwargs=embeds.added_cond_kwargs()).sample
 
+    def reference_conditional_noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                                         embeds: PromptEmbeds) -> torch.Tensor:
+        """The pretrained model's unguided eps_pre(x_t, t, z) (B, C, h, w); no grad (SFT-KL's KL term)."""
+        with torch.no_grad(), self.reference():
+            unet = self.reference_unet if self.reference_unet is not None else self.unet
+            return unet(latents, timesteps, embeds.cond, added_cond_kwargs=embeds.added_cond_kwargs()).sample
+
     @staticmethod
     def _guided(unet, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,  # noqa: ANN001
                 guidance_scale: float) -> torch.Tensor:

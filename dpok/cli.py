@@ -120,7 +120,9 @@ def _cmd_rewards(args: argparse.Namespace, argv: list[str]) -> int:
 def _cmd_reward_server(args: argparse.Namespace, argv: list[str]) -> int:
     from .rewards.server import serve
 
-    options = {k: v for k, v in (("alignment_model", args.alignment_model), ("device", args.device)) if v}
+    options = {k: v for k, v in (("alignment_model", args.alignment_model), ("model", args.reward_model),
+                                 ("head", args.reward_head), ("processor", args.reward_processor),
+                                 ("device", args.device)) if v}
     serve(args.reward, host=args.host, port=args.port, token=args.token or None, **options)
     return 0
 
@@ -179,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
     r.add_argument("--token", default="", help="shared token clients must send as 'Authorization: Bearer TOKEN'")
     r.add_argument("--alignment-model", default="", help="folder of the shapeworld-alignment weights")
+    r.add_argument("--reward-model", default="", help="hub id or folder of the reward's model (see docs/rewards.md)")
+    r.add_argument("--reward-head", default="", help="safetensors file of the aesthetic predictor's MLP head")
+    r.add_argument("--reward-processor", default="", help="hub id or folder of the reward's tokenizer/processor")
     r.add_argument("--device", default="", help="device for the reward model (default: the reward's choice)")
     r.set_defaults(func=_cmd_reward_server)
 

@@ -32,6 +32,10 @@ class TrainConfig:
     model: str = _f("shapeworld", "diffusers pipeline folder, hub id, or 'shapeworld' (the embedded model)")
     reward: str = _f("shapeworld-alignment", "reward name, 'module:function', or a sum like 'a+0.1*b'")
     alignment_model: str = _f("", "folder of the shapeworld-alignment reward weights (default: the shipped ones)")
+    reward_model: str = _f("", "hub id or folder of the reward's model (image-reward, aesthetic, pickscore, hpsv2, "
+                               "clip-score; see docs/rewards.md)")
+    reward_head: str = _f("", "safetensors file of the aesthetic predictor's MLP head (with --reward aesthetic)")
+    reward_processor: str = _f("", "hub id or folder of the tokenizer/processor, if not the model's (pickscore)")
     reward_url: str = _f("", "URL of a 'dpok reward-server' (with --reward http)")
     reward_token: str = _f("", "shared token of the reward server (with --reward http)")
     prompt: list[str] = field(default_factory=list, metadata={"help": "a training prompt (repeatable)"})

@@ -36,6 +36,9 @@ class EvalConfig:
     lora: str = _f("", "LoRA folder of a run to evaluate (empty: the base model)")
     reward: str = _f("shapeworld-alignment", "reward name or spec")
     alignment_model: str = _f("", "folder of the shapeworld-alignment weights (default: shipped)")
+    reward_model: str = _f("", "hub id or folder of the reward's model (see docs/rewards.md)")
+    reward_head: str = _f("", "safetensors file of the aesthetic predictor's MLP head")
+    reward_processor: str = _f("", "hub id or folder of the reward's tokenizer/processor, if not the model's")
     prompt: list[str] = field(default_factory=list, metadata={"help": "a seen prompt (repeatable)"})
     prompt_file: str = _f("", "file of seen prompts")
     prompt_set: str = _f("", "named set of seen prompts (default: 'seen' on ShapeWorld)")
@@ -66,8 +69,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.eta <= 0:
         raise ValueError(f"--eta must be > 0 (got {cfg.eta}): the KL to the base model needs a stochastic sampler")
     splits = cfg.splits()
-    options = {"alignment_model": cfg.alignment_model} if cfg.alignment_model else {}
-    reward = make_reward(cfg.reward, **options)
+    from .trainer import reward_options
+
+    reward = make_reward(cfg.reward, **reward_options(cfg))
     reward.validate_prompts([p for ps in splits.values() for p in ps])
     adapter = load_model(cfg.model, cfg.lora, cfg.device)
     out = Path(cfg.output_dir)

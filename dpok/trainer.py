@@ -88,8 +88,14 @@ def prepare_prompts(cfg: TrainConfig) -> list[str]:
 
 
 def build_reward(cfg: TrainConfig, device: torch.device) -> Reward:
-    options = {"alignment_model": cfg.alignment_model, "url": cfg.reward_url, "token": cfg.reward_token}
-    return make_reward(cfg.reward, device=device, **{k: v for k, v in options.items() if v})
+    return make_reward(cfg.reward, device=device, **reward_options(cfg))
+
+
+def reward_options(cfg: object) -> dict[str, str]:
+    """The reward settings a config (train, eval) gives, as ``make_reward`` options; unset ones left out."""
+    names = {"alignment_model": "alignment_model", "reward_model": "model", "reward_head": "head",
+             "reward_processor": "processor", "reward_url": "url", "reward_token": "token"}
+    return {option: getattr(cfg, field) for field, option in names.items() if getattr(cfg, field, "")}
 
 
 def default_output_dir(cfg: TrainConfig) -> Path:

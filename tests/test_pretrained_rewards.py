@@ -380,3 +380,21 @@ def test_image_transform_reads_processor_config(tmp_path: Path) -> None:
     assert out.shape == (2, 3, 20, 20)
     torch.testing.assert_close(out, torch.full_like(out, 1.0))  # (0.75 - 0.5) / 0.25; a constant image stays constant
     assert ImageTransform.from_folder(tmp_path / "none", image_size=32).crop == 32
+
+
+def test_training_and_eval_settings_reach_the_reward(clip_dir: Path, head_file: Path) -> None:
+    """--reward-model / --reward-head become the reward's ``model`` / ``head`` options, and an option
+    no part of the spec takes is an error, not silently ignored."""
+    from dpok.config import build_config
+    from dpok.rewards import RewardError
+    from dpok.trainer import build_reward
+
+    cfg = build_config(None, {"model": str(clip_dir), "reward": "aesthetic", "reward_model": str(clip_dir),
+                              "reward_head": str(head_file), "prompt": ["a red circle"]})
+    reward = build_reward(cfg, torch.device("cpu"))
+    expected = make_reward("aesthetic", model=str(clip_dir), head=str(head_file))(_images(), ["x"] * 3).scores
+    torch.testing.assert_close(reward(_images(), ["x"] * 3).scores, expected)
+    cfg = build_config(None, {"model": str(clip_dir), "reward": "jpeg-compressibility", "reward_head": str(head_file),
+                              "prompt": ["a red circle"]})
+    with pytest.raises(RewardError, match="head"):
+        build_reward(cfg, torch.device("cpu"))

@@ -43,12 +43,26 @@ class _Supervised(Algorithm):
     def _append(self, rollout: Rollout) -> None:
         keep = rollout.valid.nonzero().flatten()
         traj = rollout.trajectory
+        embeds = traj.embeds[keep.to(traj.embeds.cond.device)]
         self.data["x0"].append(traj.final_latents[keep].cpu())
-        self.data["cond"].append(traj.embeds.cond[keep.to(traj.embeds.cond.device)].cpu())
+        self.data["cond"].append(embeds.cond.cpu())
         self.data["rewards"].append(rollout.rewards[keep].cpu())
+        if embeds.time_ids is not None:  # SDXL: the pooled text embeddings and time ids condition the UNet too
+            self.data.setdefault("pooled", []).append(embeds.pooled.cpu())
+            self.data.setdefault("time_ids", []).append(embeds.time_ids.cpu())
 
     def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(torch.cat(self.data[k]) for k in ("x0", "cond", "rewards"))  # type: ignore[return-value]
+
+    def _embeds(self, idx: torch.Tensor, cond_all: torch.Tensor, uncond: PromptEmbeds) -> PromptEmbeds:
+        """The conditioning of the samples ``idx`` (the unconditional fields from the empty prompt)."""
+        device = self.adapter.device
+        extra = {}
+        if self.data.get("time_ids"):
+            extra = {"pooled": torch.cat(self.data["pooled"])[idx].to(device),
+                     "uncond_pooled": uncond.uncond_pooled.expand(len(idx), -1),
+                     "time_ids": torch.cat(self.data["time_ids"])[idx].to(device)}
+        return PromptEmbeds(cond_all[idx].to(device), uncond.uncond.expand(len(idx), -1, -1), **extra)
 
     def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -81,7 +95,7 @@ class _Supervised(Algorithm):
                 abar = adapter.alphas_cumprod[t]
                 a = abar.view(-1, 1, 1, 1)
                 latents = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(adapter.dtype)
-                embeds = PromptEmbeds(cond_all[idx].to(device), uncond.uncond.expand(len(idx), -1, -1))
+                embeds = self._embeds(idx, cond_all, uncond)
                 pred = adapter.conditional_noise_pred(latents, t, embeds).float()
                 target = denoising_target(adapter.prediction_type, x0.float(), noise.float(), abar)
                 loss, s = self._loss(pred, target, latents, t, embeds, weights_all[idx].to(device))
@@ -94,11 +108,14 @@ class _Supervised(Algorithm):
 
     def state_dict(self) -> dict[str, Any]:
         x0, cond, rewards = self._tensors() if self.data["x0"] else (torch.zeros(0),) * 3
-        return {"x0": x0, "cond": cond, "rewards": rewards}
+        state = {"x0": x0, "cond": cond, "rewards": rewards}
+        if self.data.get("time_ids"):
+            state.update(pooled=torch.cat(self.data["pooled"]), time_ids=torch.cat(self.data["time_ids"]))
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["x0"]):
-            self.data = {"x0": [state["x0"]], "cond": [state["cond"]], "rewards": [state["rewards"]]}
+            self.data = {k: [v] for k, v in state.items()}
 
 
 @ALGORITHMS.register
@@ -112,9 +129,7 @@ class SFTKL(_Supervised):
         return rewards
 
     def _loss(self, pred, target, latents, timesteps, embeds, weights):  # noqa: ANN001, ANN202
-        with torch.no_grad(), self.adapter.reference():
-            unet = self.adapter.reference_unet or self.adapter.unet
-            ref = unet(latents, timesteps, embeds.cond).sample.float()
+        ref = self.adapter.reference_conditional_noise_pred(latents, timesteps, embeds).float()
         return sft_kl_loss(pred, target, ref, weights, self.cfg.gamma)
 
 
