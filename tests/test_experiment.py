@@ -16,8 +16,8 @@ from dpok.report import write_report
 
 def tiny_config(out: Path) -> ExperimentConfig:
     return ExperimentConfig(
-        output_dir=str(out), tasks=["count", "multi"], methods=["base", "dpok"], seeds=[0], rounds=2, samples_per_round=4,
-        num_steps=3, eval_images=2, multi_eval_images=1, checkpoint_every=1, overopt_rounds=2, overopt_eval_every=1,
+        output_dir=str(out), tasks=["multi"], methods=["base", "dpok"], seeds=[0], rounds=2, samples_per_round=4,
+        num_steps=3, eval_images=2, multi_eval_images=1, checkpoint_every=1, overopt_rounds=1, overopt_eval_every=1,
         overopt_eval_images=2, train_overrides={"sample_batch_size": 4, "minibatch_size": 4, "gradient_steps": 1},
     )
 
@@ -25,26 +25,26 @@ def tiny_config(out: Path) -> ExperimentConfig:
 def test_tiny_paper_experiment_runs_resumes_and_writes_the_report(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path / "out")
     exp = Experiment(cfg, log=lambda m: None)
-    assert exp.run() == 6  # 2 tasks x 2 methods + 2 over-optimisation runs
+    assert exp.run() == 4  # 1 task x 2 methods + 2 over-optimisation runs
     assert exp.finished()
     meta, units, overopt = load_results(cfg.output_dir)
-    assert meta["budget"] == 8 and len(units) == 4
-    dpok_unit = next(u for u in units if u["task"] == "count" and u["method"] == "dpok")
+    assert meta["budget"] == 8 and len(units) == 2
+    dpok_unit = next(u for u in units if u["task"] == "multi" and u["method"] == "dpok")
     assert dpok_unit["train_queries"] == 8 and [c["queries"] for c in dpok_unit["curve"]] == [4, 8]
     assert dpok_unit["splits"]["seen"]["kl_to_base_mean"] > 0
     base_multi = next(u for u in units if u["task"] == "multi" and u["method"] == "base")
     assert set(base_multi["splits"]) == {"seen", "unseen"} and base_multi["splits"]["unseen"]["kl_to_base_mean"] == 0
-    assert sorted(overopt) == ["0", "0.01"] and [p["round"] for p in overopt["0"]] == [0, 1, 2]
+    assert sorted(overopt) == ["0", "0.01"] and [p["round"] for p in overopt["0"]] == [0, 1]
 
     # a second run has nothing to do; a lost result is recomputed, and only it
     assert Experiment(cfg, log=lambda m: None).run() == 0
-    (tmp_path / "out" / "units" / "count" / "base" / "seed0" / "result.json").unlink()
+    (tmp_path / "out" / "units" / "multi" / "base" / "seed0" / "result.json").unlink()
     assert Experiment(cfg, log=lambda m: None).run() == 1
 
     report = write_report(cfg.output_dir, tmp_path / "docs" / "results.md")
     text = report.read_text()
-    for needle in ("counting to four", "unseen prompts", "reward_vs_queries.png", "Over-optimisation study",
-                   "(1) Online RL beats supervised", "(4) Fine-tuning on some prompts"):
+    for needle in ("multi-prompt", "unseen prompts", "reward_vs_queries.png", "Over-optimisation study",
+                   "Reading: the four claims", "(4) Fine-tuning on some prompts"):
         assert needle in text, needle
     # every figure the report links to exists
     for line in text.splitlines():
