@@ -60,14 +60,35 @@ def _unit(units: list[dict[str, Any]], task: str, method: str, seed: int) -> dic
     return next((u for u in units if u["task"] == task and u["method"] == method and u["seed"] == seed), None)
 
 
-# ------------------------------------------------------------------------------------- figures
-def plot_reward_vs_queries(units: list[dict[str, Any]], tasks: list, methods: list, path: Path) -> Path:
-    """Training-batch reward against reward queries, mean over seeds with a band of one std."""
+def _pyplot():  # noqa: ANN202
+    """pyplot on the file-only backend (no display on servers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _finish_task_row(fig, axes, tasks: list, xlabel: str, ylabel: str, path: Path) -> Path:  # noqa: ANN001
+    """Titles, labels, legend of a one-row-per-task figure; save and close it."""
+    for ax, task in zip(axes[0], tasks):
+        ax.set_title(task.title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    _pyplot().close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------- figures
+def plot_reward_vs_queries(units: list[dict[str, Any]], tasks: list, methods: list, path: Path) -> Path:
+    """Training-batch reward against reward queries, mean over seeds with a band of one std."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method in methods:
@@ -82,24 +103,12 @@ def plot_reward_vs_queries(units: list[dict[str, Any]], tasks: list, methods: li
             if len(curves) > 1:
                 std = np.nanstd(r, 0)
                 ax.fill_between(q, mean - std, mean + std, alpha=0.15)
-        ax.set_title(task.title, fontsize=9)
-        ax.set_xlabel("reward queries")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("training reward (batch mean)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_task_row(fig, axes, tasks, "reward queries", "training reward (batch mean)", path)
 
 
 def plot_quality_vs_reward(summary: Summary, tasks: list, methods: list, path: Path) -> Path:
     """Per task, each method's evaluation reward (x) against its Fréchet distance to true renders (y)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     markers = "os^vDP*X"
     for ax, task in zip(axes[0], tasks):
@@ -109,15 +118,8 @@ def plot_quality_vs_reward(summary: Summary, tasks: list, methods: list, path: P
             if n == 0 or not np.isfinite(fm):
                 continue
             ax.errorbar(rm, fm, xerr=rs, yerr=fs, fmt=markers[k % len(markers)], label=method.name, capsize=2)
-        ax.set_title(task.title, fontsize=9)
-        ax.set_xlabel("evaluation reward (seen prompts)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("Fréchet distance to true renders (lower = better)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_task_row(fig, axes, tasks, "evaluation reward (seen prompts)",
+                            "Fréchet distance to true renders (lower = better)", path)
 
 
 def labelled_rows(rows: list[tuple[str, Path]], path: Path, scale: int = 2) -> Path | None:
@@ -141,11 +143,7 @@ def plot_overopt(overopt: dict[str, list[dict[str, Any]]], path: Path) -> Path |
     """Evaluation reward, judge, Fréchet distance, clean share and KL against reward queries, per beta."""
     if not overopt:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     panels = [("reward_mean", "reward (training reward model)"), ("judge_aligned", "judge aligned (independent)"),
               ("frechet", "Fréchet distance (lower = better)"), ("clean_share", "clean-shape share"),
               ("diversity", "diversity"), ("kl_to_base", "KL to base (nats)")]
