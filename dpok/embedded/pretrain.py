@@ -518,8 +518,11 @@ def _encode_pool(ctx: Context, vae, tok) -> dict[str, torch.Tensor]:  # noqa: AN
         examples = [sample_training_example(rng) for _ in range(n)]
         with torch.no_grad():
             dist = vae.encode(to_tensor([e[0] for e in examples]) * 2 - 1).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        # contiguous (NCHW): the VAE hands back channels-last views, and a pool reloaded from disk is
+        # contiguous; the UNet's convolutions round differently in the two layouts, so a resumed run
+        # would drift from an uninterrupted one in the last bits
+        means.append(dist.mean.contiguous())
+        stds.append(dist.std.contiguous())
         ids.append(_tokenize(tok, [e[1] for e in examples]))
     pool = {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": torch.cat(ids)}
     save_state(path, pool)
