@@ -30,6 +30,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=None, help="default: all")
     p.add_argument("--rounds", type=int, default=None, help="rounds per trained unit")
     p.add_argument("--overopt-rounds", type=int, default=None, help="rounds of each over-optimisation run (0: skip)")
+    p.add_argument("--model", default="shapeworld", help="pipeline folder or hub id (default: the embedded model)")
+    p.add_argument("--reward", default="shapeworld-alignment", help="reward name or spec")
+    p.add_argument("--alignment-model", default="", help="folder of the shapeworld-alignment weights")
+    p.add_argument("--reward-model", default="", help="hub id or folder of the reward's model (see docs/rewards.md)")
+    p.add_argument("--seen-prompt-file", default="", help="your own training prompts (one task named 'custom')")
+    p.add_argument("--unseen-prompt-file", default="", help="your own held-out prompts for the custom task")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--quick", action="store_true", help="a tiny version (two methods, one seed, two rounds)")
     p.add_argument("--report-only", action="store_true")
@@ -39,8 +46,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace):  # noqa: ANN201
     from dpok.experiment import ExperimentConfig
+    from dpok.prompts import load_prompt_file
 
-    cfg = ExperimentConfig(output_dir=args.output_dir, seeds=args.seeds)
+    cfg = ExperimentConfig(output_dir=args.output_dir, seeds=args.seeds, model=args.model, reward=args.reward,
+                           alignment_model=args.alignment_model, reward_model=args.reward_model, device=args.device)
+    grammar = "shapeworld" if args.model == "shapeworld" else None
+    if args.seen_prompt_file:
+        cfg.custom_seen = load_prompt_file(args.seen_prompt_file, grammar)
+        cfg.custom_unseen = load_prompt_file(args.unseen_prompt_file, grammar) if args.unseen_prompt_file else []
+        cfg.tasks = ["custom"]
     if args.quick:
         cfg.tasks, cfg.methods, cfg.seeds = ["count", "multi"], ["base", "dpok"], [0]
         cfg.rounds, cfg.samples_per_round, cfg.num_steps, cfg.eval_images, cfg.multi_eval_images = 2, 8, 5, 4, 2

@@ -97,6 +97,7 @@ class ExperimentConfig:
     model: str = "shapeworld"
     reward: str = "shapeworld-alignment"
     alignment_model: str = ""
+    reward_model: str = ""  # hub id or folder of a pretrained reward's model (see docs/rewards.md)
     tasks: list[str] = field(default_factory=lambda: ["color", "count", "composition", "multi"])
     methods: list[str] = field(default_factory=lambda: [m.name for m in default_methods()])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -115,9 +116,21 @@ class ExperimentConfig:
     overopt_eval_images: int = 32
     overopt_learning_rate: float = 1e-3  # higher than the default to reach over-optimisation sooner
     train_overrides: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig settings for every method
+    device: str = "auto"
+    # your own prompts instead of the ShapeWorld tasks: one task named "custom" (unseen ones optional)
+    custom_seen: list[str] = field(default_factory=list)
+    custom_unseen: list[str] = field(default_factory=list)
+
+    def all_tasks(self) -> list[Task]:
+        """The tasks this experiment can run: the custom one if prompts are given, else the paper's."""
+        if self.custom_seen:
+            return [Task("custom", "custom prompts", tuple(self.custom_seen), tuple(self.custom_unseen))]
+        return default_tasks()
 
     def validate(self) -> None:
-        known_tasks = {t.name for t in default_tasks()}
+        if self.custom_seen and self.tasks != ["custom"]:
+            self.tasks = ["custom"]
+        known_tasks = {t.name for t in self.all_tasks()}
         known_methods = {m.name for m in default_methods()}
         errors = [f"unknown task {t!r} (valid: {', '.join(sorted(known_tasks))})" for t in self.tasks if t not in known_tasks]
         errors += [f"unknown method {m!r} (valid: {', '.join(sorted(known_methods))})"
@@ -165,7 +178,7 @@ class Experiment:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.log = log
-        self.tasks = {t.name: t for t in default_tasks() if t.name in cfg.tasks}
+        self.tasks = {t.name: t for t in cfg.all_tasks() if t.name in cfg.tasks}
         self.methods = {m.name: m for m in default_methods() if m.name in cfg.methods}
         self._reward = None
 
@@ -174,8 +187,8 @@ class Experiment:
         if self._reward is None:
             from .rewards import make_reward
 
-            options = {"alignment_model": self.cfg.alignment_model} if self.cfg.alignment_model else {}
-            self._reward = make_reward(self.cfg.reward, **options)
+            options = {"alignment_model": self.cfg.alignment_model, "model": self.cfg.reward_model}
+            self._reward = make_reward(self.cfg.reward, **{k: v for k, v in options.items() if v})
         return self._reward
 
     def unit_dir(self, task: str, method: str, seed: int) -> Path:
@@ -194,10 +207,11 @@ class Experiment:
         settings = {"model": c.model, "reward": c.reward, "prompt": list(task.seen), "algorithm": method.algorithm,
                     "rounds": rounds, "samples_per_round": samples, "seed": seed, **fit,
                     "num_steps": c.num_steps, "guidance_scale": c.guidance_scale, "output_dir": str(run_dir),
-                    "eval_images": 1, "checkpoint_every": c.checkpoint_every, "keep_checkpoints": 1, "device": "cpu",
+                    "eval_images": 1, "checkpoint_every": c.checkpoint_every, "keep_checkpoints": 1, "device": c.device,
                     **dict(method.overrides), **c.train_overrides, **(extra or {})}
-        if c.alignment_model:
-            settings["alignment_model"] = c.alignment_model
+        for name in ("alignment_model", "reward_model"):
+            if getattr(c, name):
+                settings[name] = getattr(c, name)
         if (run_dir / "config.json").is_file():
             from .checkpoint import latest_checkpoint
 
@@ -240,7 +254,7 @@ class Experiment:
         queries, per_image = 0, 1
         if method.algorithm is None:
             seed_everything(seed)
-            adapter = load_model(self.cfg.model, "", "cpu")
+            adapter = load_model(self.cfg.model, "", self.cfg.device)
             splits = self.evaluate(adapter, task, seed, folder)
         elif not method.trains:  # rejection sampling: best-of-n of the base model, nothing trained
             cfg = self.train_config(task, method, seed, folder / "run", rounds=1)
@@ -295,7 +309,7 @@ class Experiment:
             if end == 0:
                 from .generate import load_model
 
-                adapter = load_model(c.model, "", "cpu")
+                adapter = load_model(c.model, "", c.device)
             else:
                 extra = {"learning_rate": c.overopt_learning_rate, "checkpoint_every": c.overopt_eval_every,
                          "samples_per_round": c.overopt_samples_per_round}

@@ -86,3 +86,20 @@ def test_bad_experiment_settings_are_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="experiment.json"):
         load_results(tmp_path / "nothing")
     json.dumps(tiny_config(tmp_path).__dict__)  # the config is plain data (written to experiment.json)
+
+
+def test_your_own_model_and_prompts(tmp_path: Path, tiny_pipeline_dir: Path) -> None:
+    """The experiment on another model with a reward that needs no weights and the user's own
+    seen / unseen prompts: one task named 'custom'; the report names the model."""
+    cfg = ExperimentConfig(output_dir=str(tmp_path / "out"), model=str(tiny_pipeline_dir), reward="jpeg-compressibility",
+                           methods=["base", "ddpo-is"], seeds=[0], rounds=1, samples_per_round=2, num_steps=2,
+                           eval_images=2, multi_eval_images=2, overopt_rounds=0, device="cpu",
+                           custom_seen=["a photo of a cat"], custom_unseen=["a photo of a dog"],
+                           train_overrides={"stat_min_count": 1, "stat_buffer": 2})
+    Experiment(cfg, log=lambda m: None).run()
+    _, units, _ = load_results(cfg.output_dir)
+    assert {u["task"] for u in units} == {"custom"} and len(units) == 2
+    unit = next(u for u in units if u["method"] == "ddpo-is")
+    assert set(unit["splits"]) == {"seen", "unseen"} and "judge_aligned_mean" not in unit["splits"]["seen"]
+    text = write_report(cfg.output_dir, tmp_path / "results.md").read_text()
+    assert str(tiny_pipeline_dir) in text and "custom prompts" in text
