@@ -115,29 +115,32 @@ def sample_prompt(adapter: DiffusionAdapter, prompt: str, settings: SampleSettin
 
 
 def trajectory_kl(adapter: DiffusionAdapter, traj: Trajectory, settings: SampleSettings,
-                  chunk: int = 8) -> torch.Tensor:
+                  chunk: int = 8, reduce: str = "sum", limit: int | None = None) -> torch.Tensor:
     """KL to the base model along each sampled trajectory, (B,) in nats.
 
     sum_t KL(p_theta(x_{t-1} | x_t, z) || p_pre(x_{t-1} | x_t, z)) at the visited x_t, each term in
     closed form ||mu_theta - mu_pre||^2 / (2 sigma_t^2) summed over latent elements: a single-sample
     estimate of the DPOK upper bound on KL(p_theta(x_0 | z) || p_pre(x_0 | z)) (Lemma 4.2). Zero
-    for a model without LoRA or fine-tuned weights.
+    for a model without LoRA or fine-tuned weights. ``reduce="mean"`` averages each term over latent
+    elements instead (the trainer's ``kl/rollout``, on the scale of ``logprob_reduce="mean"``);
+    ``limit`` keeps only the first trajectories, (limit,).
     """
     from .algorithms.dpok import step_kl
 
+    n = traj.batch_size if limit is None else min(limit, traj.batch_size)
     if adapter.lora_config is None and adapter.reference_unet is None:
-        return torch.zeros(traj.batch_size)
+        return torch.zeros(n)
     out = []
     with torch.no_grad():
-        for start in range(0, traj.batch_size, chunk):
-            idx = torch.arange(start, min(start + chunk, traj.batch_size))
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(start + chunk, n))
             x = traj.latents[idx].flatten(0, 1)
             t = traj.timesteps.repeat(len(idx))
             embeds = traj.embeds[idx.repeat_interleave(traj.num_steps)]
             args = (x, t, embeds, settings.guidance_scale, settings.eta, settings.num_steps)
             dist, model_out = policy_step(adapter, *args)
             ref, ref_out = policy_step(adapter, *args, reference=True)
-            kl = step_kl("closed-form", dist, ref, model_out, ref_out, "sum")
+            kl = step_kl("closed-form", dist, ref, model_out, ref_out, reduce)
             out.append(kl.view(len(idx), traj.num_steps).sum(1).cpu())
     return torch.cat(out)
 

@@ -269,19 +269,12 @@ class Trainer:
     def rollout_kl(self, traj: Trajectory, max_samples: int = 4) -> float:
         """Sum over steps of the closed-form KL_t to the pretrained policy, averaged over (at
         most ``max_samples``) trajectories of this round: the DPOK bound on KL(p_theta || p_pre)."""
-        from .algorithms.dpok import step_kl
-        from .sampling import policy_step
+        from .evaluate import SampleSettings, trajectory_kl
 
         cfg, n = self.cfg, min(max_samples, traj.batch_size)
-        with torch.no_grad():
-            x = traj.latents[:n].flatten(0, 1)
-            t = traj.timesteps.repeat(n)
-            embeds = traj.embeds[torch.arange(n).repeat_interleave(traj.num_steps)]
-            dist, out = policy_step(self.adapter, x, t, embeds, cfg.guidance_scale, cfg.eta, cfg.num_steps)
-            ref, ref_out = policy_step(self.adapter, x, t, embeds, cfg.guidance_scale, cfg.eta, cfg.num_steps,
-                                       reference=True)
-            kl = step_kl("closed-form", dist, ref, out, ref_out, cfg.logprob_reduce)
-        return float(kl.view(n, traj.num_steps).sum(1).mean())
+        settings = SampleSettings(n, cfg.num_steps, cfg.guidance_scale, cfg.eta)
+        kl = trajectory_kl(self.adapter, traj, settings, chunk=n, reduce=cfg.logprob_reduce, limit=n)
+        return float(kl.mean())
 
     def train_round(self) -> dict[str, float]:
         cfg = self.cfg
