@@ -451,3 +451,8 @@ class DiffusionAdapter:
         if not (folder / "pytorch_lora_weights.safetensors").is_file():
             raise ModelLoadError(f"no pytorch_lora_weights.safetensors in {folder}; give the 'lora' folder of a run")
         self.pipe.load_lora_weights(str(folder))
+        # the loaded adapter is this model's LoRA from now on: reference() disables it, KL sees it
+        configs = getattr(self.unet, "peft_config", {})
+        if not configs:
+            raise ModelLoadError(f"{folder} holds no UNet LoRA weights for this model")
+        self.lora_config = next(reversed(configs.values()))

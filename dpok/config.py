@@ -8,11 +8,13 @@ settings for the embedded ShapeWorld model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+ADVANTAGES = ("value", "group", "tracker")
 ALGORITHM_NAMES = ("dpok", "ddpo-sf", "ddpo-is", "sft-kl", "rwr", "rwr-sparse", "rejection-sampling")
 
 
@@ -85,17 +87,36 @@ class TrainConfig:
     buffer_size: int = _f(1000, "DPOK replay buffer capacity in transitions")
     value_lr: float = _f(1e-3, "DPOK value-function learning rate")
     value_steps: int = _f(1, "value-function steps per policy step")
-    normalize_advantages: bool = _f(False, "DPOK: standardise r - V over the minibatch")
+    normalize_advantages: bool = _f(False, "DPOK with --advantage value: standardise r - V over the minibatch")
+    surrogate: str = _f("clamp", "DPOK policy term: 'clamp' (official code: clamp(rho) A, no gradient outside the "
+                                 "band) or 'ppo' (PPO's max(-A rho, -A clamp(rho)), as DDPO-IS and GRPO)")
+    value_minibatch_size: int = _f(0, "DPOK: transitions per value-function step (0: --minibatch-size)")
+    value_first: bool = _f(False, "DPOK: train the value function before the round's policy steps (official code) "
+                                  "instead of after each policy step")
+    value_warmup_steps: int = _f(0, "DPOK: extra value-function steps on the first round, before any policy step")
+
+    # ---- advantages and trained steps (DPOK, DDPO)
+    advantage: str = _f("group", "advantage estimator: 'value' (DPOK: r - V_phi(x_t, z, t)), 'group' (GRPO: reward "
+                                 "standardised within its prompt's group of this round), 'tracker' (DDPO: per-prompt "
+                                 "history of --stat-buffer rewards)")
+    samples_per_prompt: int = _f(0, "k samples of each prompt per round, in a row: the groups of --advantage group "
+                                    "(0: auto, gcd(8, each process's share of --samples-per-round))")
+    step_window_start: float = _f(0.0, "first trained step, as a fraction of the trajectory (0 = the noisiest step)")
+    step_window_end: float = _f(1.0, "end of the trained steps, as a fraction (0.75 leaves out the final, low-noise "
+                                     "quarter of the steps)")
 
     # ---- DDPO
     inner_epochs: int = _f(1, "DDPO-IS passes over each round's samples")
     adv_clip: float = _f(5.0, "advantage clip (DDPO)")
     stat_buffer: int = _f(16, "per-prompt reward history length (DDPO stat tracking)")
     stat_min_count: int = _f(16, "rewards of a prompt needed before its own statistics are used")
-    timestep_fraction: float = _f(1.0, "share of each trajectory's steps trained on (DDPO)")
+    timestep_fraction: float = _f(1.0, "share of the window's steps trained on, drawn per sample and round (DDPO)")
 
     # ---- supervised baselines
     gamma: float = _f(2.0, "SFT-KL weight gamma of the KL bound")
+    supervised_target: str = _f("guided", "SFT-KL / RWR: which prediction is trained on the (guided) samples: 'guided' "
+                                          "(eps_u + w (eps_c - eps_u), the one that samples; no compounding of guidance) "
+                                          "or 'conditional' (eps_c alone, as the DPOK/DDPO baselines)")
     rwr_temperature: float = _f(0.2, "RWR temperature (weights ~ exp(r / T))")
     rwr_percentile: float = _f(50.0, "sparse RWR keeps samples at or above this reward percentile")
     best_of: int = _f(8, "rejection sampling: candidates per image (best-of-n)")
@@ -125,6 +146,21 @@ class TrainConfig:
         need(self.guidance_scale >= 1.0, f"--guidance-scale must be >= 1 (got {self.guidance_scale})")
         need(self.logprob_reduce in ("sum", "mean"), f"--logprob-reduce must be 'sum' or 'mean' (got {self.logprob_reduce!r})")
         need(self.kl_form in ("closed-form", "epsilon"), f"--kl-form must be 'closed-form' or 'epsilon' (got {self.kl_form!r})")
+        need(self.surrogate in ("clamp", "ppo"), f"--surrogate must be 'clamp' or 'ppo' (got {self.surrogate!r})")
+        need(self.advantage in ADVANTAGES, f"--advantage must be one of {', '.join(ADVANTAGES)} (got {self.advantage!r})")
+        need(self.advantage != "value" or self.algorithm == "dpok",
+             f"--advantage value is DPOK's value function; {self.algorithm} takes 'group' or 'tracker'")
+        need(self.supervised_target in ("guided", "conditional"),
+             f"--supervised-target must be 'guided' or 'conditional' (got {self.supervised_target!r})")
+        need(0 <= self.step_window_start < self.step_window_end <= 1,
+             f"--step-window-start ({self.step_window_start}) and --step-window-end ({self.step_window_end}) must "
+             "satisfy 0 <= start < end <= 1")
+        for name in ("samples_per_prompt", "value_minibatch_size", "value_warmup_steps"):
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.samples_per_prompt and self.samples_per_round % (num_processes * self.samples_per_prompt):
+            errors.append(f"--samples-per-round ({self.samples_per_round}) must be a multiple of "
+                          f"{num_processes} x --samples-per-prompt ({self.samples_per_prompt}): each process "
+                          "samples whole groups")
         need(self.finetune in ("lora", "full"), f"--finetune must be 'lora' or 'full' (got {self.finetune!r})")
         need(self.mixed_precision in ("no", "fp16", "bf16"),
              f"--mixed-precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
@@ -156,6 +192,12 @@ class TrainConfig:
         if errors:
             raise ValueError("invalid settings:\n  " + "\n  ".join(errors))
 
+    def group_size(self, num_processes: int = 1) -> int:
+        """k, the samples of one prompt drawn together in a round (on one process)."""
+        if self.samples_per_prompt:
+            return self.samples_per_prompt
+        return math.gcd(8, self.samples_per_round // num_processes)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -171,30 +213,53 @@ def preset_shapeworld_cpu() -> dict[str, Any]:
 
 
 def preset_dpok_paper() -> dict[str, Any]:
-    """DPOK, SD v1.5 + ImageReward, single prompt (Fan et al. 2023, Sec. 5 and App.)."""
+    """DPOK, SD v1.5 + ImageReward, single prompt. Sources: the paper (Fan et al. 2023, Sec. 5 and
+    App.) and where it is silent or differs the official code (google-research/dpok,
+    train_online_pg.py defaults):
+
+    - alpha 10, beta 0.01, lr 1e-5, 10 samples per round, 5 gradient steps of 12 accumulated
+      minibatches of 4 transitions, buffer 1000, ratio clamp 1e-4, grad-norm clip 0.1, value lr
+      1e-4, 50 DDIM steps at eta 1, guidance 7.5, LoRA rank 4, 20,000 samples (2000 rounds): paper;
+    - KL as mean((eps_theta - eps_pre)^2): the code's form, for which beta 0.01 was chosen (in
+      closed form the same beta weighs the last step ~60 times the median step);
+    - value function trained first in each round, one AdamW step on 5 x 256 transitions (here one
+      minibatch of 1280), AdamW weight decay 0, log-probs averaged over latent elements: code;
+    - advantage r - V and the clamped ratio (no PPO min/max): paper and code.
+    """
     return dict(algorithm="dpok", alpha=10.0, beta=0.01, learning_rate=1e-5, logprob_reduce="mean", samples_per_round=10,
                 sample_batch_size=10, gradient_steps=5, grad_accum=12, minibatch_size=4, buffer_size=1000,
                 clip_range=1e-4, max_grad_norm=0.1, value_lr=1e-4, rounds=2000, num_steps=50, eta=1.0,
-                guidance_scale=7.5, lora_rank=4, lora_alpha=4.0, kl_form="closed-form", reward="image-reward")
+                guidance_scale=7.5, lora_rank=4, lora_alpha=4.0, kl_form="epsilon", reward="image-reward",
+                weight_decay=0.0, value_minibatch_size=1280, value_steps=1, value_first=True, advantage="value",
+                surrogate="clamp", step_window_start=0.0, step_window_end=1.0, samples_per_prompt=10)
 
 
 def preset_dpok_paper_multi() -> dict[str, Any]:
-    """DPOK's multi-prompt setting: alpha = 1000, beta = 0.1."""
-    return {**preset_dpok_paper(), "alpha": 1000.0, "beta": 0.1}
+    """DPOK's multi-prompt setting (paper, Sec. 5.2): alpha = 1000, beta = 0.1; one sample per prompt."""
+    return {**preset_dpok_paper(), "alpha": 1000.0, "beta": 0.1, "samples_per_prompt": 1}
 
 
 def preset_ddpo_paper() -> dict[str, Any]:
-    """DDPO-IS with LoRA (Black et al. 2023): 256 samples per round, 4 inner epochs... per round."""
-    return dict(algorithm="ddpo-is", learning_rate=3e-4, samples_per_round=256, sample_batch_size=16,
-                minibatch_size=4, inner_epochs=1, grad_accum=64, clip_range=1e-4, adv_clip=5.0,
-                stat_buffer=16, stat_min_count=16, num_steps=50, eta=1.0, guidance_scale=5.0,
-                max_grad_norm=1.0, rounds=100, reward="aesthetic")
+    """DDPO-IS with LoRA on the aesthetic reward (Black et al. 2023; ddpo-pytorch config/dgx.py,
+    ``aesthetic()`` on top of ``compressibility()`` and base.py): 8 GPUs x 4 sampling batches of 8 =
+    256 samples per epoch, 200 epochs; training batches of 4 per GPU with 4 accumulation steps,
+    i.e. 2 optimizer steps per epoch (here: minibatches of 4, 32 accumulated); one inner epoch; lr
+    3e-4, AdamW weight decay 1e-4, clip range 1e-4, advantages clipped to 5, per-prompt stat
+    tracking with a buffer of 32 and min count 16, 50 DDIM steps at eta 1, guidance 5, every
+    timestep trained, grad-norm clip 1, log-probs averaged over latent elements."""
+    return dict(algorithm="ddpo-is", learning_rate=3e-4, weight_decay=1e-4, samples_per_round=256, sample_batch_size=16,
+                minibatch_size=4, inner_epochs=1, grad_accum=32, clip_range=1e-4, adv_clip=5.0,
+                stat_buffer=32, stat_min_count=16, num_steps=50, eta=1.0, guidance_scale=5.0,
+                max_grad_norm=1.0, rounds=200, reward="aesthetic", advantage="tracker", timestep_fraction=1.0,
+                logprob_reduce="mean", step_window_start=0.0, step_window_end=1.0)
 
 
 def preset_sft_kl_paper() -> dict[str, Any]:
-    """DPOK's supervised baseline: gamma 2, lr 2e-5, batch 128."""
+    """DPOK's supervised baseline (paper, Sec. 5 and App.): gamma 2 (chosen from 0.1, 1, 2, 5), lr 2e-5,
+    batch 128, 50 DDIM steps, guidance 7.5, ImageReward; the conditional prediction is trained, as
+    in the paper."""
     return dict(algorithm="sft-kl", gamma=2.0, learning_rate=2e-5, minibatch_size=128, num_steps=50,
-                guidance_scale=7.5, reward="image-reward")
+                guidance_scale=7.5, reward="image-reward", supervised_target="conditional")
 
 
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {

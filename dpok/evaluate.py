@@ -122,7 +122,7 @@ def trajectory_kl(adapter: DiffusionAdapter, traj: Trajectory, settings: SampleS
     closed form ||mu_theta - mu_pre||^2 / (2 sigma_t^2) summed over latent elements: a single-sample
     estimate of the DPOK upper bound on KL(p_theta(x_0 | z) || p_pre(x_0 | z)) (Lemma 4.2). Zero
     for a model without LoRA or fine-tuned weights. ``reduce="mean"`` averages each term over latent
-    elements instead (the trainer's ``kl/rollout``, on the scale of ``logprob_reduce="mean"``);
+    elements instead (on the scale of ``logprob_reduce="mean"``);
     ``limit`` keeps only the first trajectories, (limit,).
     """
     from .algorithms.dpok import step_kl

@@ -140,6 +140,15 @@ class PromptSampler:
         indices = self._rng.integers(0, len(self.prompts), size=n)
         return [self.prompts[i] for i in indices]
 
+    def sample_groups(self, n: int, k: int) -> list[str]:
+        """``n / k`` prompts drawn uniformly with replacement, each repeated ``k`` times in a row (GRPO's
+        groups: k samples of one prompt per round); ``k = 0`` is :meth:`sample`."""
+        if k <= 0:
+            return self.sample(n)
+        if n % k:
+            raise ValueError(f"cannot split {n} samples into groups of {k}")
+        return [p for p in self.sample(n // k) for _ in range(k)]
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state: the generator's state and the prompts it draws from."""
         return {"bit_generator": self._rng.bit_generator.state, "prompts": list(self.prompts), "seed": self.seed}

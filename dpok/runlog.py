@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 CURVES = (("reward/mean", "reward (mean over the round's samples)"),
-          ("kl/rollout", "KL bound to the pretrained model (sum over steps)"),
+          ("kl/rollout", "KL bound to the pretrained model (nats, sum over steps)"),
           ("train/loss", "training loss"))
 
 

@@ -267,23 +267,27 @@ class Trainer:
         return out
 
     def rollout_kl(self, traj: Trajectory, max_samples: int = 4) -> float:
-        """Sum over steps of the closed-form KL_t to the pretrained policy, averaged over (at
-        most ``max_samples``) trajectories of this round: the DPOK bound on KL(p_theta || p_pre)."""
+        """Sum over steps of the closed-form KL_t to the pretrained policy, summed over latent
+        elements (nats) and averaged over (at most ``max_samples``) trajectories of this round,
+        with the policy that sampled them: the DPOK bound on KL(p_theta(x_0|z) || p_pre(x_0|z))."""
         from .evaluate import SampleSettings, trajectory_kl
 
         cfg, n = self.cfg, min(max_samples, traj.batch_size)
         settings = SampleSettings(n, cfg.num_steps, cfg.guidance_scale, cfg.eta)
-        kl = trajectory_kl(self.adapter, traj, settings, chunk=n, reduce=cfg.logprob_reduce, limit=n)
+        kl = trajectory_kl(self.adapter, traj, settings, chunk=n, reduce="sum", limit=n)
         return float(kl.mean())
 
     def train_round(self) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
         # samples_per_round is the round's total: each process draws its share
-        traj = self.sample(self.sampler.sample(cfg.samples_per_round // self.num_processes))
+        traj = self.sample(self.sampler.sample_groups(cfg.samples_per_round // self.num_processes,
+                                                      cfg.group_size(self.num_processes)))
         t1 = time.perf_counter()
         scored = self.score(traj)
         t2 = time.perf_counter()
+        # before the update: the KL of the policy that sampled these trajectories
+        rollout_kl = self.rollout_kl(traj)
         self.adapter.train(True)
         stats = self.algorithm.update(Rollout(traj, scored.scores, scored.valid))
         self.adapter.train(False)
@@ -297,7 +301,7 @@ class Trainer:
             "reward/mean": float(valid.mean()) if len(valid) else float("nan"),
             "reward/std": float(valid.std()) if len(valid) > 1 else 0.0,
             "reward/invalid": float(distributed.all_sum(scored.num_invalid)),
-            "kl/rollout": self.rollout_kl(traj),
+            "kl/rollout": rollout_kl,
             "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
             "charts/reward_queries": float(self.reward_queries),
         })

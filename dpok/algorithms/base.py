@@ -12,7 +12,8 @@ import torch
 
 from ..adapter import DiffusionAdapter
 from ..config import TrainConfig
-from ..distributed import sync_gradients
+from ..core import PerPromptStatTracker, clip_advantages, group_advantages
+from ..distributed import gather_batch, sync_gradients
 from ..sampling import Trajectory, sample_in_batches
 
 
@@ -128,6 +129,26 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramet
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": norm, "skipped_steps": 0.0}
+
+
+def trajectory_advantages(estimator: str, tracker: PerPromptStatTracker, prompts: list[str], rewards: torch.Tensor,
+                          valid: torch.Tensor, clip: float) -> torch.Tensor:
+    """One advantage per trajectory (B,) for ``estimator`` 'group' or 'tracker', clipped to +-``clip``;
+    zeros for 'value' (computed per transition by DPOK's value function instead).
+
+    The statistics see every process's rewards (one process: this batch), so every process keeps
+    the same tracker state and a group split over processes is still one group. Invalid samples
+    get 0 and enter no statistic.
+    """
+    if estimator == "value":
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    masked = torch.where(valid, rewards, torch.full_like(rewards, float("nan")))
+    all_prompts, all_rewards, mine = gather_batch(prompts, masked)
+    if estimator == "group":
+        advantages = group_advantages(all_prompts, all_rewards)
+    else:
+        advantages = tracker.update(all_prompts, all_rewards)
+    return clip_advantages(advantages, clip)[mine]
 
 
 def mean_stats(items: list[dict[str, float]]) -> dict[str, float]:

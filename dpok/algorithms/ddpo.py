@@ -1,7 +1,8 @@
 """DDPO (Black et al. 2023): score-function (SF) and importance-sampled PPO-clip (IS) updates.
 
-Advantages come from per-prompt reward statistics (mean and std of the last ``stat_buffer``
-rewards of that prompt; the batch's until ``stat_min_count`` exist), clipped to +-``adv_clip``.
+Advantages come from per-prompt reward statistics (``advantage="tracker"``, DDPO: mean and std
+of the last ``stat_buffer`` rewards of that prompt; the batch's until ``stat_min_count`` exist)
+or from the prompt's group of this round (``"group"``, GRPO), clipped to +-``adv_clip``.
 Each update pass shuffles the samples into minibatches of ``minibatch_size`` and, per sample, a
 random ``timestep_fraction`` of its steps; gradients are accumulated over those steps and
 ``grad_accum`` minibatches before each optimizer step. SF makes one optimizer step per round
@@ -18,9 +19,9 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..core import PerPromptStatTracker, clip_advantages, ddpo_is_loss, ddpo_sf_loss
+from ..core import PerPromptStatTracker, ddpo_is_loss, ddpo_sf_loss, step_window
 from ..sampling import evaluate_log_probs
-from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats
+from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats, trajectory_advantages
 
 
 class _DDPO(Algorithm):
@@ -33,19 +34,17 @@ class _DDPO(Algorithm):
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg, traj = self.cfg, rollout.trajectory
         traj.check_reduce(cfg.logprob_reduce)
-        rewards = torch.where(rollout.valid, rollout.rewards, torch.full_like(rollout.rewards, float("nan")))
-        # per-prompt statistics over the whole round, i.e. the rewards of every process (one
-        # process: this batch); every process then holds the same tracker state
-        all_prompts, all_rewards, mine = distributed.gather_batch(traj.prompts, rewards)
-        all_advantages = clip_advantages(self.tracker.update(all_prompts, all_rewards), cfg.adv_clip)
-        advantages = all_advantages[mine]
+        # per-prompt statistics over the whole round, i.e. the rewards of every process
+        advantages = trajectory_advantages(cfg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
+                                           cfg.adv_clip)
         keep = rollout.valid.nonzero().flatten()
         # each optimizer step is a collective in a multi-process run: every process makes as many
         # as the process with the most valid samples needs (one process: len(keep))
         most = distributed.all_max(len(keep))
         if most == 0:
             return {"skipped_updates": 1.0}
-        n_train = max(1, round(traj.num_steps * cfg.timestep_fraction))
+        window = step_window(traj.num_steps, cfg.step_window_start, cfg.step_window_end)
+        n_train = max(1, round(len(window) * cfg.timestep_fraction))
         epochs = cfg.inner_epochs if self.importance_sampling else 1
         n_minibatches = -(-most // cfg.minibatch_size)
         accum = n_minibatches if not self.importance_sampling else cfg.grad_accum
@@ -55,19 +54,19 @@ class _DDPO(Algorithm):
             minibatches = [order[i * cfg.minibatch_size : (i + 1) * cfg.minibatch_size] for i in range(n_minibatches)]
             for j, mb in enumerate(minibatches):
                 if len(mb):  # empty only on a process with fewer valid samples than another
-                    stats.append(self._accumulate(traj, mb, advantages, n_train, accum))
+                    stats.append(self._accumulate(traj, mb, advantages, window, n_train, accum))
                 if (j + 1) % accum == 0 or j + 1 == len(minibatches):
                     stats.append(guarded_step(self.ctx.optimizer, self.adapter.trainable_parameters(),
                                               cfg.max_grad_norm))
         out = mean_stats(stats)
-        out["advantage_abs_mean"] = float(all_advantages[torch.isfinite(all_rewards)].abs().mean())
+        out["advantage_abs_mean"] = float(advantages[keep].abs().mean()) if len(keep) else 0.0
         return out
 
-    def _accumulate(self, traj, mb: torch.Tensor, advantages: torch.Tensor, n_train: int,  # noqa: ANN001
-                    accum: int) -> dict[str, float]:
+    def _accumulate(self, traj, mb: torch.Tensor, advantages: torch.Tensor, window: torch.Tensor,  # noqa: ANN001
+                    n_train: int, accum: int) -> dict[str, float]:
         cfg, adapter = self.cfg, self.adapter
-        # each sample trains on its own random subset of steps (DDPO shuffles timesteps per sample)
-        perms = torch.stack([torch.randperm(traj.num_steps, generator=self.ctx.generator)[:n_train] for _ in mb])
+        # each sample trains on its own random subset of the window's steps (DDPO shuffles timesteps per sample)
+        perms = torch.stack([window[torch.randperm(len(window), generator=self.ctx.generator)[:n_train]] for _ in mb])
         stats = []
         device = adapter.device
         embeds = traj.embeds[mb.to(traj.embeds.cond.device)].to(device)

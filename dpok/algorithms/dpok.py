@@ -4,11 +4,17 @@ Per round: push every step of every valid trajectory into a replay buffer of rec
 then ``gradient_steps`` optimizer steps, each accumulating ``grad_accum`` minibatches of
 ``minibatch_size`` transitions drawn from the buffer, on
 
-    L = -alpha * A * clamp(rho, 1 - eps, 1 + eps) + beta * KL_t,   A = r - V_phi(x_t, z, t)
+    L = -alpha * A * clamp(rho, 1 - eps, 1 + eps) + beta * KL_t      (``surrogate="clamp"``, the paper's code)
+    L = alpha * max(-A rho, -A clamp(rho, 1 - eps, 1 + eps)) + beta * KL_t   (``surrogate="ppo"``)
 
 with rho = p_theta(x_{t-1}|x_t,z) / p_old(x_{t-1}|x_t,z) and KL_t either the closed form
 ||mu_theta - mu_pre||^2 / (2 sigma_t^2) (paper) or mean((eps_theta - eps_pre)^2) (official code).
-The value function V_phi is regressed by MSE onto the final reward of the transition's trajectory.
+
+The advantage A is either the paper's A = r - V_phi(x_t, z, t), with the value function V_phi
+regressed by MSE onto the final reward of the transition's trajectory (``advantage="value"``), or
+computed once per trajectory when it enters the buffer: the reward standardised within its
+prompt's group of this round (``"group"``, GRPO) or by the prompt's reward history
+(``"tracker"``, DDPO). Only the steps in the step window enter the buffer.
 
 With several processes each keeps a replay buffer of its own transitions and draws its own
 minibatches (``minibatch_size`` per process); policy and value gradients are averaged over
@@ -25,9 +31,9 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..core import dpok_loss, gaussian_kl_same_std, value_loss
+from ..core import PerPromptStatTracker, dpok_loss, gaussian_kl_same_std, step_window, value_loss
 from ..sampling import evaluate_log_probs, policy_step
-from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats
+from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats, trajectory_advantages
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -66,10 +72,11 @@ class ReplayBuffer:
     """The most recent ``capacity`` transitions (FIFO ring), stored on the CPU.
 
     Fields per transition: latents, next_latents (C, h, w); timestep; old log-prob; reward;
-    prompt (index into ``prompts``; text states are re-encoded, the encoder being frozen).
+    advantage (set when it is computed per trajectory, else 0); prompt (index into ``prompts``;
+    text states are re-encoded, the encoder being frozen).
     """
 
-    FIELDS = ("latents", "next_latents", "timesteps", "old_log_probs", "rewards", "prompt_ids")
+    FIELDS = ("latents", "next_latents", "timesteps", "old_log_probs", "rewards", "advantages", "prompt_ids")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -87,17 +94,25 @@ class ReplayBuffer:
         return self.prompts.index(prompt)
 
     def add(self, latents: torch.Tensor, next_latents: torch.Tensor, timesteps: torch.Tensor,
-            old_log_probs: torch.Tensor, rewards: torch.Tensor, prompts: list[str]) -> None:
-        """Append N transitions (tensors with leading dim N)."""
+            old_log_probs: torch.Tensor, rewards: torch.Tensor, prompts: list[str],
+            advantages: torch.Tensor | None = None) -> None:
+        """Append N transitions (tensors with leading dim N). With N > capacity only the last
+        ``capacity`` are kept: every slot is written once, so no slot mixes two transitions."""
         items = {
             "latents": latents.detach().cpu(), "next_latents": next_latents.detach().cpu(),
             "timesteps": timesteps.detach().cpu().long(), "old_log_probs": old_log_probs.detach().cpu().float(),
             "rewards": rewards.detach().cpu().float(),
+            "advantages": (torch.zeros_like(rewards) if advantages is None else advantages).detach().cpu().float(),
             "prompt_ids": torch.tensor([self._prompt_id(p) for p in prompts], dtype=torch.long),
         }
         if not self.data:
             self.data = {k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype) for k, v in items.items()}
         n = len(items["rewards"])
+        if n > self.capacity:
+            # index_put with repeated indices is undefined (threads race): drop the oldest instead
+            items = {k: v[n - self.capacity:] for k, v in items.items()}
+            self.cursor = int((self.cursor + n - self.capacity) % self.capacity)
+            n = self.capacity
         idx = (self.cursor + torch.arange(n)) % self.capacity
         for k, v in items.items():
             self.data[k][idx] = v
@@ -114,6 +129,8 @@ class ReplayBuffer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.data = dict(state["data"])
+        if self.data and "advantages" not in self.data:  # a checkpoint from before per-trajectory advantages
+            self.data["advantages"] = torch.zeros_like(self.data["rewards"])
         self.prompts = list(state["prompts"])
         self.size, self.cursor = int(state["size"]), int(state["cursor"])
 
@@ -137,6 +154,8 @@ class DPOK(Algorithm):
         self.value = ValueFunction(c, text_dim).to(self.adapter.device)
         self.value_optimizer = torch.optim.AdamW(self.value.parameters(), lr=self.cfg.value_lr)
         self.buffer = ReplayBuffer(self.cfg.buffer_size)
+        self.tracker = PerPromptStatTracker(self.cfg.stat_buffer, self.cfg.stat_min_count)
+        self.rounds_done = 0
         self._embeds: dict[str, Any] = {}
 
     def _embed(self, prompt_ids: torch.Tensor):  # noqa: ANN202
@@ -153,29 +172,39 @@ class DPOK(Algorithm):
     def update(self, rollout: Rollout) -> dict[str, float]:
         cfg, traj = self.cfg, rollout.trajectory
         traj.check_reduce(cfg.logprob_reduce)
+        advantages = trajectory_advantages(cfg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
+                                           cfg.adv_clip)
         keep = rollout.valid.nonzero().flatten()
         # skip only when no process has a valid sample: the steps below are collectives
         if distributed.all_sum(len(keep)) == 0:
             return {"skipped_updates": 1.0}
-        t = traj.num_steps
+        steps = step_window(traj.num_steps, cfg.step_window_start, cfg.step_window_end)
+        t = len(steps)
         if len(keep):
             self.buffer.add(
-                traj.latents[keep].flatten(0, 1), traj.next_latents[keep].flatten(0, 1),
-                traj.timesteps.repeat(len(keep)), traj.log_probs[keep].flatten(),
+                traj.latents[keep][:, steps].flatten(0, 1), traj.next_latents[keep][:, steps].flatten(0, 1),
+                traj.timesteps[steps].repeat(len(keep)), traj.log_probs[keep][:, steps].flatten(),
                 rollout.rewards[keep].repeat_interleave(t),
                 [traj.prompts[i] for i in keep.tolist() for _ in range(t)],
+                advantages=advantages[keep].repeat_interleave(t),
             )
         stats = []
+        uses_value = cfg.advantage == "value"
+        if uses_value and self.rounds_done == 0:
+            stats += [self._value_step() for _ in range(cfg.value_warmup_steps)]
+        if uses_value and cfg.value_first:
+            stats += [self._value_step() for _ in range(cfg.value_steps)]
         for _ in range(cfg.gradient_steps):
             stats.append(self._policy_step())
-            for _ in range(cfg.value_steps):
-                stats.append(self._value_step())
+            if uses_value and not cfg.value_first:
+                stats += [self._value_step() for _ in range(cfg.value_steps)]
+        self.rounds_done += 1
         out = mean_stats(stats)
         out["buffer_size"] = float(len(self.buffer))
         return out
 
-    def _batch(self) -> dict[str, torch.Tensor]:
-        mb = self.buffer.sample(self.cfg.minibatch_size, self.ctx.generator)
+    def _batch(self, size: int = 0) -> dict[str, torch.Tensor]:
+        mb = self.buffer.sample(size or self.cfg.minibatch_size, self.ctx.generator)
         device = self.adapter.device
         return {k: v.to(device) for k, v in mb.items()}
 
@@ -198,16 +227,19 @@ class DPOK(Algorithm):
             if not len(self.buffer):
                 # a process whose samples were all invalid so far (several processes only) adds no
                 # gradient but still takes part in the collectives of this step
-                if cfg.normalize_advantages:
+                if cfg.normalize_advantages and cfg.advantage == "value":
                     self._normalize(torch.zeros(0, device=adapter.device))
                 continue
             mb = self._batch()
             embeds = self._embed(mb["prompt_ids"])
-            with torch.no_grad():
-                values = self.value(mb["latents"], mb["timesteps"], embeds.cond)
-            advantages = mb["rewards"] - values
-            if cfg.normalize_advantages:
-                advantages = self._normalize(advantages)
+            if cfg.advantage == "value":
+                with torch.no_grad():
+                    values = self.value(mb["latents"], mb["timesteps"], embeds.cond)
+                advantages = mb["rewards"] - values
+                if cfg.normalize_advantages:
+                    advantages = self._normalize(advantages)
+            else:
+                advantages = mb["advantages"]
             log_probs, dist, output = evaluate_log_probs(
                 adapter, mb["latents"], mb["next_latents"], mb["timesteps"], embeds, cfg.guidance_scale,
                 cfg.eta, cfg.num_steps, cfg.logprob_reduce)
@@ -215,7 +247,8 @@ class DPOK(Algorithm):
                 ref_dist, ref_output = policy_step(adapter, mb["latents"], mb["timesteps"], embeds,
                                                    cfg.guidance_scale, cfg.eta, cfg.num_steps, reference=True)
             kl = step_kl(cfg.kl_form, dist, ref_dist, output, ref_output, cfg.logprob_reduce)
-            loss, s = dpok_loss(log_probs, mb["old_log_probs"], advantages, kl, cfg.alpha, cfg.beta, cfg.clip_range)
+            loss, s = dpok_loss(log_probs, mb["old_log_probs"], advantages, kl, cfg.alpha, cfg.beta, cfg.clip_range,
+                                cfg.surrogate)
             (loss / cfg.grad_accum).backward()
             stats.append({**s, "loss": loss.item(), "advantage_mean": float(advantages.mean())})
         out = mean_stats(stats)
@@ -226,7 +259,7 @@ class DPOK(Algorithm):
         stats: dict[str, float] = {}
         self.value_optimizer.zero_grad(set_to_none=True)
         if len(self.buffer):  # see _policy_step: an empty buffer contributes no gradient
-            mb = self._batch()
+            mb = self._batch(self.cfg.value_minibatch_size)
             embeds = self._embed(mb["prompt_ids"])
             values = self.value(mb["latents"], mb["timesteps"], embeds.cond)
             loss, stats = value_loss(values, mb["rewards"])
@@ -236,9 +269,13 @@ class DPOK(Algorithm):
 
     def state_dict(self) -> dict[str, Any]:
         return {"value": self.value.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
-                "buffer": self.buffer.state_dict()}
+                "buffer": self.buffer.state_dict(), "stat_tracker": self.tracker.state_dict(),
+                "rounds_done": self.rounds_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value.load_state_dict(state["value"])
         self.value_optimizer.load_state_dict(state["value_optimizer"])
         self.buffer.load_state_dict(state["buffer"])
+        if "stat_tracker" in state:
+            self.tracker.load_state_dict(state["stat_tracker"])
+        self.rounds_done = int(state.get("rounds_done", 1))

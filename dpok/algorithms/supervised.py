@@ -4,9 +4,19 @@ All three train eps_theta(x_t, t, z) on x_0 latents of sampled images, with fres
 uniform timestep (the pretraining objective), weighted by reward:
 
 - ``sft-kl``: data from the *pretrained* model, gathered round by round at the same reward-query
-  budget as the online methods, loss  E[r ||eps - eps_theta||^2] + gamma E[||eps_pre - eps_theta||^2];
+  budget as the online methods, loss  E[w ||eps - eps_theta||^2] + gamma E[||eps_pre - eps_theta||^2]
+  with w = r - min(0, min r) (the rewards, shifted up when some are negative so that every
+  weight is >= 0 and the loss is bounded below: with ImageReward's negative scores the raw
+  weights would reward moving *away* from those samples without limit);
 - ``rwr``: data from the current model (this round), weights softmax(r / T) * N;
 - ``rwr-sparse``: weight 1 for samples at or above the round's ``rwr_percentile`` reward, else 0.
+
+The training data are samples of the guided sampler (guidance w). ``supervised_target="guided"``
+(default) fits the guided prediction eps_u + w (eps_c - eps_u), the very quantity that samples, so
+training on the model's own samples with uniform weights leaves the sampler where it is.
+``"conditional"`` fits eps_c alone, as the published baselines do; sampling again with guidance w
+then sharpens the already-guided distribution once more every round, and RWR's on-policy loop
+compounds it (the collapse measured in docs/results.md).
 
 With several processes each keeps its own samples and draws its own minibatches; the weights
 (softmax, percentile) are computed over every process's rewards and gradients are averaged.
@@ -20,7 +30,7 @@ import torch
 
 from .. import distributed
 from ..adapter import PromptEmbeds
-from ..core import rwr_loss, rwr_sparse_weights, rwr_weights, sft_kl_loss
+from ..core import rwr_loss, rwr_sparse_weights, rwr_weights, sft_kl_loss, sft_weights
 from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats
 
 
@@ -67,6 +77,16 @@ class _Supervised(Algorithm):
     def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _prediction(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
+                    reference: bool = False) -> torch.Tensor:
+        """The trained prediction (``supervised_target``) of the policy, or of the pretrained model."""
+        a = self.adapter
+        if self.cfg.supervised_target == "guided":
+            fn = a.reference_noise_pred if reference else a.noise_pred
+            return fn(latents, timesteps, embeds, self.cfg.guidance_scale)
+        fn = a.reference_conditional_noise_pred if reference else a.conditional_noise_pred
+        return fn(latents, timesteps, embeds)
+
     def _loss(self, pred, target, latents, timesteps, embeds, weights):  # noqa: ANN001, ANN202
         return rwr_loss(pred, target, weights)
 
@@ -96,7 +116,7 @@ class _Supervised(Algorithm):
                 a = abar.view(-1, 1, 1, 1)
                 latents = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(adapter.dtype)
                 embeds = self._embeds(idx, cond_all, uncond)
-                pred = adapter.conditional_noise_pred(latents, t, embeds).float()
+                pred = self._prediction(latents, t, embeds).float()
                 target = denoising_target(adapter.prediction_type, x0.float(), noise.float(), abar)
                 loss, s = self._loss(pred, target, latents, t, embeds, weights_all[idx].to(device))
                 (loss / cfg.grad_accum).backward()
@@ -126,10 +146,10 @@ class SFTKL(_Supervised):
     samples_from_reference = True
 
     def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
-        return rewards
+        return sft_weights(rewards)
 
     def _loss(self, pred, target, latents, timesteps, embeds, weights):  # noqa: ANN001, ANN202
-        ref = self.adapter.reference_conditional_noise_pred(latents, timesteps, embeds).float()
+        ref = self._prediction(latents, timesteps, embeds, reference=True).float()
         return sft_kl_loss(pred, target, ref, weights, self.cfg.gamma)
 
 

@@ -3,7 +3,7 @@
 Nothing in this package imports diffusers, so it can be tested and reused without a pipeline.
 """
 
-from dpok.core.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
+from dpok.core.advantages import PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages
 from dpok.core.ddim import (
     PREDICTION_TYPES,
     StepDistribution,
@@ -16,6 +16,7 @@ from dpok.core.ddim import (
 )
 from dpok.core.gaussian import gaussian_kl_same_std, gaussian_log_prob
 from dpok.core.losses import (
+    SURROGATES,
     ddpo_is_loss,
     ddpo_sf_loss,
     dpok_loss,
@@ -23,10 +24,15 @@ from dpok.core.losses import (
     rwr_sparse_weights,
     rwr_weights,
     sft_kl_loss,
+    sft_weights,
     value_loss,
 )
+from dpok.core.steps import step_window
 
 __all__ = [
+    "SURROGATES",
+    "group_advantages",
+    "step_window",
     "PREDICTION_TYPES",
     "PerPromptStatTracker",
     "StepDistribution",
@@ -47,5 +53,6 @@ __all__ = [
     "rwr_sparse_weights",
     "rwr_weights",
     "sft_kl_loss",
+    "sft_weights",
     "value_loss",
 ]

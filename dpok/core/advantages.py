@@ -51,6 +51,39 @@ def batch_advantages(rewards: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     return advantages
 
 
+def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    """Group-relative advantages (GRPO): standardise each reward within its prompt's group of this round.
+
+        A_i = (r_i - mean_{g(i)}) / (std_{g(i)} + eps)
+
+    where g(i) is the set of finite rewards of this batch with the same prompt as sample i, and
+    mean / std are its mean and population std. No history is kept, so the baseline is the current
+    policy's own reward for that prompt. A group of one sample (or of equal rewards) gives A = 0:
+    it carries no information about which of its samples was better. Non-finite rewards get A = 0.
+
+    Args:
+        prompts: B prompt strings, ``prompts[i]`` produced ``rewards[i]``.
+        rewards: (B,).
+        eps: added to each group's std.
+
+    Returns:
+        advantages (B,) with the dtype and device of ``rewards``.
+    """
+    _check_rewards(rewards)
+    if len(prompts) != rewards.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts for {rewards.shape[0]} rewards")
+    values = rewards.detach().double().cpu()
+    finite = torch.isfinite(values)
+    advantages = torch.zeros_like(values)
+    for prompt in dict.fromkeys(prompts):
+        rows = torch.tensor([p == prompt for p in prompts]) & finite
+        if int(rows.sum()) < 2:
+            continue
+        mean, std = _mean_std(values[rows])
+        advantages[rows] = (values[rows] - mean) / (std + eps)
+    return advantages.to(dtype=rewards.dtype, device=rewards.device)
+
+
 def clip_advantages(advantages: Tensor, limit: float) -> Tensor:
     """Clamp advantages to [-limit, limit] (DDPO's ``adv_clip_max``); same shape as the input."""
     if limit <= 0:
@@ -62,14 +95,18 @@ class PerPromptStatTracker:
     """DDPO's per-prompt reward normalisation.
 
     For each prompt a FIFO buffer keeps its last ``buffer_size`` finite rewards. A prompt whose
-    buffer holds fewer than ``min_count`` rewards (after adding the current ones) is normalised
+    history holds fewer than ``min_count`` rewards (after adding the current ones) is normalised
     with the statistics of the whole current batch instead, because a handful of samples give a
     useless std:
 
         A_i = (r_i - mean_p) / (std_p + 1e-6)
 
-    where (mean_p, std_p) are the statistics of the prompt's buffer, or of the finite rewards of
-    the current batch while the buffer is too small. Non-finite rewards are not stored and get A = 0.
+    where (mean_p, std_p) are the statistics of the prompt's last max(buffer_size, n_p) rewards,
+    n_p being the prompt's count in this batch, or of the finite rewards of the current batch
+    while the history is too small. Every current reward of the prompt is in its own statistics:
+    with a buffer shorter than the batch (DDPO's deque would keep only the batch's tail) the
+    advantages of one batch would otherwise be standardised by the statistics of its last part
+    alone and no longer have mean 0. Non-finite rewards are not stored and get A = 0.
     """
 
     def __init__(self, buffer_size: int = 16, min_count: int = 16) -> None:
@@ -104,9 +141,11 @@ class PerPromptStatTracker:
             if not bool(rows.any()):
                 continue
             buffer = self._buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
-            buffer.extend(values[rows].tolist())
-            if len(buffer) >= self.min_count:
-                mean, std = _mean_std(torch.tensor(list(buffer), dtype=torch.float64))
+            current = values[rows].tolist()
+            history = (list(buffer) + current)[-max(self.buffer_size, len(current)):]
+            buffer.extend(current)
+            if len(history) >= self.min_count:
+                mean, std = _mean_std(torch.tensor(history, dtype=torch.float64))
             else:
                 mean, std = batch_stats
             advantages[rows] = (values[rows] - mean) / (std + DEFAULT_EPS)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 LossOutput = tuple[Tensor, dict[str, float]]
+SURROGATES = ("clamp", "ppo")
 
 
 def _check_per_transition(**tensors: Tensor) -> int:
@@ -105,14 +106,19 @@ def dpok_loss(
     alpha: float,
     beta: float,
     clip_range: float,
+    surrogate: str = "clamp",
 ) -> LossOutput:
     """DPOK's KL-regularised policy loss (clipped importance-weighted policy gradient + KL penalty).
 
         ratio_n = exp(log_probs_n - old_log_probs_n)
-        loss    = mean_n [ -alpha A_n clamp(ratio_n, 1 - eps, 1 + eps) + beta kl_n ]
+        clamp:  loss = mean_n [ -alpha A_n clamp(ratio_n, 1 - eps, 1 + eps) + beta kl_n ]
+        ppo:    loss = mean_n [ alpha max(-A_n ratio_n, -A_n clamp(ratio_n, 1 - eps, 1 + eps)) + beta kl_n ]
 
-    As in the official DPOK code the ratio itself is clamped (no PPO min/max), so a transition whose
-    ratio left [1 - eps, 1 + eps] contributes no policy gradient whatever the sign of A_n.
+    ``clamp`` is the official DPOK code: the ratio itself is clamped, so a transition whose ratio
+    left [1 - eps, 1 + eps] contributes no policy gradient whatever the sign of A_n, including
+    the transitions whose ratio moved the wrong way. ``ppo`` is PPO's pessimistic min/max
+    surrogate (as DDPO-IS and GRPO): only moves that already improved the objective beyond the
+    band stop giving gradient, so a transition pushed the wrong way is pulled back.
 
     Args:
         log_probs, old_log_probs, advantages: (N,) as in :func:`ddpo_is_loss`.
@@ -121,6 +127,7 @@ def dpok_loss(
         alpha: weight of the reward term (>= 0).
         beta: weight of the KL term (>= 0).
         clip_range: eps > 0.
+        surrogate: "clamp" (DPOK code) or "ppo" (min/max).
 
     Returns:
         loss and stats {"policy_loss" (the -alpha A ratio part), "kl", "kl_loss" (beta * kl),
@@ -130,8 +137,13 @@ def dpok_loss(
     _check_non_negative("alpha", alpha)
     _check_non_negative("beta", beta)
     _check_positive("clip_range", clip_range)
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
     ratio, stats = _ratio_stats(log_probs, old_log_probs.detach(), clip_range)
-    policy_loss = (-alpha * advantages.detach() * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)).mean()
+    advantages = advantages.detach()
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    per_transition = clipped if surrogate == "clamp" else torch.maximum(-advantages * ratio, clipped)
+    policy_loss = alpha * per_transition.mean()
     kl_mean = kl.mean()
     kl_loss = beta * kl_mean
     loss = policy_loss + kl_loss
@@ -197,6 +209,31 @@ def sft_kl_loss(eps_pred: Tensor, eps_target: Tensor, eps_ref: Tensor, weights: 
     kl_loss = gamma * kl
     loss = denoise + kl_loss
     return loss, {"denoise_loss": denoise.item(), "kl": kl.item(), "kl_loss": kl_loss.item()}
+
+
+def sft_weights(rewards: Tensor) -> Tensor:
+    """SFT-KL's per-sample weights: the rewards, shifted so that none is negative.
+
+        w_n = r_n - min(0, min_m r_m)
+
+    Rewards in [0, inf) are used as they are (the paper's reward-weighted loss); with negative
+    rewards (ImageReward is roughly standard normal) a raw weight < 0 would make
+    w ||eps - eps_theta||^2 unbounded below. Non-finite rewards get weight 0.
+
+    Args:
+        rewards: (N,).
+
+    Returns:
+        weights (N,) >= 0, detached.
+    """
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must have shape (N,), got {tuple(rewards.shape)}")
+    rewards = rewards.detach()
+    finite = torch.isfinite(rewards)
+    if not bool(finite.any()):
+        return torch.zeros_like(rewards)
+    shift = rewards[finite].min().clamp(max=0.0)
+    return torch.where(finite, rewards - shift, torch.zeros_like(rewards))
 
 
 def rwr_weights(rewards: Tensor, temperature: float) -> Tensor:

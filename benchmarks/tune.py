@@ -1,0 +1,138 @@
+"""The tuning sweep behind the embedded model's defaults, then docs/tuning.md.
+
+    python benchmarks/tune.py                      # trials, then validation of the chosen settings, then the report
+    python benchmarks/tune.py --stage trials       # only the tuning trials
+    python benchmarks/tune.py --report-only        # rewrite docs/tuning.md from the finished trials
+    python benchmarks/tune.py --explore dpok '{"surrogate": "ppo"}' --prompt "two white triangles"
+
+Every method gets the same number of candidates (equal tuning care), each trained at the same
+reward-query budget on the same prompts and seeds. Run it in the background (``nohup ... &``);
+the same command continues after an interruption. ``--workers 2`` runs two trials at a time with
+one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def candidates() -> dict[str, list]:
+    """Four candidates per method, each a change of the settings practitioners tune for it."""
+    from dpok.tuning import Candidate as C
+
+    return {
+        "dpok": [
+            C("defaults"),
+            C("lr1e-3", (("learning_rate", 1e-3),)),
+            C("clip1e-3", (("clip_range", 1e-3),)),
+            C("no-window", (("step_window_end", 1.0),)),
+        ],
+        "ddpo-is": [
+            C("defaults"),
+            C("lr1e-3", (("learning_rate", 1e-3),)),
+            C("clip1e-3", (("clip_range", 1e-3),)),
+            C("no-window", (("step_window_end", 1.0),)),
+        ],
+        "sft-kl": [
+            C("defaults"),
+            C("lr1e-3", (("learning_rate", 1e-3),)),
+            C("gamma0.1", (("gamma", 0.1),)),
+            C("conditional", (("supervised_target", "conditional"),)),
+        ],
+        "rwr": [
+            C("defaults"),
+            C("lr1e-3", (("learning_rate", 1e-3),)),
+            C("temp0.05", (("rwr_temperature", 0.05),)),
+            C("conditional", (("supervised_target", "conditional"),)),
+        ],
+    }
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default=str(ROOT / "runs" / "tuning"))
+    p.add_argument("--report", default=str(ROOT / "docs" / "tuning.md"))
+    p.add_argument("--stage", choices=["references", "trials", "validation", "all"], default="all")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per trial (default: the sweep's)")
+    p.add_argument("--methods", nargs="+", default=None, help="default: dpok ddpo-is sft-kl rwr")
+    p.add_argument("--workers", type=int, default=1, help="trials at a time (threads are split between them)")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--explore", nargs=2, metavar=("METHOD", "JSON"), help="one ad-hoc trial (in <output>/explore)")
+    p.add_argument("--name", default="", help="name of the --explore trial (default: from its settings)")
+    p.add_argument("--prompt", default="two white triangles", help="prompt of the --explore trial")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --explore trial")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace):  # noqa: ANN201
+    from dpok.tuning import SweepConfig
+
+    methods = candidates()
+    if args.methods:
+        methods = {m: methods[m] for m in args.methods}
+    cfg = SweepConfig(output_dir=args.output_dir, methods=methods)
+    if args.rounds:
+        cfg.rounds = args.rounds
+    return cfg
+
+
+def explore(args: argparse.Namespace) -> None:
+    from dpok.tuning import Candidate, Sweep
+
+    method, text = args.explore
+    overrides = json.loads(text)
+    name = args.name or ("-".join(f"{k}={v}" for k, v in overrides.items()) or "defaults")
+    sweep = Sweep(build(args))
+    folder = sweep.trial_dir("explore", method, name, args.prompt, args.seed)
+    r = sweep.run_trial(folder, method, Candidate(name, tuple(overrides.items())), args.prompt, args.seed)
+    print(json.dumps({k: r[k] for k in ("method", "candidate", "prompt", "smoothed_drop", "train_s")} | r["eval"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from dpok.tuning import Sweep
+
+    if args.explore:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.workers)))
+        explore(args)
+        return 0
+    cfg = build(args)
+    stages = ["references", "trials", "validation"] if args.stage == "all" else [args.stage]
+    if not args.report_only:
+        for stage in stages:
+            if args.worker or args.workers <= 1:
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.workers)))
+                Sweep(cfg, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True)).run(stage)
+            else:
+                cmd = [sys.executable, __file__, "--worker", "--stage", stage, "--output-dir", args.output_dir,
+                       "--workers", str(args.workers)]
+                if args.rounds:
+                    cmd += ["--rounds", str(args.rounds)]
+                if args.methods:
+                    cmd += ["--methods", *args.methods]
+                procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
+                if any(p.wait() for p in procs):
+                    return 1
+        if args.worker:
+            return 0
+    from dpok.report_tuning import write_report
+
+    path = write_report(Sweep(cfg), Path(args.report))
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The tuning sweep behind the defaults: every method gets the same number of candidate settings,
+each trained at the same budget on the same prompts and seeds, judged by the same measures.
+
+A *trial* is (method, candidate, prompt, seed): fine-tune from the defaults plus the candidate's
+settings, then evaluate the result on ``eval_images`` fixed-noise samples of the prompt with the
+geometric judge (independent of the reward), the clean-shape share, the Fréchet distance and the
+reward. Its outcome is ``<output>/trials/<method>/<candidate>/<prompt-slug>/seed<k>/result.json``,
+written last and atomically: an interrupted sweep resumes where it stopped (training inside a
+trial resumes from its checkpoints), and several workers can share one folder (lock files, as the
+paper experiment).
+
+The candidate of a method with the best mean judge over the tuning prompts (ties: the reward) is
+that method's tuned setting. The *validation* stage trains the tuned settings on prompts that were
+not tuned on. :func:`write_report` writes ``docs/tuning.md`` from the result files only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .evaluate import SampleSettings, evaluate_prompt, slug
+from .experiment import _save_strip, _write_json, claim, release
+
+REFERENCES = ("base", "rejection-sampling")  # evaluated without training, on every prompt
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting of a method: its name and the TrainConfig values that differ from the defaults."""
+
+    name: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+def smoothed(values: list[float], window: int = 5) -> list[float]:
+    """Trailing moving average over ``window`` rounds (fewer at the start)."""
+    out = []
+    for i in range(len(values)):
+        part = [v for v in values[max(0, i - window + 1) : i + 1] if np.isfinite(v)]
+        out.append(float(np.mean(part)) if part else float("nan"))
+    return out
+
+
+def largest_drop(values: list[float]) -> float:
+    """The largest fall of a curve below its best value so far (0 for a curve that never falls)."""
+    best, drop = -np.inf, 0.0
+    for v in values:
+        if not np.isfinite(v):
+            continue
+        best = max(best, v)
+        drop = max(drop, best - v)
+    return float(drop)
+
+
+@dataclass
+class SweepConfig:
+    """Sizes of the sweep. Each trial runs ``rounds x samples_per_round`` reward queries."""
+
+    output_dir: str = "runs/tuning"
+    prompts: list[str] = field(default_factory=lambda: ["two white triangles", "four red squares"])
+    validation_prompts: list[str] = field(default_factory=lambda: ["four blue squares", "two white circles",
+                                                                   "two red triangles"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    validation_seeds: list[int] = field(default_factory=lambda: [0])
+    rounds: int = 40
+    samples_per_round: int = 32
+    eval_images: int = 32
+    checkpoint_every: int = 10
+    methods: dict[str, list[Candidate]] = field(default_factory=dict)
+    device: str = "cpu"
+
+    @property
+    def budget(self) -> int:
+        return self.rounds * self.samples_per_round
+
+
+class Sweep:
+    def __init__(self, cfg: SweepConfig, log: Any = print) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.log = log
+        self._reward = None
+
+    def reward(self):  # noqa: ANN201
+        if self._reward is None:
+            from .rewards import make_reward
+
+            self._reward = make_reward("shapeworld-alignment", device=torch.device("cpu"))
+        return self._reward
+
+    def trial_dir(self, stage: str, method: str, candidate: str, prompt: str, seed: int) -> Path:
+        return self.out / stage / method / candidate / slug(prompt) / f"seed{seed}"
+
+    def jobs(self, stage: str) -> list[tuple[Path, tuple[str, Candidate, str, int]]]:
+        c = self.cfg
+        jobs = []
+        if stage == "trials":
+            for seed in c.seeds:
+                for prompt in c.prompts:
+                    for method, candidates in c.methods.items():
+                        for cand in candidates:
+                            jobs.append((self.trial_dir(stage, method, cand.name, prompt, seed),
+                                         (method, cand, prompt, seed)))
+        elif stage == "references":
+            for prompt in dict.fromkeys(c.prompts + c.validation_prompts):
+                for method in REFERENCES:
+                    jobs.append((self.trial_dir(stage, method, "none", prompt, 0), (method, Candidate("none"), prompt, 0)))
+        else:
+            chosen = self.chosen()
+            for seed in c.validation_seeds:
+                for prompt in c.validation_prompts:
+                    for method, cand in chosen.items():
+                        jobs.append((self.trial_dir(stage, method, cand.name, prompt, seed),
+                                     (method, cand, prompt, seed)))
+        return jobs
+
+    def run_trial(self, folder: Path, method: str, cand: Candidate, prompt: str, seed: int) -> dict[str, Any]:
+        from .checkpoint import latest_checkpoint
+        from .config import build_config
+        from .runlog import read_metrics
+        from .trainer import Trainer
+
+        c = self.cfg
+        if method in REFERENCES:
+            return self.run_reference(folder, method, prompt, seed)
+        run_dir = folder / "run"
+        settings: dict[str, Any] = {
+            "algorithm": method, "prompt": [prompt], "seed": seed, "rounds": c.rounds,
+            "samples_per_round": c.samples_per_round, "output_dir": str(run_dir), "eval_images": 1,
+            "checkpoint_every": c.checkpoint_every, "keep_checkpoints": 1, "device": c.device, **dict(cand.overrides)}
+        if (run_dir / "config.json").is_file():
+            if latest_checkpoint(run_dir) is not None:
+                settings["resume"] = str(run_dir)
+            else:
+                import shutil
+
+                shutil.rmtree(run_dir)
+        t0 = time.perf_counter()
+        trainer = Trainer(build_config(None, settings))
+        trainer.run()
+        train_s = time.perf_counter() - t0
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        rewards = [r["reward/mean"] for r in rows]
+        eval_settings = SampleSettings(c.eval_images, trainer.cfg.num_steps, trainer.cfg.guidance_scale, 1.0)
+        row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, eval_settings, 555_000 + seed, True)
+        _save_strip(images, folder / "samples.png")
+        result = {"method": method, "candidate": cand.name, "overrides": dict(cand.overrides), "prompt": prompt,
+                  "seed": seed, "queries": trainer.reward_queries, "train_s": train_s,
+                  "seconds_per_round": float(np.mean([r["time/sample_s"] + r["time/reward_s"] + r["time/update_s"]
+                                                      for r in rows])) if rows else 0.0,
+                  "curve": {"reward": rewards, "kl": [r.get("kl/rollout", 0.0) for r in rows]},
+                  "smoothed_drop": largest_drop(smoothed(rewards)), "eval": row}
+        _write_json(folder / "result.json", result)
+        return result
+
+    def run_reference(self, folder: Path, method: str, prompt: str, seed: int) -> dict[str, Any]:
+        """The base model, or best-of-``best_of`` rejection sampling of it: nothing trained."""
+        from .config import build_config
+        from .trainer import Trainer
+
+        c = self.cfg
+        t0 = time.perf_counter()
+        cfg = build_config(None, {"algorithm": "rejection-sampling", "prompt": [prompt], "seed": seed, "rounds": 1,
+                                  "samples_per_round": c.samples_per_round, "output_dir": str(folder / "run"),
+                                  "eval_images": 1, "device": c.device})
+        if (folder / "run").exists():
+            import shutil
+
+            shutil.rmtree(folder / "run")
+        trainer = Trainer(cfg)
+        settings = SampleSettings(c.eval_images, cfg.num_steps, cfg.guidance_scale, 1.0)
+        images = None
+        if method == "rejection-sampling":
+            images = trainer.algorithm.generate([prompt] * c.eval_images, torch.Generator().manual_seed(555_000 + seed))
+        row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, settings, 555_000 + seed, True, images)
+        _save_strip(images, folder / "samples.png")
+        result = {"method": method, "candidate": "none", "overrides": {}, "prompt": prompt, "seed": seed,
+                  "queries": 0, "train_s": time.perf_counter() - t0, "seconds_per_round": 0.0,
+                  "curve": {"reward": [], "kl": []}, "smoothed_drop": 0.0, "eval": row,
+                  "queries_per_image": trainer.algorithm.reward_queries_per_image()}
+        _write_json(folder / "result.json", result)
+        return result
+
+    def run(self, stage: str) -> int:
+        _write_json(self.out / "sweep.json", {"config": _config_json(self.cfg), "budget": self.cfg.budget})
+        jobs = self.jobs(stage)
+        todo = [j for j in jobs if not (j[0] / "result.json").is_file()]
+        self.log(f"{stage}: {len(todo)} of {len(jobs)} trial(s) left in {self.out}")
+        ran = 0
+        for folder, (method, cand, prompt, seed) in todo:
+            if (folder / "result.json").is_file() or not claim(folder):
+                continue
+            try:
+                r = self.run_trial(folder, method, cand, prompt, seed)
+                e = r["eval"]
+                self.log(f"{stage} {method}/{cand.name} '{prompt}' seed {seed}: judge {e['judge_aligned']:.3f} "
+                         f"clean {e['clean_share']:.3f} reward {e['reward_mean']:.3f} drop {r['smoothed_drop']:.3f} "
+                         f"({r['train_s']:.0f} s)")
+                ran += 1
+            finally:
+                release(folder)
+        return ran
+
+    def results(self, stage: str) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in sorted((self.out / stage).glob("*/*/*/seed*/result.json"))]
+
+    def chosen(self) -> dict[str, Candidate]:
+        """Per method, the candidate with the best mean judge over the tuning trials (ties: reward);
+        only candidates whose every trial is finished compete."""
+        results = self.results("trials")
+        expected = len(self.cfg.prompts) * len(self.cfg.seeds)
+        best: dict[str, Candidate] = {}
+        for method, candidates in self.cfg.methods.items():
+            scored = []
+            for cand in candidates:
+                mine = [r for r in results if r["method"] == method and r["candidate"] == cand.name]
+                if len(mine) == expected:
+                    scored.append(((_mean(mine, "judge_aligned"), _mean(mine, "reward_mean")), cand))
+            if scored:
+                best[method] = max(scored, key=lambda x: x[0])[1]
+        return best
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return float(np.mean([r["eval"][key] for r in rows]))
+
+
+def _config_json(cfg: SweepConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["methods"] = {m: [{"name": c.name, "overrides": dict(c.overrides)} for c in cands]
+                    for m, cands in cfg.methods.items()}
+    return d

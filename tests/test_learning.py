@@ -1,0 +1,259 @@
+"""The settings that make RL learn (group advantages, PPO surrogate, step window, guided supervised
+targets) on hand-worked cases, and one test per defect found in review (each fails before its fix)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpok.algorithms import ALGORITHMS
+from dpok.algorithms.dpok import ReplayBuffer
+from dpok.config import PRESETS, TrainConfig, build_config
+from dpok.core import (
+    PerPromptStatTracker,
+    dpok_loss,
+    group_advantages,
+    sft_kl_loss,
+    sft_weights,
+    step_window,
+)
+
+# ----------------------------------------------------------------------------- math core
+
+
+def test_group_advantages_standardise_each_prompt_within_its_own_group() -> None:
+    prompts = ["a", "b", "a", "b", "a", "c"]
+    rewards = torch.tensor([1.0, 10.0, 2.0, 30.0, 3.0, 5.0])
+    adv = group_advantages(prompts, rewards)
+    sa, sb = statistics.pstdev([1.0, 2.0, 3.0]), statistics.pstdev([10.0, 30.0])
+    expected = torch.tensor([-1 / sa, -10 / sb, 0.0, 10 / sb, 1 / sa, 0.0])  # "c" alone: no signal
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
+    for p in "ab":
+        rows = torch.tensor([q == p for q in prompts])
+        assert abs(float(adv[rows].mean())) < 1e-6
+
+
+def test_group_advantages_ignore_non_finite_rewards() -> None:
+    adv = group_advantages(["a"] * 4, torch.tensor([1.0, float("nan"), 3.0, float("inf")]))
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0]), atol=1e-5, rtol=1e-5)
+    assert torch.equal(group_advantages(["a", "a"], torch.tensor([2.0, 2.0])), torch.zeros(2))
+
+
+def test_tracker_standardises_a_batch_larger_than_its_buffer_with_the_whole_batch() -> None:
+    # review defect 6: 32 samples, buffer 16; halves with means 0.69 and 0.50 gave mean advantage 0.19
+    tracker = PerPromptStatTracker(buffer_size=16, min_count=16)
+    rewards = torch.cat([torch.full((16,), 0.69), torch.full((16,), 0.50)])
+    rewards += torch.linspace(-0.01, 0.01, 32)
+    adv = tracker.update(["p"] * 32, rewards)
+    assert abs(float(adv.mean())) < 1e-5
+    torch.testing.assert_close(adv, (rewards - rewards.mean()) / rewards.std(unbiased=False), atol=1e-4, rtol=1e-4)
+    assert len(tracker.state_dict()["buffers"]["p"]) == 16  # the stored history is still the buffer's length
+
+
+def test_dpok_ppo_surrogate_hand_cases() -> None:
+    # ratios exp(log diff): inside the band, above it with A > 0, above it with A < 0, below with A > 0
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.05, 1.5, 1.5, 0.5])).requires_grad_()
+    adv = torch.tensor([1.0, 1.0, -1.0, 1.0])
+    kl = torch.zeros(4)
+    loss, _ = dpok_loss(new, old, adv, kl, alpha=1.0, beta=0.0, clip_range=0.2, surrogate="ppo")
+    # max(-A r, -A clip(r)): -1.05, -1.2 (clipped), 1.5 (unclipped: pulled back), -0.5 (unclipped)
+    torch.testing.assert_close(loss, torch.tensor((-1.05 - 1.2 + 1.5 - 0.5) / 4))
+    loss.backward()
+    # d/dlogp of the unclipped terms is -A r / 4; the clipped one gives 0
+    torch.testing.assert_close(new.grad, torch.tensor([-1.05, 0.0, 1.5, -0.5]) / 4)
+    new.grad = None
+    clamp, _ = dpok_loss(new, old, adv, kl, alpha=1.0, beta=0.0, clip_range=0.2, surrogate="clamp")
+    clamp.backward()
+    # DPOK's clamp: no gradient for any ratio outside the band, whatever the sign of A
+    torch.testing.assert_close(new.grad, torch.tensor([-1.05, 0.0, 0.0, 0.0]) / 4)
+    with pytest.raises(ValueError, match="surrogate"):
+        dpok_loss(new, old, adv, kl, 1.0, 0.0, 0.2, surrogate="trpo")
+
+
+def test_step_window_picks_fractions_of_the_trajectory() -> None:
+    assert step_window(20).tolist() == list(range(20))
+    assert step_window(20, 0.0, 0.75).tolist() == list(range(15))
+    assert step_window(20, 0.5, 1.0).tolist() == list(range(10, 20))
+    assert step_window(3, 0.0, 0.1).tolist() == [0]  # never empty
+    assert step_window(4, 0.9, 1.0).tolist() == [3]
+    with pytest.raises(ValueError, match="window"):
+        step_window(10, 0.5, 0.5)
+
+
+def test_sft_weights_are_never_negative_and_bound_the_loss_below() -> None:
+    # review defect 3: raw negative rewards (ImageReward) made the SFT loss unbounded below
+    rewards = torch.tensor([-2.0, -0.5, 1.0, float("nan")])
+    w = sft_weights(rewards)
+    torch.testing.assert_close(w, torch.tensor([0.0, 1.5, 3.0, 0.0]))
+    assert torch.equal(sft_weights(torch.tensor([0.2, 0.9])), torch.tensor([0.2, 0.9]))  # [0, 1] rewards unchanged
+    pred = (torch.randn(4, 2, 3, 3) * 100).requires_grad_()
+    loss, _ = sft_kl_loss(pred, torch.zeros_like(pred), torch.zeros_like(pred), w, gamma=0.0)
+    assert float(loss.detach()) >= 0.0
+
+
+# ------------------------------------------------------------------------- review defects
+
+
+def _transitions(start: int, n: int) -> dict[str, object]:
+    """n transitions whose every field encodes the transition's number."""
+    idx = torch.arange(start, start + n, dtype=torch.float32)
+    lat = idx.view(-1, 1, 1, 1).expand(n, 2, 2, 2).clone()
+    return dict(latents=lat, next_latents=lat + 0.5, timesteps=idx.long(), old_log_probs=-idx, rewards=idx * 10,
+                prompts=[f"p{int(i)}" for i in idx], advantages=idx * 100)
+
+
+def _check_buffer_consistent(buf: ReplayBuffer) -> set[int]:
+    d = buf.data
+    ids = set()
+    for slot in range(buf.size):
+        k = float(d["latents"][slot, 0, 0, 0])
+        assert float(d["next_latents"][slot, 0, 0, 0]) == k + 0.5
+        assert int(d["timesteps"][slot]) == int(k)
+        assert float(d["old_log_probs"][slot]) == -k
+        assert float(d["rewards"][slot]) == 10 * k
+        assert float(d["advantages"][slot]) == 100 * k
+        assert buf.prompts[int(d["prompt_ids"][slot])] == f"p{int(k)}"
+        ids.add(int(k))
+    return ids
+
+
+def test_replay_buffer_never_pairs_fields_of_different_transitions() -> None:
+    # review defect 2: a round larger than the capacity wrote duplicate indices (undefined in torch)
+    torch.set_num_threads(2)
+    buf = ReplayBuffer(capacity=100)
+    buf.add(**_transitions(0, 30))
+    buf.add(**_transitions(30, 1280))  # 64 x 20 > capacity: only the newest 100 survive
+    assert len(buf) == 100
+    assert _check_buffer_consistent(buf) == set(range(1210, 1310))
+    buf.add(**_transitions(1310, 7))  # the ring goes on from where the big write ended
+    assert _check_buffer_consistent(buf) == set(range(1217, 1317))
+    state = buf.state_dict()
+    restored = ReplayBuffer(100)
+    restored.load_state_dict(state)
+    assert _check_buffer_consistent(restored) == set(range(1217, 1317))
+
+
+def test_presets_match_their_sources() -> None:
+    # review defect 5: each value with where it comes from (see ../docs/tuning.md and ALGORITHMS.md)
+    dpok = PRESETS["dpok-paper"]()
+    sources = {  # DPOK paper App. / official code (google-research/dpok, train_online_pg.py)
+        "alpha": 10.0, "beta": 0.01, "learning_rate": 1e-5, "samples_per_round": 10, "gradient_steps": 5,
+        "grad_accum": 12, "minibatch_size": 4, "buffer_size": 1000, "clip_range": 1e-4, "max_grad_norm": 0.1,
+        "value_lr": 1e-4, "num_steps": 50, "eta": 1.0, "guidance_scale": 7.5, "lora_rank": 4,
+        "kl_form": "epsilon",  # beta 0.01 is tuned for the code's mean((eps - eps_pre)^2)
+        "weight_decay": 0.0, "value_minibatch_size": 1280, "value_steps": 1, "value_first": True,
+        "advantage": "value", "surrogate": "clamp", "logprob_reduce": "mean", "rounds": 2000,
+    }
+    assert {k: dpok[k] for k in sources} == sources
+    assert PRESETS["dpok-paper-multi"]()["alpha"] == 1000.0 and PRESETS["dpok-paper-multi"]()["beta"] == 0.1
+    ddpo = PRESETS["ddpo-paper"]()
+    sources = {  # DDPO config/dgx.py aesthetic(): 8 GPUs x 4 batches x 8 = 256 samples, 2 steps per epoch
+        "learning_rate": 3e-4, "samples_per_round": 256, "inner_epochs": 1, "clip_range": 1e-4, "adv_clip": 5.0,
+        "stat_buffer": 32, "stat_min_count": 16, "num_steps": 50, "eta": 1.0, "guidance_scale": 5.0,
+        "max_grad_norm": 1.0, "rounds": 200, "weight_decay": 1e-4, "advantage": "tracker",
+        "timestep_fraction": 1.0, "logprob_reduce": "mean",
+    }
+    assert {k: ddpo[k] for k in sources} == sources
+    # 256 samples in minibatches of 4 with 32 accumulated: 2 optimizer steps per round
+    assert ddpo["samples_per_round"] // (ddpo["minibatch_size"] * ddpo["grad_accum"]) == 2
+    sft = PRESETS["sft-kl-paper"]()
+    assert {k: sft[k] for k in ("gamma", "learning_rate", "minibatch_size")} == {"gamma": 2.0, "learning_rate": 2e-5,
+                                                                               "minibatch_size": 128}
+    for name in PRESETS:
+        build_config(name, {})  # every preset validates
+
+
+def test_group_advantages_need_groups_in_the_round() -> None:
+    cfg = TrainConfig(samples_per_round=32)
+    assert cfg.group_size() == 8 and cfg.group_size(num_processes=2) == 8
+    assert TrainConfig(samples_per_round=12, sample_batch_size=12).group_size() == 4
+    with pytest.raises(ValueError, match="samples-per-prompt"):
+        TrainConfig(samples_per_round=32, samples_per_prompt=5).validate()
+    with pytest.raises(ValueError, match="advantage value"):
+        TrainConfig(algorithm="ddpo-is", advantage="value").validate()
+
+
+def test_prompt_sampler_draws_groups() -> None:
+    from dpok.prompts import PromptSampler
+
+    prompts = PromptSampler(["a", "b", "c"], seed=1).sample_groups(12, 4)
+    assert len(prompts) == 12 and all(len(set(prompts[i : i + 4])) == 1 for i in range(0, 12, 4))
+
+
+# ------------------------------------------------------------------ defects on a pipeline
+
+
+def test_loaded_lora_is_the_models_lora(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    # review defect 1: load_lora left lora_config unset, so KL to base read 0 and reference() kept the LoRA
+    from dpok.adapter import DiffusionAdapter
+    from dpok.evaluate import SampleSettings, trajectory_kl
+    from dpok.sampling import sample_trajectories
+
+    trained = DiffusionAdapter.from_pretrained(str(tiny_pipeline_dir))
+    trained.add_lora(4, 4.0)
+    with torch.no_grad():
+        for p in trained.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    trained.save_lora(tmp_path / "lora")
+    loaded = DiffusionAdapter.from_pretrained(str(tiny_pipeline_dir))
+    loaded.load_lora(tmp_path / "lora")
+    assert loaded.lora_config is not None
+    settings = SampleSettings(2, 4, 3.0, 1.0)
+    traj = sample_trajectories(loaded, ["a red circle"] * 2, 4, 1.0, 3.0, torch.Generator().manual_seed(0))
+    kl_loaded = trajectory_kl(loaded, traj, settings)
+    torch.testing.assert_close(kl_loaded, trajectory_kl(trained, traj, settings), rtol=1e-4, atol=1e-6)
+    assert float(kl_loaded.min()) > 0
+    base = DiffusionAdapter.from_pretrained(str(tiny_pipeline_dir))
+    x, t = traj.latents[:, 0], traj.timesteps[:1].expand(2)
+    torch.testing.assert_close(loaded.reference_noise_pred(x, t, traj.embeds, 3.0),
+                               base.noise_pred(x, t, traj.embeds, 3.0), rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_kl_is_of_the_sampling_policy_in_nats(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    # review defect 7: kl/rollout was per latent element and taken after the update
+    from dpok.evaluate import SampleSettings, trajectory_kl
+    from dpok.runlog import read_metrics
+    from dpok.trainer import Trainer
+
+    cfg = build_config(None, dict(model=str(tiny_pipeline_dir), reward="jpeg-compressibility", prompt=["a red circle"],
+                                  rounds=2, samples_per_round=4, sample_batch_size=4, minibatch_size=4, num_steps=4,
+                                  learning_rate=5e-2, eval_images=1, output_dir=str(tmp_path / "run"),
+                                  device="cpu", surrogate="ppo", clip_range=0.5))
+    trainer = Trainer(cfg)
+    seen: list[float] = []
+    original = trainer.rollout_kl
+
+    def spy(traj):  # noqa: ANN001, ANN202
+        value = original(traj)
+        settings = SampleSettings(4, cfg.num_steps, cfg.guidance_scale, cfg.eta)
+        expected = float(trajectory_kl(trainer.adapter, traj, settings, reduce="sum").mean())
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-9)
+        seen.append(value)
+        return value
+
+    trainer.rollout_kl = spy
+    trainer.run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[0]["kl/rollout"] == 0.0  # round 1 samples from the base policy: no KL yet
+    assert rows[1]["kl/rollout"] == pytest.approx(seen[1]) and seen[1] > 0
+
+
+def test_supervised_methods_train_the_guided_prediction(tiny_pipeline_dir: Path) -> None:
+    # review defect 4: RWR fitted the unguided eps on guided samples, so guidance compounded each round
+    from tests.test_training import _context, _rollout, make_adapter, small_cfg
+
+    for target, expected in (("guided", "noise_pred"), ("conditional", "conditional_noise_pred")):
+        adapter = make_adapter(tiny_pipeline_dir)
+        cfg = small_cfg(algorithm="rwr", supervised_target=target, guidance_scale=3.0)
+        algo = ALGORITHMS.create("rwr", _context(adapter, cfg))
+        rollout = _rollout(adapter, cfg)
+        called: list[str] = []
+        for name in ("noise_pred", "conditional_noise_pred"):
+            fn = getattr(adapter, name)
+            setattr(adapter, name, lambda *a, _fn=fn, _n=name, _c=called, **k: (_c.append(_n), _fn(*a, **k))[1])
+        algo.update(rollout)
+        assert expected in called and ({"noise_pred", "conditional_noise_pred"} - {expected}).isdisjoint(called)
