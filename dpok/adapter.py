@@ -424,11 +424,13 @@ class DiffusionAdapter:
         self.unet.train(mode)
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's weights in diffusers' naming (what ``load_lora_weights`` expects)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """The adapter's weights in peft's naming (``...lora_A.weight``), which ``load_lora_weights``
+        reads as it is. Not diffusers' legacy naming: its converter renames only attention
+        projections, and a file mixing both namings (LoRA on convolutions too) loads without the
+        attention weights."""
         from peft.utils import get_peft_model_state_dict
 
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        return get_peft_model_state_dict(self.unet)
 
     def save_lora(self, folder: str | Path) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(folder)`` loads.
