@@ -24,35 +24,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The one change of every method's optimisation that the exploration runs pointed to: a 5/3 larger
+# step and LoRA rank 8 on the convolutions as well (the 16x16 down block has no attention).
+BIGGER = (("learning_rate", 5e-4), ("lora_rank", 8), ("lora_alpha", 8.0),
+          ("lora_targets", "to_q,to_k,to_v,to_out.0,conv1,conv2,proj_in,proj_out"))
+# DDPO-IS at the defaults' minibatch (32 samples = the whole round) takes one optimizer step per
+# round with the ratio always 1; 8 samples x 40 % of the window's steps give it 4 steps per round on
+# about the transitions DPOK trains on (6 x 32)
+DDPO = (("minibatch_size", 8), ("timestep_fraction", 0.4))
+
+
 def candidates() -> dict[str, list]:
-    """Four candidates per method, each a change of the settings practitioners tune for it."""
+    """Three candidates per method: its defaults, the same larger step for all, one knob of its own."""
     from dpok.tuning import Candidate as C
 
     return {
-        "dpok": [
-            C("defaults"),
-            C("lr1e-3", (("learning_rate", 1e-3),)),
-            C("clip1e-3", (("clip_range", 1e-3),)),
-            C("no-window", (("step_window_end", 1.0),)),
-        ],
-        "ddpo-is": [
-            C("defaults"),
-            C("lr1e-3", (("learning_rate", 1e-3),)),
-            C("clip1e-3", (("clip_range", 1e-3),)),
-            C("no-window", (("step_window_end", 1.0),)),
-        ],
-        "sft-kl": [
-            C("defaults"),
-            C("lr1e-3", (("learning_rate", 1e-3),)),
-            C("gamma0.1", (("gamma", 0.1),)),
-            C("conditional", (("supervised_target", "conditional"),)),
-        ],
-        "rwr": [
-            C("defaults"),
-            C("lr1e-3", (("learning_rate", 1e-3),)),
-            C("temp0.05", (("rwr_temperature", 0.05),)),
-            C("conditional", (("supervised_target", "conditional"),)),
-        ],
+        "dpok": [C("defaults"), C("bigger", BIGGER), C("clip3e-4", (("clip_range", 3e-4),))],
+        "ddpo-is": [C("defaults", DDPO), C("bigger", DDPO + BIGGER), C("clip3e-4", DDPO + (("clip_range", 3e-4),))],
+        "sft-kl": [C("defaults"), C("bigger", BIGGER), C("gamma0.2", (("gamma", 0.2),))],
+        "rwr": [C("defaults"), C("bigger", BIGGER), C("temp0.05", (("rwr_temperature", 0.05),))],
     }
 
 

@@ -65,7 +65,7 @@ class TrainConfig:
     logprob_reduce: str = _f("mean", "'mean' log-probs over latent elements (DPOK code; fits clip-range 1e-4) or 'sum' (paper)")
 
     # ---- budget
-    rounds: int = _f(60, "training rounds (sample -> score -> update)")
+    rounds: int = _f(25, "training rounds (sample -> score -> update)")
     samples_per_round: int = _f(32, "trajectories sampled (reward queries) per round, in total: with N processes "
                                     "each samples samples-per-round / N")
     sample_batch_size: int = _f(32, "trajectories per sampling forward batch (per process)")
@@ -88,7 +88,7 @@ class TrainConfig:
     value_lr: float = _f(1e-3, "DPOK value-function learning rate")
     value_steps: int = _f(1, "value-function steps per policy step")
     normalize_advantages: bool = _f(False, "DPOK with --advantage value: standardise r - V over the minibatch")
-    surrogate: str = _f("clamp", "DPOK policy term: 'clamp' (official code: clamp(rho) A, no gradient outside the "
+    surrogate: str = _f("ppo", "DPOK policy term: 'clamp' (official code: clamp(rho) A, no gradient outside the "
                                  "band) or 'ppo' (PPO's max(-A rho, -A clamp(rho)), as DDPO-IS and GRPO)")
     value_minibatch_size: int = _f(0, "DPOK: transitions per value-function step (0: --minibatch-size)")
     value_first: bool = _f(False, "DPOK: train the value function before the round's policy steps (official code) "
@@ -102,7 +102,7 @@ class TrainConfig:
     samples_per_prompt: int = _f(0, "k samples of each prompt per round, in a row: the groups of --advantage group "
                                     "(0: auto, gcd(8, each process's share of --samples-per-round))")
     step_window_start: float = _f(0.0, "first trained step, as a fraction of the trajectory (0 = the noisiest step)")
-    step_window_end: float = _f(1.0, "end of the trained steps, as a fraction (0.75 leaves out the final, low-noise "
+    step_window_end: float = _f(0.75, "end of the trained steps, as a fraction (0.75 leaves out the final, low-noise "
                                      "quarter of the steps)")
 
     # ---- DDPO

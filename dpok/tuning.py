@@ -17,6 +17,7 @@ not tuned on. :func:`write_report` writes ``docs/tuning.md`` from the result fil
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,15 +65,16 @@ class SweepConfig:
     """Sizes of the sweep. Each trial runs ``rounds x samples_per_round`` reward queries."""
 
     output_dir: str = "runs/tuning"
-    prompts: list[str] = field(default_factory=lambda: ["two white triangles", "four red squares"])
-    validation_prompts: list[str] = field(default_factory=lambda: ["four blue squares", "two white circles",
-                                                                   "two red triangles"])
+    prompts: list[str] = field(default_factory=lambda: ["four red squares"])
+    validation_prompts: list[str] = field(default_factory=lambda: ["four blue squares", "two blue triangles"])
     seeds: list[int] = field(default_factory=lambda: [0])
     validation_seeds: list[int] = field(default_factory=lambda: [0])
-    rounds: int = 40
+    validation_methods: list[str] = field(default_factory=lambda: ["dpok"])  # empty: every method
+    rounds: int = 25
     samples_per_round: int = 32
     eval_images: int = 32
     checkpoint_every: int = 10
+    common: dict[str, Any] = field(default_factory=dict)  # TrainConfig values of every trial and reference
     methods: dict[str, list[Candidate]] = field(default_factory=dict)
     device: str = "cpu"
 
@@ -117,6 +119,8 @@ class Sweep:
             for seed in c.validation_seeds:
                 for prompt in c.validation_prompts:
                     for method, cand in chosen.items():
+                        if c.validation_methods and method not in c.validation_methods:
+                            continue
                         jobs.append((self.trial_dir(stage, method, cand.name, prompt, seed),
                                      (method, cand, prompt, seed)))
         return jobs
@@ -134,7 +138,8 @@ class Sweep:
         settings: dict[str, Any] = {
             "algorithm": method, "prompt": [prompt], "seed": seed, "rounds": c.rounds,
             "samples_per_round": c.samples_per_round, "output_dir": str(run_dir), "eval_images": 1,
-            "checkpoint_every": c.checkpoint_every, "keep_checkpoints": 1, "device": c.device, **dict(cand.overrides)}
+            "checkpoint_every": c.checkpoint_every, "keep_checkpoints": 1, "device": c.device, **c.common,
+            **dict(cand.overrides)}
         if (run_dir / "config.json").is_file():
             if latest_checkpoint(run_dir) is not None:
                 settings["resume"] = str(run_dir)
@@ -168,8 +173,9 @@ class Sweep:
         c = self.cfg
         t0 = time.perf_counter()
         cfg = build_config(None, {"algorithm": "rejection-sampling", "prompt": [prompt], "seed": seed, "rounds": 1,
-                                  "samples_per_round": c.samples_per_round, "output_dir": str(folder / "run"),
-                                  "eval_images": 1, "device": c.device})
+                                  "samples_per_round": c.samples_per_round,
+                                  "sample_batch_size": math.gcd(32, c.samples_per_round), "output_dir": str(folder / "run"),
+                                  "eval_images": 1, "device": c.device, **c.common})
         if (folder / "run").exists():
             import shutil
 

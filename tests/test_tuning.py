@@ -1,0 +1,96 @@
+"""The tuning sweep behind the defaults: its curve measures, the choice of a method's setting, a
+tiny sweep end to end (resume included) and the report it writes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from dpok.config import TrainConfig
+from dpok.tuning import Candidate, Sweep, SweepConfig, largest_drop, smoothed
+
+
+def test_smoothed_is_a_trailing_mean_and_skips_nan() -> None:
+    assert smoothed([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+    assert smoothed([1.0, float("nan"), 3.0], window=3) == [1.0, 1.0, 2.0]
+    assert math.isnan(smoothed([float("nan")])[0])
+
+
+def test_largest_drop_is_the_fall_below_the_best_so_far() -> None:
+    assert largest_drop([0.1, 0.2, 0.3]) == 0.0
+    assert largest_drop([0.2, 0.9, 0.5, 0.8, 0.3]) == 0.9 - 0.3
+    # a fall before a higher best counts too: the curve was unsteady then
+    assert abs(largest_drop([0.5, 0.2, 1.0, 0.95]) - 0.3) < 1e-12
+
+
+def _result(folder: Path, method: str, cand: str, prompt: str, judge: float, reward: float) -> None:
+    from dpok.evaluate import slug
+
+    path = folder / "trials" / method / cand / slug(prompt) / "seed0" / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"method": method, "candidate": cand, "prompt": prompt, "seed": 0,
+                                "eval": {"judge_aligned": judge, "reward_mean": reward}}))
+
+
+def test_chosen_is_the_best_mean_judge_then_reward_among_finished_candidates(tmp_path: Path) -> None:
+    cands = [Candidate("a"), Candidate("b", (("learning_rate", 1.0),)), Candidate("c"), Candidate("d")]
+    cfg = SweepConfig(output_dir=str(tmp_path), prompts=["p one", "p two"], methods={"m": cands})
+    for prompt, judges in (("p one", (0.5, 0.7, 0.7, 1.0)), ("p two", (0.5, 0.5, 0.5, None))):
+        for cand, j in zip("abcd", judges):
+            if j is not None:
+                _result(tmp_path, "m", cand, prompt, j, 0.9 if cand == "c" else 0.1)
+    # b and c tie on the judge (0.6), c has the higher reward; d is unfinished and does not compete
+    assert Sweep(cfg).chosen() == {"m": cands[2]}
+
+
+def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path: Path) -> None:
+    from dpok.report_tuning import write_report
+
+    tiny = {"num_steps": 3, "sample_batch_size": 4, "minibatch_size": 4, "gradient_steps": 1}
+    cfg = SweepConfig(output_dir=str(tmp_path / "sweep"), prompts=["a red circle"], validation_prompts=["a blue square"],
+                      rounds=2, samples_per_round=4, eval_images=2, checkpoint_every=1, common=tiny,
+                      methods={"dpok": [Candidate("defaults"), Candidate("clip", (("clip_range", 1e-2),))],
+                               "sft-kl": [Candidate("defaults"), Candidate("gamma", (("gamma", 0.1),))]},
+                      validation_methods=["dpok"])
+    logs: list[str] = []
+    sweep = Sweep(cfg, log=logs.append)
+    assert sweep.run("trials") == 4
+    assert sweep.run("trials") == 0  # finished trials are not repeated
+    rows = sweep.results("trials")
+    assert {(r["method"], r["candidate"]) for r in rows} == {("dpok", "defaults"), ("dpok", "clip"),
+                                                             ("sft-kl", "defaults"), ("sft-kl", "gamma")}
+    for r in rows:
+        assert r["queries"] == 8 and len(r["curve"]["reward"]) == 2
+        assert 0 <= r["eval"]["judge_aligned"] <= 1 and r["smoothed_drop"] >= 0
+    assert all(json.loads((tmp_path / "sweep" / "trials" / m / c / "a-red-circle" / "seed0" / "run" / "config.json")
+                          .read_text())["num_steps"] == 3 for m, c in (("dpok", "clip"), ("sft-kl", "gamma")))
+    assert sweep.run("references") == 4  # base and best-of-8 on both prompts
+    assert sweep.run("validation") == 1  # only the chosen dpok setting, on the one validation prompt
+    report = write_report(sweep, tmp_path / "docs" / "tuning.md")
+    text = report.read_text()
+    for needle in ("## dpok", "## sft-kl", "(chosen)", "References without training", "not tuned on", "a blue square"):
+        assert needle in text, needle
+    assert (tmp_path / "docs" / "tuning" / "curves.png").is_file()
+    raw = tmp_path / "docs" / "tuning" / "data"
+    assert len(list(raw.glob("*/*/*/*/seed*/result.json"))) == 4 + 4 + 1
+    # the kept raw results are a sweep folder of their own: the report can be rebuilt from them
+    assert Sweep(SweepConfig(output_dir=str(raw), prompts=cfg.prompts, methods=cfg.methods)).chosen() == sweep.chosen()
+
+
+def test_the_defaults_are_the_setting_the_committed_sweep_chose() -> None:
+    """docs/tuning.md's raw results: the chosen DPOK candidate, applied to the defaults, is the defaults."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("tune", root / "benchmarks" / "tune.py")
+    tune = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(tune)  # type: ignore[union-attr]
+    raw = root / "docs" / "tuning" / "data"
+    saved = json.loads((raw / "sweep.json").read_text())["config"]
+    cfg = SweepConfig(output_dir=str(raw), prompts=saved["prompts"], seeds=saved["seeds"], methods=tune.candidates())
+    chosen = Sweep(cfg).chosen()["dpok"]
+    defaults = TrainConfig()
+    for name, value in chosen.overrides:
+        assert getattr(defaults, name) == value, f"the sweep chose {name}={value}; the default is {getattr(defaults, name)}"
+    assert defaults.rounds == saved["rounds"] and defaults.samples_per_round == saved["samples_per_round"]
