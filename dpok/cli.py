@@ -123,7 +123,12 @@ def _cmd_reward_server(args: argparse.Namespace, argv: list[str]) -> int:
     options = {k: v for k, v in (("alignment_model", args.alignment_model), ("model", args.reward_model),
                                  ("head", args.reward_head), ("processor", args.reward_processor),
                                  ("device", args.device)) if v}
-    serve(args.reward, host=args.host, port=args.port, token=args.token or None, **options)
+    from .rewards.server import ServerLimits
+
+    limits = ServerLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
+                          max_pixels=args.max_pixels, request_timeout_s=args.request_timeout)
+    serve(args.reward, host=args.host, port=args.port, token=args.token or None, limits=limits,
+          certfile=args.certfile or None, keyfile=args.keyfile or None, **options)
     return 0
 
 
@@ -180,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     r.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
     r.add_argument("--token", default="", help="shared token clients must send as 'Authorization: Bearer TOKEN'")
+    r.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body in MiB (default: 256)")
+    r.add_argument("--max-images", type=int, default=1024, help="most images in one request (default: 1024)")
+    r.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                   help="most pixels (width x height) of one image, checked before decoding (default: 4096x4096)")
+    r.add_argument("--request-timeout", type=float, default=60.0,
+                   help="seconds a connection may stay silent before it is closed (default: 60)")
+    r.add_argument("--certfile", default="", help="PEM certificate: serve HTTPS (with --keyfile unless it holds the key)")
+    r.add_argument("--keyfile", default="", help="PEM private key of --certfile")
     r.add_argument("--alignment-model", default="", help="folder of the shapeworld-alignment weights")
     r.add_argument("--reward-model", default="", help="hub id or folder of the reward's model (see docs/rewards.md)")
     r.add_argument("--reward-head", default="", help="safetensors file of the aesthetic predictor's MLP head")

@@ -40,6 +40,8 @@ class TrainConfig:
     reward_processor: str = _f("", "hub id or folder of the tokenizer/processor, if not the model's (pickscore)")
     reward_url: str = _f("", "URL of a 'dpok reward-server' (with --reward http)")
     reward_token: str = _f("", "shared token of the reward server (with --reward http)")
+    reward_ca_file: str = _f("", "PEM file of the authority that signed an https reward server's certificate (e.g. "
+                                 "the self-signed certificate itself)")
     prompt: list[str] = field(default_factory=list, metadata={"help": "a training prompt (repeatable)"})
     prompt_file: str = _f("", "text file with one training prompt per line ('#' starts a comment)")
     prompt_set: str = _f("", "named prompt set, e.g. hard, seen, common (see 'dpok prompts')")
@@ -205,10 +207,13 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------- presets
 
 def preset_shapeworld_cpu() -> dict[str, Any]:
-    """The defaults: the embedded model on a 2-core CPU in about 5 minutes. 20 DDIM steps (eta 1,
-    guidance 5), 60 rounds of 32 samples, 6 gradient steps of 32 transitions from the replay buffer,
-    LoRA rank 4 at lr 3e-4; log-probs averaged over latent elements as in the DPOK code, which is
-    what the clip range 1e-4 is calibrated for (with summed log-probs ~90 % of ratios clip)."""
+    """The defaults: the embedded model on a 2-core CPU in under 10 minutes on the slower kind of
+    machine (AVX2 only). 20 DDIM steps (eta 1, guidance 5), 25 rounds of 32 samples (groups of 8 per
+    prompt), 6 gradient steps of 32 transitions from the replay buffer, advantages standardised within
+    each prompt's group of the round, PPO's clipped surrogate at clip 1e-4 on log-probs averaged over
+    latent elements (the DPOK code's scale), the first 75 % of the denoising steps trained, LoRA rank
+    4 on attention at lr 3e-4, beta 0.01. Chosen by the sweep of docs/tuning.md
+    (``benchmarks/tune.py``)."""
     return {}
 
 

@@ -94,7 +94,8 @@ def build_reward(cfg: TrainConfig, device: torch.device) -> Reward:
 def reward_options(cfg: object) -> dict[str, str]:
     """The reward settings a config (train, eval) gives, as ``make_reward`` options; unset ones left out."""
     names = {"alignment_model": "alignment_model", "reward_model": "model", "reward_head": "head",
-             "reward_processor": "processor", "reward_url": "url", "reward_token": "token"}
+             "reward_processor": "processor", "reward_url": "url", "reward_token": "token",
+             "reward_ca_file": "ca_file"}
     return {option: getattr(cfg, field) for field, option in names.items() if getattr(cfg, field, "")}
 
 

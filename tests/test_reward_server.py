@@ -290,3 +290,116 @@ def test_trainer_keeps_and_rescores_samples_when_the_reward_fails(tiny_pipeline_
     trainer.reward = lambda images, prompts: (_ for _ in ()).throw(RewardError("server down"))
     with pytest.raises(RewardError, match="scoring failed 3 times.*--resume"):
         trainer.score(traj)
+
+
+# ---- hardening: authentication before the body, limits, idle connections, TLS
+
+
+def _raw_request(port: int, head: str, body: bytes = b"", timeout: float = 5.0) -> tuple[int, bytes]:
+    """Send raw bytes; return (HTTP status, the answer's bytes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+def test_the_token_is_checked_before_any_of_the_body_is_read(serve_reward: Callable[..., RewardServer]) -> None:
+    server = serve_reward(make_reward("jpeg-compressibility"), token="s3cret")
+    # a client announcing 200 MiB and sending none of it: refused at once from the headers alone (if the
+    # server read first, it would wait for the body until the client's timeout)
+    head = ("POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+            f"Content-Length: {200 * 2**20}\r\n\r\n")
+    t0 = time.perf_counter()
+    status, _ = _raw_request(server.port, head, timeout=3.0)
+    assert status == 401 and time.perf_counter() - t0 < 2.0
+
+
+def _png_header_only(width: int, height: int) -> str:
+    """A PNG whose header claims width x height and whose pixel data is missing."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+def test_requests_over_a_limit_are_413_naming_the_limit() -> None:
+    import urllib.error
+    import urllib.request
+
+    from dpok.rewards.server import ServerLimits
+
+    limits = ServerLimits(max_body_bytes=200_000, max_images=2, max_pixels=48 * 48)
+    with RewardServer(make_reward("jpeg-compressibility"), port=0, limits=limits) as server:
+        small = encode_images(torch.rand(3, 3, 32, 32))
+        cases = {
+            b"x" * 200_001: "--max-body-mb",
+            json.dumps({"images": small, "prompts": ["p"] * 3}).encode(): "--max-images",
+            json.dumps({"images": encode_images(torch.rand(1, 3, 64, 64)), "prompts": ["p"]}).encode(): "--max-pixels",
+            # a bomb: the header says 30000 x 30000; refused from the header, never decoded (decoding
+            # this truncated file would be a 400)
+            json.dumps({"images": [_png_header_only(5000, 4000)], "prompts": ["p"]}).encode(): "5000x4000",
+            json.dumps({"images": [_png_header_only(30_000, 30_000)], "prompts": ["p"]}).encode(): "--max-pixels",
+        }
+        for body, words in cases.items():
+            request = urllib.request.Request(f"{server.url}/score", data=body, method="POST")
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=5)
+            assert info.value.code == 413, words
+            assert words in json.loads(info.value.read())["error"]
+        # within the limits it still scores
+        assert HttpReward(server.url, retries=0)(torch.rand(2, 3, 32, 32), PROMPTS).valid.all()
+    with pytest.raises(RewardError, match="max_images"):
+        ServerLimits(max_images=0)
+
+
+def test_a_silent_connection_is_closed_after_the_request_timeout() -> None:
+    from dpok.rewards.server import ServerLimits
+
+    with RewardServer(make_reward("jpeg-compressibility"), port=0, limits=ServerLimits(request_timeout_s=0.5)) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5.0) as sock:
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+            t0 = time.perf_counter()
+            assert sock.recv(1024) == b""  # the server hung up
+            assert time.perf_counter() - t0 < 3.0
+        assert HttpReward(server.url, retries=0)(_images(), PROMPTS).valid.all()  # and still serves
+
+
+@pytest.fixture
+def self_signed(tmp_path):  # noqa: ANN001, ANN201
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_https_with_a_certificate_the_client_verifies(self_signed) -> None:  # noqa: ANN001
+    cert, key = self_signed
+    reward = make_reward("jpeg-compressibility")
+    with RewardServer(reward, port=0, token="s3cret", certfile=str(cert), keyfile=str(key)) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        images = _images()
+        out = HttpReward(server.url, token="s3cret", retries=0, ca_file=str(cert))(images, PROMPTS)
+        torch.testing.assert_close(out.scores, reward(images, PROMPTS).scores)
+        # without the certificate's authority the client refuses the server, at once and by name
+        with pytest.raises(RewardError, match="--reward-ca-file"):
+            HttpReward(server.url, token="s3cret", retries=3, backoff=5.0)(images, PROMPTS)
+    with pytest.raises(RewardError, match="cannot load the TLS certificate"):
+        RewardServer(reward, port=0, certfile=str(key.parent / "missing.pem"))
+    with pytest.raises(RewardError, match="https"):
+        HttpReward("http://127.0.0.1:1", ca_file=str(cert))

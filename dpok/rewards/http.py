@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -45,7 +46,8 @@ class HttpReward(Reward):
     losing it or training on it with wrong rewards.
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
+                 ca_file: str | None = None) -> None:
         if not isinstance(url, str) or not url.strip():
             raise RewardError("the http reward needs url='http://HOST:PORT' of a running `dpok reward-server`")
         url = url.strip().rstrip("/")
@@ -63,6 +65,16 @@ class HttpReward(Reward):
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
+        # https: the server's certificate is always verified, against ca_file (e.g. a self-signed
+        # certificate) or the system's trusted authorities
+        self._tls = None
+        if ca_file and parts.scheme != "https":
+            raise RewardError(f"a CA file ({ca_file!r}) is for an https:// reward server; the url is {url!r}")
+        if parts.scheme == "https":
+            try:
+                self._tls = ssl.create_default_context(cafile=ca_file or None)
+            except (OSError, ssl.SSLError) as e:
+                raise RewardError(f"cannot read the reward server's CA file {ca_file!r}: {e}; give a PEM file") from None
         self._name = f"http:{url}"
 
     @property
@@ -103,7 +115,7 @@ class HttpReward(Reward):
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self._tls) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:
             detail = _error_text(e)
@@ -111,6 +123,9 @@ class HttpReward(Reward):
                 raise _Retryable(f"HTTP {e.code}: {detail}") from None
             raise RewardError(f"reward server {endpoint} rejected the request with HTTP {e.code}: {detail}") from None
         except urllib.error.URLError as e:
+            if isinstance(e.reason, ssl.SSLCertVerificationError):
+                raise RewardError(f"reward server {endpoint}: its TLS certificate does not verify ({e.reason.verify_message}); "
+                                  "give the certificate of its authority with --reward-ca-file") from None
             raise _Retryable(f"cannot connect: {e.reason}") from None
         except (TimeoutError, OSError, http.client.HTTPException) as e:
             kind = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
@@ -157,8 +172,9 @@ def _parse_scores(raw: bytes, batch: int) -> list[float]:
 
 @register_reward(
     "http",
-    "scores from a remote `dpok reward-server` (options url=http://HOST:PORT, token, timeout, retries)",
+    "scores from a remote `dpok reward-server` (options url=http[s]://HOST:PORT, token, timeout, retries, ca_file)",
 )
-def http_reward(url: str, token: str | None = None, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5) -> HttpReward:
+def http_reward(url: str, token: str | None = None, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
+                ca_file: str | None = None) -> HttpReward:
     """The ``http`` reward: the scores of the reward server at ``url``."""
-    return HttpReward(url, token=token, timeout=timeout, retries=retries, backoff=backoff)
+    return HttpReward(url, token=token, timeout=timeout, retries=retries, backoff=backoff, ca_file=ca_file)

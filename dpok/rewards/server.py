@@ -8,10 +8,16 @@ Protocol (``dpok reward-server`` runs :func:`serve`; :class:`dpok.rewards.http.H
 - ``GET /health`` answers ``{"status": "ok", "reward": NAME}``.
 - Errors are JSON ``{"error": "..."}``: 400 for a malformed request (bad JSON, missing field,
   length mismatch, undecodable PNG), 401 for a missing / wrong token, 404 for an unknown path,
-  413 for an oversized body, 500 when the reward itself fails.
+  413 for a request over one of the :class:`ServerLimits` (body bytes, images per request, pixels
+  per image; the message names the limit), 500 when the reward itself fails.
 
 The server binds 127.0.0.1 unless told otherwise. With a shared ``token`` every request must carry
-``Authorization: Bearer <token>``. Bodies are parsed as JSON and images as PNG only (never pickle).
+``Authorization: Bearer <token>``, checked from the headers before any of the body is read, so an
+unauthenticated client cannot make the server allocate anything. A connection that sends nothing
+for ``limits.request_timeout_s`` is closed. With a certificate and key it serves HTTPS (the
+standard library's ``ssl``; the client verifies the certificate, against ``--reward-ca-file`` for
+a self-signed one). Bodies are parsed as JSON and images as PNG only (never pickle); a PNG's size
+is read from its header and checked before it is decoded.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ import io
 import json
 import logging
 import math
+import ssl
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -40,12 +48,35 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-MAX_BODY_BYTES = 512 * 1024 * 1024
-"""The largest request body the server reads (about a thousand 512x512 PNG images)."""
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may hold; a request over a limit is refused with 413 naming it.
+
+    The defaults take a training batch of 256 images of 1024x1024 (SDXL) in one request.
+    """
+
+    max_body_bytes: int = 256 * 1024 * 1024
+    max_images: int = 1024
+    max_pixels: int = 4096 * 4096  # per image (width x height)
+    request_timeout_s: float = 60.0  # a connection idle this long (mid-request or between requests) is closed
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_images", "max_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise RewardError(f"reward server limit {name} must be a whole number >= 1, got {value!r}")
+        if not (self.request_timeout_s > 0 and math.isfinite(self.request_timeout_s)):
+            raise RewardError(f"reward server request_timeout_s must be > 0 seconds, got {self.request_timeout_s!r}")
 
 
 class RequestError(ValueError):
     """A malformed request; its message goes back to the client with a 400."""
+
+
+class LimitError(RequestError):
+    """A request over one of the server's limits; answered with a 413."""
 
 
 def encode_images(images: torch.Tensor) -> list[str]:
@@ -62,11 +93,13 @@ def encode_images(images: torch.Tensor) -> list[str]:
     return encoded
 
 
-def decode_images(encoded: Sequence[str]) -> torch.Tensor:
+def decode_images(encoded: Sequence[str], max_pixels: int | None = None) -> torch.Tensor:
     """B base64 PNG strings (all of one size) -> float32 images (B, 3, H, W) in [0, 1].
 
     Raises :class:`RewardError` naming the index of an image that is not base64 PNG, or of one
-    whose size differs from the first image's.
+    whose size differs from the first image's; :class:`LimitError` for an image of more than
+    ``max_pixels`` pixels, read from the PNG header before anything is decoded (a small file can
+    decode to gigabytes).
     """
     arrays: list[np.ndarray] = []
     for i, text in enumerate(encoded):
@@ -78,7 +111,15 @@ def decode_images(encoded: Sequence[str]) -> torch.Tensor:
             raise RewardError(f"image {i} is not valid base64: {e}") from None
         try:
             with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+                width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise LimitError(f"image {i} is {width}x{height} = {width * height} pixels, over the server's "
+                                     f"limit of {max_pixels} pixels per image (--max-pixels)")
                 array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        except LimitError:
+            raise
+        except Image.DecompressionBombError as e:  # PIL's own ceiling, above any sane --max-pixels
+            raise LimitError(f"image {i}: {e} (the server's limit is {max_pixels} pixels per image, --max-pixels)") from None
         except Exception as e:  # PIL raises many types for corrupt data
             raise RewardError(f"image {i} is not a decodable PNG: {type(e).__name__}: {e}") from None
         if arrays and array.shape != arrays[0].shape:
@@ -93,8 +134,10 @@ def decode_images(encoded: Sequence[str]) -> torch.Tensor:
     return stacked.to(torch.float32) / 255.0
 
 
-def parse_score_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
-    """A ``/score`` request body -> (images (B, 3, H, W) in [0, 1], prompts); :class:`RequestError` if malformed."""
+def parse_score_request(body: bytes, limits: ServerLimits | None = None) -> tuple[torch.Tensor, list[str]]:
+    """A ``/score`` request body -> (images (B, 3, H, W) in [0, 1], prompts); :class:`RequestError` if
+    malformed, :class:`LimitError` if over ``limits`` (images per request, pixels per image)."""
+    limits = limits or ServerLimits()
     try:
         payload = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -109,11 +152,16 @@ def parse_score_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
     images, prompts = payload["images"], payload["prompts"]
     if len(images) != len(prompts):
         raise RequestError(f"length mismatch: {len(images)} images but {len(prompts)} prompts; give one prompt per image")
+    if len(images) > limits.max_images:
+        raise LimitError(f"{len(images)} images in one request, over the server's limit of {limits.max_images} "
+                         "(--max-images); send smaller batches")
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise RequestError(f"prompt {bad[0]} is not a string")
     try:
-        tensor = decode_images(images)
+        tensor = decode_images(images, limits.max_pixels)
+    except LimitError:
+        raise
     except RewardError as e:
         raise RequestError(str(e)) from None
     return tensor, list(prompts)
@@ -128,16 +176,24 @@ class RewardServer:
     since a reward model need not be thread-safe.
     """
 
-    def __init__(self, reward: Reward, host: str = DEFAULT_HOST, port: int = 0, token: str | None = None) -> None:
+    def __init__(self, reward: Reward, host: str = DEFAULT_HOST, port: int = 0, token: str | None = None,
+                 limits: ServerLimits | None = None, certfile: str | None = None, keyfile: str | None = None) -> None:
         if not isinstance(reward, Reward):
             raise RewardError(f"RewardServer needs a Reward, got {type(reward).__name__}")
+        if keyfile and not certfile:
+            raise RewardError("a TLS key file needs its certificate: give --certfile as well")
         self.reward = reward
         self.host = host
         self.token = token or None
+        self.limits = limits or ServerLimits()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.tls = bool(certfile)
+        context = _server_tls_context(certfile, keyfile) if certfile else None
         self._httpd = ThreadingHTTPServer((host, port), _make_handler(self))
         self._httpd.daemon_threads = True
+        if context is not None:
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
 
     @property
     def port(self) -> int:
@@ -146,9 +202,9 @@ class RewardServer:
 
     @property
     def url(self) -> str:
-        """The base URL, e.g. ``http://127.0.0.1:8765``."""
+        """The base URL, e.g. ``http://127.0.0.1:8765`` (``https://`` with TLS)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def start(self) -> int:
         """Serve from a daemon thread; returns the bound port."""
@@ -196,10 +252,24 @@ class RewardServer:
         return [float(s) if bool(v) and math.isfinite(float(s)) else None for s, v in zip(out.raw.tolist(), out.valid)]
 
 
+def _server_tls_context(certfile: str, keyfile: str | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile, keyfile or None)
+    except (OSError, ssl.SSLError) as e:
+        raise RewardError(f"cannot load the TLS certificate {certfile!r}"
+                          f"{f' with key {keyfile!r}' if keyfile else ''}: {e}; give PEM files (--certfile, --keyfile)") from None
+    return context
+
+
 def _make_handler(server: RewardServer) -> type[BaseHTTPRequestHandler]:
+    limits = server.limits
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "dpok-reward-server"
+        timeout = limits.request_timeout_s  # socket timeout: a stalled client does not hold a thread forever
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
             logger.debug("%s - %s", self.address_string(), format % args)
@@ -236,18 +306,31 @@ def _make_handler(server: RewardServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self._send(400, {"error": "missing or bad Content-Length header"})
                 return
-            if length > MAX_BODY_BYTES:
+            # everything that needs only the headers is checked before a byte of the body is read; the
+            # connection is then closed, since the unread body would be taken for the next request
+            if not server.authorized(self.headers.get("Authorization")):
                 self.close_connection = True
-                self._send(413, {"error": f"body of {length} bytes is over the limit of {MAX_BODY_BYTES}; send smaller batches"})
-                return
-            body = self.rfile.read(length)
-            if not self._check_token():
+                self._check_token()
                 return
             if self.path.split("?", 1)[0] != "/score":
+                self.close_connection = True
                 self._send(404, {"error": f"unknown path {self.path!r}; use POST /score or GET /health"})
                 return
+            if length > limits.max_body_bytes:
+                self.close_connection = True
+                self._send(413, {"error": f"body of {length} bytes is over the server's limit of {limits.max_body_bytes} "
+                                          "bytes (--max-body-mb); send smaller batches"})
+                return
+            body = self.rfile.read(length)
+            if len(body) < length:
+                self.close_connection = True
+                self._send(400, {"error": f"body ended after {len(body)} of {length} bytes (Content-Length)"})
+                return
             try:
-                images, prompts = parse_score_request(body)
+                images, prompts = parse_score_request(body, limits)
+            except LimitError as e:
+                self._send(413, {"error": str(e)})
+                return
             except RequestError as e:
                 self._send(400, {"error": str(e)})
                 return
@@ -263,11 +346,15 @@ def _make_handler(server: RewardServer) -> type[BaseHTTPRequestHandler]:
 
 
 def serve(
-    reward_spec: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None, **reward_options: Any
+    reward_spec: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
+    limits: ServerLimits | None = None, certfile: str | None = None, keyfile: str | None = None, **reward_options: Any
 ) -> None:
     """Build ``make_reward(reward_spec, **reward_options)`` and serve it until interrupted (``dpok reward-server``)."""
+    limits = limits or ServerLimits()
+    if certfile:
+        _server_tls_context(certfile, keyfile)  # a bad certificate fails before the reward model loads
     reward = make_reward(reward_spec, **reward_options)
-    server = RewardServer(reward, host=host, port=port, token=token)
+    server = RewardServer(reward, host=host, port=port, token=token, limits=limits, certfile=certfile, keyfile=keyfile)
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         print(f"warning: serving on {host} without a token; anyone who can reach it can use the reward", file=sys.stderr)
     print(f"dpok reward-server: reward {reward.name!r} at {server.url} (POST /score, GET /health)", flush=True)
