@@ -18,6 +18,11 @@ ADVANTAGES = ("value", "group", "tracker")
 ALGORITHM_NAMES = ("dpok", "ddpo-sf", "ddpo-is", "sft-kl", "rwr", "rwr-sparse", "rejection-sampling")
 
 
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest d <= limit that divides n (n >= 1)."""
+    return next(d for d in range(min(n, limit), 0, -1) if n % d == 0)
+
+
 def option(default: Any, help: str) -> Any:  # noqa: A002 - the CLI's word
     """A dataclass field whose ``help`` becomes the CLI option's help text."""
     return field(default=default, metadata={"help": help})
@@ -70,14 +75,16 @@ class TrainConfig:
     rounds: int = _f(25, "training rounds (sample -> score -> update)")
     samples_per_round: int = _f(32, "trajectories sampled (reward queries) per round, in total: with N processes "
                                     "each samples samples-per-round / N")
-    sample_batch_size: int = _f(32, "trajectories per sampling forward batch (per process)")
+    sample_batch_size: int = _f(0, "trajectories per sampling forward batch, per process (0: auto, the largest "
+                                   "divisor of each process's share of --samples-per-round that is at most 32)")
 
     # ---- optimisation
     learning_rate: float = _f(3e-4, "policy learning rate (AdamW)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clipping")
-    minibatch_size: int = _f(32, "transitions (or samples) per backward pass, per process (with N processes a step "
-                                 "averages N minibatches)")
+    minibatch_size: int = _f(0, "transitions (DPOK, SFT-KL, RWR) or samples (DDPO) per backward pass, per process; "
+                                "with N processes a step averages N minibatches (0: auto, 32 transitions, or for DDPO "
+                                "the largest divisor of each process's share of --samples-per-round that is at most 32)")
     gradient_steps: int = _f(6, "optimizer steps per round (DPOK, SFT-KL, RWR)")
     grad_accum: int = _f(1, "minibatches accumulated per optimizer step")
 
@@ -168,7 +175,9 @@ class TrainConfig:
              f"--mixed-precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
         need(self.stat_min_count <= self.stat_buffer,
              f"--stat-min-count ({self.stat_min_count}) must be <= --stat-buffer ({self.stat_buffer})")
-        for name in ("rounds", "samples_per_round", "sample_batch_size", "minibatch_size", "gradient_steps",
+        for name in ("sample_batch_size", "minibatch_size"):
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, 0 for auto (got {getattr(self, name)})")
+        for name in ("rounds", "samples_per_round", "gradient_steps",
                      "grad_accum", "lora_rank", "buffer_size", "inner_epochs", "stat_buffer", "stat_min_count",
                      "eval_images", "best_of", "value_steps", "keep_checkpoints", "max_bad_rounds"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
@@ -180,7 +189,7 @@ class TrainConfig:
         need(0 <= self.rwr_percentile < 100, f"--rwr-percentile must be in [0, 100) (got {self.rwr_percentile})")
         # samples_per_round is the round's total: each of the N processes samples an equal share, in
         # whole sampling batches (and, for DDPO, whole minibatches)
-        sizes = [("sample-batch-size", self.sample_batch_size, "")]
+        sizes = [("sample-batch-size", self.sample_batch_size, "")]  # explicit values only: auto ones always fit
         if self.algorithm in ("ddpo-sf", "ddpo-is"):
             sizes.append(("minibatch-size", self.minibatch_size, f" for {self.algorithm}"))
         times = f"{num_processes} x " if num_processes > 1 else ""
@@ -193,6 +202,17 @@ class TrainConfig:
             errors.append(f"--resume {self.resume!r} is not a run folder")
         if errors:
             raise ValueError("invalid settings:\n  " + "\n  ".join(errors))
+
+    def resolved(self, num_processes: int = 1) -> TrainConfig:
+        """A copy with the automatic (0) batch sizes filled in for ``num_processes`` processes."""
+        share = max(1, self.samples_per_round // num_processes)
+        fit = largest_divisor_at_most(share, 32)
+        values: dict[str, int] = {}
+        if self.sample_batch_size == 0:
+            values["sample_batch_size"] = fit
+        if self.minibatch_size == 0:
+            values["minibatch_size"] = fit if self.algorithm in ("ddpo-sf", "ddpo-is") else 32
+        return dataclasses.replace(self, **values)
 
     def group_size(self, num_processes: int = 1) -> int:
         """k, the samples of one prompt drawn together in a round (on one process)."""

@@ -111,6 +111,10 @@ class Trainer:
         self.rank, self.num_processes = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         cfg.validate(num_processes=self.num_processes)
+        auto = [n for n in ("sample_batch_size", "minibatch_size") if getattr(cfg, n) == 0]
+        cfg = cfg.resolved(self.num_processes)
+        if auto and self.is_main:
+            tqdm.write("batch sizes (auto): " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in auto))
         self.cfg = cfg
         self.prompts = prepare_prompts(cfg)
         self.eval_unseen = resolve_prompts(None, None, cfg.eval_prompt_set, _grammar(cfg)) if cfg.eval_prompt_set else []

@@ -90,7 +90,10 @@ def test_one_dpok_round_changes_only_lora_weights(tiny_pipeline_dir: Path) -> No
     assert changed, "no weight changed"
     assert all("lora" in k for k in changed), sorted(changed)[:5]
     assert any(not torch.equal(a, b) for a, b in zip(value_before, algo.value.parameters()))
-    assert stats["buffer_size"] == 2 * cfg.num_steps
+    # only the trained window's steps enter the buffer (the defaults leave out the final quarter)
+    from dpok.core import step_window
+
+    assert stats["buffer_size"] == 2 * len(step_window(cfg.num_steps, cfg.step_window_start, cfg.step_window_end)) == 6
 
 
 @pytest.mark.parametrize("name", ["dpok", "ddpo-sf", "ddpo-is", "sft-kl", "rwr", "rwr-sparse"])
@@ -207,3 +210,22 @@ def test_presets_carry_the_published_settings() -> None:
     assert build_config("ddpo-paper", {}).samples_per_round == 256
     assert build_config("dpok-paper", {"beta": 0.5}).beta == 0.5  # user options win over the preset
     assert dataclasses.asdict(build_config(None, {}))["algorithm"] == "dpok"
+
+
+def test_batch_sizes_default_to_the_largest_fitting_divisor() -> None:
+    from dpok.config import largest_divisor_at_most
+
+    assert [largest_divisor_at_most(n, 32) for n in (1, 2, 8, 24, 32, 48, 100, 37)] == [1, 2, 8, 24, 32, 24, 25, 1]
+    # lowering the budget needs no other option (it used to fail on the default batch size of 32)
+    for algorithm in ("dpok", "ddpo-is"):
+        for samples in (2, 4, 8, 48):
+            cfg = build_config(None, {"algorithm": algorithm, "samples_per_round": samples})
+            r = cfg.resolved()
+            assert samples % r.sample_batch_size == 0 and r.sample_batch_size <= 32
+            assert r.minibatch_size == (min(samples, 32) if samples != 48 else 24) if algorithm == "ddpo-is" else 32
+    two = TrainConfig(algorithm="ddpo-is", samples_per_round=12).resolved(num_processes=2)
+    assert (two.sample_batch_size, two.minibatch_size) == (6, 6)  # each process's share is 6
+    explicit = TrainConfig(samples_per_round=8, sample_batch_size=4, minibatch_size=3).resolved()
+    assert (explicit.sample_batch_size, explicit.minibatch_size) == (4, 3)
+    with pytest.raises(ValueError, match="sample-batch-size must be >= 0"):
+        build_config(None, {"sample_batch_size": -1})
