@@ -4,6 +4,7 @@ that were not tuned on. Every number is read from the result files."""
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 from pathlib import Path
@@ -95,6 +96,13 @@ def write_report(sweep: Sweep, out_md: Path) -> Path:
         "'drop' is the largest fall of the 5-round mean training reward below its best so far.",
         "",
     ]
+    saved = sweep.out / "sweep.json"
+    base = json.loads(saved.read_text()).get("base") if saved.is_file() else None
+    if base:
+        keys = sorted({k for cands in cfg.methods.values() for c in cands for k, _ in c.overrides}
+                      | {"advantage", "surrogate", "step_window_end", "beta", "gradient_steps"})
+        lines += ["Candidates are changes of the settings the sweep ran from (the defaults of its code): "
+                  + ", ".join(f"`{k}={base[k]}`" for k in keys if k in base) + ".", ""]
     if refs:
         lines += ["## References without training", "",
                   "| prompt | base judge | base reward | best-of-8 judge | best-of-8 reward |", "|---|---|---|---|---|"]

@@ -69,7 +69,7 @@ class SweepConfig:
     validation_prompts: list[str] = field(default_factory=lambda: ["four blue squares", "two blue triangles"])
     seeds: list[int] = field(default_factory=lambda: [0])
     validation_seeds: list[int] = field(default_factory=lambda: [0])
-    validation_methods: list[str] = field(default_factory=lambda: ["dpok"])  # empty: every method
+    validation_methods: list[str] = field(default_factory=lambda: ["dpok", "ddpo-is"])  # empty: every method
     rounds: int = 25
     samples_per_round: int = 32
     eval_images: int = 32
@@ -195,7 +195,11 @@ class Sweep:
         return result
 
     def run(self, stage: str) -> int:
-        _write_json(self.out / "sweep.json", {"config": _config_json(self.cfg), "budget": self.cfg.budget})
+        from .config import TrainConfig
+
+        # the settings every candidate's overrides apply to: the defaults of the code that ran the sweep
+        _write_json(self.out / "sweep.json", {"config": _config_json(self.cfg), "budget": self.cfg.budget,
+                                              "base": TrainConfig().to_dict()})
         jobs = self.jobs(stage)
         todo = [j for j in jobs if not (j[0] / "result.json").is_file()]
         self.log(f"{stage}: {len(todo)} of {len(jobs)} trial(s) left in {self.out}")
