@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# below what docs/default_run.md measured, above the seed-to-seed spread of the judge on 32 images
+JUDGE_GAIN = 0.15
+MIN_CLEAN = 0.8
+MAX_DROP = 0.15
+
 
 @pytest.mark.slow
 def test_the_default_run_lifts_the_judge_and_keeps_learning(tmp_path: Path) -> None:
@@ -31,7 +36,6 @@ def test_the_default_run_lifts_the_judge_and_keeps_learning(tmp_path: Path) -> N
     trainer.run()
     after, _ = evaluate_prompt(trainer.adapter, judge, prompt, settings, 777, True)
     rewards = [r["reward/mean"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
-    # thresholds below what docs/default_run.md measured (judge 0.xx -> 0.yy), above seed noise
     assert after["judge_aligned"] >= before["judge_aligned"] + JUDGE_GAIN, (before, after)
     assert after["clean_share"] >= MIN_CLEAN, after
     assert largest_drop(smoothed(rewards)) <= MAX_DROP, rewards
