@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 ADVANTAGES = ("value", "group", "tracker")
+ATTENTION = "to_q,to_k,to_v,to_out.0"  # LoRA on attention only: the papers' (diffusers' attention processors)
 ALGORITHM_NAMES = ("dpok", "ddpo-sf", "ddpo-is", "sft-kl", "rwr", "rwr-sparse", "rejection-sampling")
 
 
@@ -60,9 +61,12 @@ class TrainConfig:
 
     # ---- policy parametrisation
     finetune: str = _f("lora", "'lora' (reference = adapter disabled) or 'full' (reference = frozen copy)")
-    lora_rank: int = _f(4, "LoRA rank")
-    lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)")
-    lora_targets: str = _f("to_q,to_k,to_v,to_out.0", "comma-separated UNet module names that get LoRA")
+    lora_rank: int = _f(8, "LoRA rank")
+    lora_alpha: float = _f(8.0, "LoRA alpha (scale = alpha / rank)")
+    lora_targets: str = _f("to_q,to_k,to_v,to_out.0,conv1,conv2,proj_in,proj_out",
+                           "comma-separated UNet module names that get LoRA (default: attention, the ResNet "
+                           "convolutions and the transformer projections; 'to_q,to_k,to_v,to_out.0' is attention only, "
+                           "as in the papers)")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in the backward pass (less memory, slower)")
 
     # ---- sampling (the policy)
@@ -79,7 +83,7 @@ class TrainConfig:
                                    "divisor of each process's share of --samples-per-round that is at most 32)")
 
     # ---- optimisation
-    learning_rate: float = _f(3e-4, "policy learning rate (AdamW)")
+    learning_rate: float = _f(5e-4, "policy learning rate (AdamW)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clipping")
     minibatch_size: int = _f(0, "transitions (DPOK, SFT-KL, RWR) or samples (DDPO) per backward pass, per process; "
@@ -232,8 +236,8 @@ def preset_shapeworld_cpu() -> dict[str, Any]:
     prompt), 6 gradient steps of 32 transitions from the replay buffer, advantages standardised within
     each prompt's group of the round, PPO's clipped surrogate at clip 1e-4 on log-probs averaged over
     latent elements (the DPOK code's scale), the first 75 % of the denoising steps trained, LoRA rank
-    4 on attention at lr 3e-4, beta 0.01. Chosen by the sweep of docs/tuning.md
-    (``benchmarks/tune.py``)."""
+    8 on attention, ResNet convolutions and transformer projections at lr 5e-4, beta 0.01. Chosen by
+    the sweep of docs/tuning.md (``benchmarks/tune.py``)."""
     return {}
 
 
@@ -254,7 +258,8 @@ def preset_dpok_paper() -> dict[str, Any]:
     return dict(algorithm="dpok", alpha=10.0, beta=0.01, learning_rate=1e-5, logprob_reduce="mean", samples_per_round=10,
                 sample_batch_size=10, gradient_steps=5, grad_accum=12, minibatch_size=4, buffer_size=1000,
                 clip_range=1e-4, max_grad_norm=0.1, value_lr=1e-4, rounds=2000, num_steps=50, eta=1.0,
-                guidance_scale=7.5, lora_rank=4, lora_alpha=4.0, kl_form="epsilon", reward="image-reward",
+                guidance_scale=7.5, lora_rank=4, lora_alpha=4.0, lora_targets=ATTENTION, kl_form="epsilon",
+                reward="image-reward",
                 weight_decay=0.0, value_minibatch_size=1280, value_steps=1, value_first=True, advantage="value",
                 surrogate="clamp", step_window_start=0.0, step_window_end=1.0, samples_per_prompt=10)
 
@@ -276,7 +281,8 @@ def preset_ddpo_paper() -> dict[str, Any]:
                 minibatch_size=4, inner_epochs=1, grad_accum=32, clip_range=1e-4, adv_clip=5.0,
                 stat_buffer=32, stat_min_count=16, num_steps=50, eta=1.0, guidance_scale=5.0,
                 max_grad_norm=1.0, rounds=200, reward="aesthetic", advantage="tracker", timestep_fraction=1.0,
-                logprob_reduce="mean", step_window_start=0.0, step_window_end=1.0)
+                logprob_reduce="mean", step_window_start=0.0, step_window_end=1.0, lora_rank=4, lora_alpha=4.0,
+                lora_targets=ATTENTION)
 
 
 def preset_sft_kl_paper() -> dict[str, Any]:
@@ -284,7 +290,8 @@ def preset_sft_kl_paper() -> dict[str, Any]:
     batch 128, 50 DDIM steps, guidance 7.5, ImageReward; the conditional prediction is trained, as
     in the paper."""
     return dict(algorithm="sft-kl", gamma=2.0, learning_rate=2e-5, minibatch_size=128, num_steps=50,
-                guidance_scale=7.5, reward="image-reward", supervised_target="conditional")
+                guidance_scale=7.5, reward="image-reward", supervised_target="conditional", lora_rank=4,
+                lora_alpha=4.0, lora_targets=ATTENTION)
 
 
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {

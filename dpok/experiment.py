@@ -155,7 +155,7 @@ class ExperimentConfig:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write, fsync, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: workers may write the same file at once
     with open(tmp, "w") as f:
         f.write(json.dumps(data, indent=1) + "\n")
         f.flush()

@@ -198,8 +198,11 @@ class Sweep:
         from .config import TrainConfig
 
         # the settings every candidate's overrides apply to: the defaults of the code that ran the sweep
-        _write_json(self.out / "sweep.json", {"config": _config_json(self.cfg), "budget": self.cfg.budget,
-                                              "base": TrainConfig().to_dict()})
+        # (kept from its first stage: defaults changed after it do not rewrite what the trials ran from)
+        path = self.out / "sweep.json"
+        base = json.loads(path.read_text()).get("base") if path.is_file() else None
+        _write_json(path, {"config": _config_json(self.cfg), "budget": self.cfg.budget,
+                           "base": base or TrainConfig().to_dict()})
         jobs = self.jobs(stage)
         todo = [j for j in jobs if not (j[0] / "result.json").is_file()]
         self.log(f"{stage}: {len(todo)} of {len(jobs)} trial(s) left in {self.out}")

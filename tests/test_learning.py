@@ -147,6 +147,7 @@ def test_presets_match_their_sources() -> None:
         "kl_form": "epsilon",  # beta 0.01 is tuned for the code's mean((eps - eps_pre)^2)
         "weight_decay": 0.0, "value_minibatch_size": 1280, "value_steps": 1, "value_first": True,
         "advantage": "value", "surrogate": "clamp", "logprob_reduce": "mean", "rounds": 2000,
+        "lora_targets": "to_q,to_k,to_v,to_out.0",  # diffusers' attention processors, as both papers
     }
     assert {k: dpok[k] for k in sources} == sources
     assert PRESETS["dpok-paper-multi"]()["alpha"] == 1000.0 and PRESETS["dpok-paper-multi"]()["beta"] == 0.1
@@ -155,7 +156,7 @@ def test_presets_match_their_sources() -> None:
         "learning_rate": 3e-4, "samples_per_round": 256, "inner_epochs": 1, "clip_range": 1e-4, "adv_clip": 5.0,
         "stat_buffer": 32, "stat_min_count": 16, "num_steps": 50, "eta": 1.0, "guidance_scale": 5.0,
         "max_grad_norm": 1.0, "rounds": 200, "weight_decay": 1e-4, "advantage": "tracker",
-        "timestep_fraction": 1.0, "logprob_reduce": "mean",
+        "timestep_fraction": 1.0, "logprob_reduce": "mean", "lora_rank": 4, "lora_targets": "to_q,to_k,to_v,to_out.0",
     }
     assert {k: ddpo[k] for k in sources} == sources
     # 256 samples in minibatches of 4 with 32 accumulated: 2 optimizer steps per round
