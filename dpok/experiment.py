@@ -152,6 +152,16 @@ class ExperimentConfig:
         return self.rounds * self.samples_per_round
 
 
+def portable_path(path: str) -> str:
+    """``path`` relative to the working directory when inside it (files kept in the repository name
+    no machine's folders), else as given."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix() if p.is_absolute() else path
+    except ValueError:
+        return path
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write, fsync, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +362,8 @@ class Experiment:
         return set(range(0, self.cfg.overopt_rounds + 1, self.cfg.overopt_eval_every)) <= rounds
 
     def write_meta(self) -> None:
-        _write_json(self.out / "experiment.json", {"config": asdict(self.cfg), "budget": self.cfg.budget})
+        config = {**asdict(self.cfg), "output_dir": portable_path(self.cfg.output_dir)}
+        _write_json(self.out / "experiment.json", {"config": config, "budget": self.cfg.budget})
 
     def run(self) -> int:
         """Run every job not done and not claimed by another live worker; several workers may share

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .evaluate import SampleSettings, evaluate_prompt, slug
-from .experiment import _save_strip, _write_json, claim, release
+from .experiment import _save_strip, _write_json, claim, portable_path, release
 
 REFERENCES = ("base", "rejection-sampling")  # evaluated without training, on every prompt
 
@@ -247,6 +247,7 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
 
 def _config_json(cfg: SweepConfig) -> dict[str, Any]:
     d = asdict(cfg)
+    d["output_dir"] = portable_path(d["output_dir"])
     d["methods"] = {m: [{"name": c.name, "overrides": dict(c.overrides)} for c in cands]
                     for m, cands in cfg.methods.items()}
     return d
