@@ -107,8 +107,7 @@ def write_report(sweep: Sweep, out_md: Path) -> Path:
         lines += ["## References without training", "",
                   "| prompt | base judge | base reward | best-of-8 judge | best-of-8 reward |", "|---|---|---|---|---|"]
         for prompt in dict.fromkeys(cfg.prompts + cfg.validation_prompts):
-            b = next((r for r in refs if r["prompt"] == prompt and r["method"] == "base"), None)
-            k = next((r for r in refs if r["prompt"] == prompt and r["method"] == "rejection-sampling"), None)
+            b, k = (_reference(refs, prompt, m) for m in ("base", "rejection-sampling"))
             if b is None and k is None:
                 continue
             lines.append(f"| {prompt} | {_fmt(b and b['eval']['judge_aligned'])} | "
@@ -142,6 +141,7 @@ def write_report(sweep: Sweep, out_md: Path) -> Path:
         for r in validation:
             e = r["eval"]
             base, best = (_reference(refs, r["prompt"], m) for m in ("base", "rejection-sampling"))
+            base, best = (x and x["eval"]["judge_aligned"] for x in (base, best))
             lines.append(f"| {r['method']} ({r['candidate']}) | {r['prompt']} | {_fmt(base)} | {_fmt(best)} | "
                          f"{_fmt(e['judge_aligned'])} | "
                          f"{_fmt(e['clean_share'])} | {_fmt(e['reward_mean'])} | {_fmt(r['smoothed_drop'])} |")
@@ -152,9 +152,9 @@ def write_report(sweep: Sweep, out_md: Path) -> Path:
     return out_md
 
 
-def _reference(refs: list[dict[str, Any]], prompt: str, method: str) -> float | None:
-    row = next((r for r in refs if r["prompt"] == prompt and r["method"] == method), None)
-    return row["eval"]["judge_aligned"] if row else None
+def _reference(refs: list[dict[str, Any]], prompt: str, method: str) -> dict[str, Any] | None:
+    """The reference result (base or best-of-n) of ``prompt``, if it was run."""
+    return next((r for r in refs if r["prompt"] == prompt and r["method"] == method), None)
 
 
 def _count(cfg: Any) -> str:

@@ -17,7 +17,6 @@ not tuned on. :func:`write_report` writes ``docs/tuning.md`` from the result fil
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -173,8 +172,7 @@ class Sweep:
         c = self.cfg
         t0 = time.perf_counter()
         cfg = build_config(None, {"algorithm": "rejection-sampling", "prompt": [prompt], "seed": seed, "rounds": 1,
-                                  "samples_per_round": c.samples_per_round,
-                                  "sample_batch_size": math.gcd(32, c.samples_per_round), "output_dir": str(folder / "run"),
+                                  "samples_per_round": c.samples_per_round, "output_dir": str(folder / "run"),
                                   "eval_images": 1, "device": c.device, **c.common})
         if (folder / "run").exists():
             import shutil

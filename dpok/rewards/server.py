@@ -160,9 +160,7 @@ def parse_score_request(body: bytes, limits: ServerLimits | None = None) -> tupl
         raise RequestError(f"prompt {bad[0]} is not a string")
     try:
         tensor = decode_images(images, limits.max_pixels)
-    except LimitError:
-        raise
-    except RewardError as e:
+    except RewardError as e:  # a LimitError is a RequestError and passes through
         raise RequestError(str(e)) from None
     return tensor, list(prompts)
 
