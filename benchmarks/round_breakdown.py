@@ -48,6 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = build_config(None, {"algorithm": args.algorithm, "output_dir": "runs/benchmark-round", "eval_images": 1})
     trainer = Trainer(cfg)
+    cfg = trainer.cfg  # with the automatic batch sizes filled in
     header(f"{args.algorithm} rounds: {cfg.samples_per_round} samples x {cfg.num_steps} steps, "
            f"{cfg.gradient_steps} x {cfg.grad_accum} minibatches of {cfg.minibatch_size}")
     rows = []
