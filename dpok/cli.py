@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -37,11 +38,51 @@ def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``: the command's settings from a YAML or TOML file."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML (.yaml, .yml) or TOML (.toml) file of settings, keys named like the options "
+                             "(learning_rate or learning-rate); options given on the command line override it")
+
+
+def settings(args: argparse.Namespace, cls: type, extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+    """The config file's settings (if ``--config``) overridden by the options given; and the file
+    (a :class:`~dpok.configfile.ConfigFile`, or None)."""
+    from .configfile import read_config_file
+
+    source = read_config_file(args.config, cls, extra) if getattr(args, "config", None) else None
+    values = dict(source.values) if source is not None else {}
+    values.update(overrides(args, cls))
+    return values, source
+
+
+@contextlib.contextmanager
+def errors_located(source: Any) -> Iterator[None]:
+    """A settings error about an option that came from the config file names the file and line."""
+    from .configfile import ConfigFileError, annotate_errors
+
+    try:
+        yield
+    except ConfigFileError:
+        raise
+    except ValueError as e:
+        if source is None:
+            raise
+        raise ValueError(annotate_errors(str(e), source)) from None
+
+
 def _cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
     from .embedded.pretrain import PretrainConfig, run_pretrain, tiny_config
 
-    base = tiny_config(args.work_dir or "pretrain_work") if args.preset == "tiny" else PretrainConfig()
-    cfg = dataclasses.replace(base, **overrides(args, PretrainConfig))
+    values, source = settings(args, PretrainConfig, extra={"preset": str})
+    file_preset = values.pop("preset", None)
+    preset = args.preset or file_preset or "full"
+    with errors_located(source):
+        if preset not in ("full", "tiny"):
+            raise ValueError(f"--preset must be 'full' or 'tiny' (got {preset!r})")
+        base = tiny_config(values.get("work_dir") or "pretrain_work") if preset == "tiny" else PretrainConfig()
+        cfg = dataclasses.replace(base, **values)
+        cfg.validate()
     return run_pretrain(cfg, argv)
 
 
@@ -64,16 +105,27 @@ def resume_settings(run_dir: str, given: dict[str, Any]) -> dict[str, Any]:
     return {**saved, **given, "resume": run_dir, "output_dir": run_dir}
 
 
-def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+def train_config(args: argparse.Namespace) -> tuple[Any, str]:
+    """The validated :class:`~dpok.config.TrainConfig` of ``dpok train`` options (defaults, then the
+    preset, the config file and the options given), and the format of the run's config file."""
     from .config import TrainConfig, build_config
+
+    given, source = settings(args, TrainConfig, extra={"preset": str})
+    file_preset = given.pop("preset", None)
+    preset = args.preset or file_preset
+    with errors_located(source):
+        if given.get("resume"):
+            given = resume_settings(given["resume"], given)
+        cfg = build_config(None if given.get("resume") else preset, given)
+    return cfg, source.format if source is not None else "yaml"
+
+
+def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .distributed import shutdown
     from .trainer import describe_result, train
 
-    given = overrides(args, TrainConfig)
-    if args.resume:
-        given = resume_settings(args.resume, given)
-    cfg = build_config(None if args.resume else args.preset, given)
-    result = train(cfg)
+    cfg, config_format = train_config(args)
+    result = train(cfg, config_format=config_format)
     if result.main_process:  # one report for a multi-process run
         print(describe_result(result))
     shutdown()
@@ -81,21 +133,25 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace, argv: list[str]) -> int:
-    from .generate import write_samples
+    from .generate import SampleConfig, write_samples
 
-    index = write_samples(model=args.model, lora=args.lora, prompts=args.prompt, num_images=args.num_images,
-                          seed=args.seed, output_dir=args.output_dir, num_steps=args.num_steps,
-                          guidance_scale=args.guidance_scale, eta=args.eta, device=args.device,
-                          batch_size=args.batch_size)
-    print(f"wrote {len(index)} images and index.json to {args.output_dir}")
+    values, source = settings(args, SampleConfig)
+    cfg = SampleConfig(**values)
+    with errors_located(source):
+        index = write_samples(model=cfg.model, lora=cfg.lora, prompts=cfg.prompt, num_images=cfg.num_images,
+                              seed=cfg.seed, output_dir=cfg.output_dir, num_steps=cfg.num_steps,
+                              guidance_scale=cfg.guidance_scale, eta=cfg.eta, device=cfg.device,
+                              batch_size=cfg.batch_size)
+    print(f"wrote {len(index)} images and index.json to {cfg.output_dir}")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     from .evaluate import EvalConfig, run_eval
 
-    cfg = EvalConfig(**overrides(args, EvalConfig))
-    run_eval(cfg)
+    values, source = settings(args, EvalConfig)
+    with errors_located(source):
+        run_eval(EvalConfig(**values))
     return 0
 
 
@@ -118,46 +174,44 @@ def _cmd_rewards(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cmd_reward_server(args: argparse.Namespace, argv: list[str]) -> int:
-    from .rewards.server import serve
+    from .rewards.server import ServerConfig, serve_config
 
-    options = {k: v for k, v in (("alignment_model", args.alignment_model), ("model", args.reward_model),
-                                 ("head", args.reward_head), ("processor", args.reward_processor),
-                                 ("device", args.device)) if v}
-    from .rewards.server import ServerLimits
-
-    limits = ServerLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-                          max_pixels=args.max_pixels, request_timeout_s=args.request_timeout)
-    serve(args.reward, host=args.host, port=args.port, token=args.token or None, limits=limits,
-          certfile=args.certfile or None, keyfile=args.keyfile or None, **options)
+    values, source = settings(args, ServerConfig)
+    with errors_located(source):
+        serve_config(ServerConfig(**values))
     return 0
 
 
-def _add_sample_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="shapeworld", help="pipeline folder, hub id, or 'shapeworld' (default)")
-    p.add_argument("--lora", default="", help="LoRA folder of a run (its 'lora/' folder) to load")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    p.add_argument("--output-dir", required=True, help="folder for the PNGs and index.json")
-    p.add_argument("--num-steps", type=int, default=20, help="DDIM steps (default: 20)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="guidance scale (default: 5.0)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta, 0 = deterministic (default: 1.0)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward batch (default: 16)")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
+def _cmd_presets(args: argparse.Namespace, argv: list[str]) -> int:
+    from .config import PRESETS
+    from .configfile import preset_file, write_preset_files
+
+    if args.write:
+        for path in write_preset_files(args.write):
+            print(f"wrote {path}")
+        return 0
+    for name, fn in PRESETS.items():
+        summary = " ".join((fn.__doc__ or "").split())
+        summary = summary if len(summary) <= 100 else summary[:97] + "..."
+        print(f"{name:18s} {preset_file(name)}\n{'':18s} {summary}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS, TrainConfig
     from .embedded.pretrain import PretrainConfig
     from .evaluate import EvalConfig
+    from .generate import SampleConfig
+    from .rewards.server import ServerConfig
 
     parser = argparse.ArgumentParser(prog="dpok", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="train the embedded ShapeWorld model and alignment reward from scratch",
                        description="Train the embedded ShapeWorld text-to-image model (tokenizer, text encoder, "
                                    "VAE, UNet) and the shapeworld-alignment reward. Resumes from --work-dir.")
-    p.add_argument("--preset", choices=["full", "tiny"], default="full",
-                   help="'full' made the shipped model; 'tiny' runs a few steps of everything (for tests)")
+    p.add_argument("--preset", choices=["full", "tiny"], default=None,
+                   help="'full' (default) made the shipped model; 'tiny' runs a few steps of everything (for tests)")
+    add_config_option(p)
     add_dataclass_options(p, PretrainConfig)
     p.set_defaults(func=_cmd_pretrain)
 
@@ -166,40 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
                                    "options: DPOK on the embedded ShapeWorld model, prompt 'two white triangles', "
                                    "reward shapeworld-alignment.")
     t.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="named settings applied before your options (e.g. dpok-paper, ddpo-paper)")
+                   help="named settings applied before the config file and your options (e.g. dpok-paper, "
+                        "ddpo-paper; each is also a config file to copy, see 'dpok presets')")
+    add_config_option(t)
     add_dataclass_options(t, TrainConfig)
     t.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("sample", help="generate images (optionally with a LoRA) into PNGs + index.json")
-    _add_sample_options(s)
+    add_config_option(s)
+    add_dataclass_options(s, SampleConfig)
     s.set_defaults(func=_cmd_sample)
 
     e = sub.add_parser("eval", help="mean reward per prompt on seen and unseen prompt sets, as a table and JSON")
+    add_config_option(e)
     add_dataclass_options(e, EvalConfig)
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("reward-server", help="serve a registered reward over HTTP (JSON, PNG/base64 images)",
                        description="Serve any reward over HTTP for training jobs elsewhere to call with "
                                    "--reward http --reward-url URL. POST /score, GET /health.")
-    r.add_argument("--reward", required=True, help="reward name or spec to serve")
-    r.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
-    r.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
-    r.add_argument("--token", default="", help="shared token clients must send as 'Authorization: Bearer TOKEN'")
-    r.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body in MiB (default: 256)")
-    r.add_argument("--max-images", type=int, default=1024, help="most images in one request (default: 1024)")
-    r.add_argument("--max-pixels", type=int, default=4096 * 4096,
-                   help="most pixels (width x height) of one image, checked before decoding (default: 4096x4096)")
-    r.add_argument("--request-timeout", type=float, default=60.0,
-                   help="seconds a connection may stay silent before it is closed (default: 60)")
-    r.add_argument("--certfile", default="", help="PEM certificate: serve HTTPS (with --keyfile unless it holds the key)")
-    r.add_argument("--keyfile", default="", help="PEM private key of --certfile")
-    r.add_argument("--alignment-model", default="", help="folder of the shapeworld-alignment weights")
-    r.add_argument("--reward-model", default="", help="hub id or folder of the reward's model (see docs/rewards.md)")
-    r.add_argument("--reward-head", default="", help="safetensors file of the aesthetic predictor's MLP head")
-    r.add_argument("--reward-processor", default="", help="hub id or folder of the reward's tokenizer/processor")
-    r.add_argument("--device", default="", help="device for the reward model (default: the reward's choice)")
+    add_config_option(r)
+    add_dataclass_options(r, ServerConfig)
     r.set_defaults(func=_cmd_reward_server)
 
+    pr = sub.add_parser("presets", help="list the named training presets and their config files")
+    pr.add_argument("--write", default="", metavar="DIR", help="write every preset's config file into DIR (to copy)")
+    pr.set_defaults(func=_cmd_presets)
     sub.add_parser("prompts", help="list the named prompt sets").set_defaults(func=_cmd_prompts)
     sub.add_parser("rewards", help="list the registered rewards").set_defaults(func=_cmd_rewards)
     return parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,26 @@ import torch
 from PIL import Image
 
 from .adapter import DiffusionAdapter
+from .config import option
+
+_f = option
+
+
+@dataclass
+class SampleConfig:
+    """Settings of ``dpok sample`` (the keyword arguments of :func:`write_samples`)."""
+
+    model: str = _f("shapeworld", "pipeline folder, hub id, or 'shapeworld'")
+    lora: str = _f("", "LoRA folder of a run (its 'lora/' folder) to load")
+    prompt: list[str] = field(default_factory=list, metadata={"help": "a prompt (at least one)"})
+    num_images: int = _f(4, "images per prompt")
+    seed: int = _f(0, "seed")
+    output_dir: str = _f("", "folder for the PNGs and index.json (required)")
+    num_steps: int = _f(20, "DDIM steps")
+    guidance_scale: float = _f(5.0, "guidance scale")
+    eta: float = _f(1.0, "DDIM eta, 0 = deterministic")
+    batch_size: int = _f(16, "images per forward batch")
+    device: str = _f("auto", "'auto', 'cpu' or 'cuda[:N]'")
 
 
 def load_model(model: str, lora: str = "", device: str = "auto") -> DiffusionAdapter:
@@ -50,6 +71,8 @@ def write_samples(model: str, lora: str, prompts: list[str], num_images: int, se
                   batch_size: int = 16) -> dict[str, str]:
     """Write ``p{prompt:03d}_i{image:03d}.png`` files and ``index.json`` (file name -> prompt)."""
     validate_prompts_for(model, prompts)
+    if not output_dir:
+        raise ValueError("give --output-dir, the folder for the PNGs and index.json")
     for name, value in (("--num-images", num_images), ("--num-steps", num_steps), ("--batch-size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1 (got {value})")

@@ -33,6 +33,7 @@ from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
 from .checkpoint import checkpoint_path, latest_checkpoint, write_checkpoint
 from .config import TrainConfig
+from .configfile import write_run_config
 from .prompts import PromptSampler, resolve_prompts
 from .rewards import Reward, RewardError, RewardOutput, make_reward
 from .runlog import RunLog, plot_curves, read_metrics
@@ -106,7 +107,12 @@ def default_output_dir(cfg: TrainConfig) -> Path:
 class Trainer:
     """Owns the model, reward, algorithm, optimizer and the run folder for one run."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, config_format: str = "yaml") -> None:
+        """``config_format``: ``yaml`` or ``toml``, the format of the resolved ``config.<format>``
+        written into the run folder beside ``config.json`` (the format of the run's ``--config`` file)."""
+        if config_format not in ("yaml", "toml"):
+            raise ValueError(f"config_format must be 'yaml' or 'toml' (got {config_format!r})")
+        self.config_format = config_format
         state = distributed.init_processes(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
         self.rank, self.num_processes = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
@@ -354,6 +360,7 @@ class Trainer:
         cfg, main = self.cfg, self.is_main
         if main and not cfg.resume:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            write_run_config(cfg, self.out, self.config_format)
         shown = self.prompts[:GRID_PROMPTS]
         if main:
             procs = f" on {self.num_processes} processes" if self.num_processes > 1 else ""
@@ -402,7 +409,8 @@ class Trainer:
                          main_process=main)
 
     def _save_outputs(self, before: dict[str, float], after: dict[str, float]) -> dict[str, str]:
-        files = {"config": "config.json", "metrics": "metrics.jsonl", "tensorboard": "tensorboard/",
+        files = {"config": "config.json", "config_file": f"config.{self.config_format}", "metrics": "metrics.jsonl",
+                 "tensorboard": "tensorboard/",
                  "samples_before": "samples_before.png", "samples_after": "samples_after.png"}
         if self.algorithm.trains and self.cfg.finetune == "lora":
             self.adapter.save_lora(self.out / "lora")
@@ -441,8 +449,9 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def train(cfg: TrainConfig) -> RunResult:
-    return Trainer(cfg).run()
+def train(cfg: TrainConfig, config_format: str = "yaml") -> RunResult:
+    """Run ``cfg`` to the end (see :class:`Trainer`); ``config_format`` of the run folder's ``config.<format>``."""
+    return Trainer(cfg, config_format=config_format).run()
 
 
 def describe_result(result: RunResult) -> str:

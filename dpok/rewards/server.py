@@ -33,7 +33,7 @@ import ssl
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -69,6 +69,48 @@ class ServerLimits:
                 raise RewardError(f"reward server limit {name} must be a whole number >= 1, got {value!r}")
         if not (self.request_timeout_s > 0 and math.isfinite(self.request_timeout_s)):
             raise RewardError(f"reward server request_timeout_s must be > 0 seconds, got {self.request_timeout_s!r}")
+
+
+@dataclass
+class ServerConfig:
+    """Settings of ``dpok reward-server`` (field help is the CLI help)."""
+
+    reward: str = field(default="", metadata={"help": "reward name or spec to serve (required)"})
+    host: str = field(default=DEFAULT_HOST, metadata={"help": "address to bind (127.0.0.1: loopback only)"})
+    port: int = field(default=DEFAULT_PORT, metadata={"help": "port"})
+    token: str = field(default="", metadata={"help": "shared token clients must send as 'Authorization: Bearer TOKEN'"})
+    max_body_mb: float = field(default=256.0, metadata={"help": "largest request body in MiB"})
+    max_images: int = field(default=1024, metadata={"help": "most images in one request"})
+    max_pixels: int = field(default=4096 * 4096, metadata={
+        "help": "most pixels (width x height) of one image, checked before decoding"})
+    request_timeout: float = field(default=60.0, metadata={
+        "help": "seconds a connection may stay silent before it is closed"})
+    certfile: str = field(default="", metadata={"help": "PEM certificate: serve HTTPS (with --keyfile unless it holds the key)"})
+    keyfile: str = field(default="", metadata={"help": "PEM private key of --certfile"})
+    alignment_model: str = field(default="", metadata={"help": "folder of the shapeworld-alignment weights"})
+    reward_model: str = field(default="", metadata={"help": "hub id or folder of the reward's model (see docs/rewards.md)"})
+    reward_head: str = field(default="", metadata={"help": "safetensors file of the aesthetic predictor's MLP head"})
+    reward_processor: str = field(default="", metadata={"help": "hub id or folder of the reward's tokenizer/processor"})
+    device: str = field(default="", metadata={"help": "device for the reward model (empty: the reward's choice)"})
+
+    def limits(self) -> ServerLimits:
+        """The request limits these settings give."""
+        return ServerLimits(max_body_bytes=int(self.max_body_mb * 2**20), max_images=self.max_images,
+                            max_pixels=self.max_pixels, request_timeout_s=self.request_timeout)
+
+    def reward_options(self) -> dict[str, str]:
+        """The reward's own options (``make_reward`` keywords) that are set."""
+        pairs = (("alignment_model", self.alignment_model), ("model", self.reward_model), ("head", self.reward_head),
+                 ("processor", self.reward_processor), ("device", self.device))
+        return {k: v for k, v in pairs if v}
+
+
+def serve_config(cfg: ServerConfig) -> None:
+    """:func:`serve` with the settings of ``dpok reward-server``."""
+    if not cfg.reward:
+        raise ValueError("give --reward, the reward name or spec to serve")
+    serve(cfg.reward, host=cfg.host, port=cfg.port, token=cfg.token or None, limits=cfg.limits(),
+          certfile=cfg.certfile or None, keyfile=cfg.keyfile or None, **cfg.reward_options())
 
 
 class RequestError(ValueError):
