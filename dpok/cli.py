@@ -182,6 +182,18 @@ def _cmd_reward_server(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
+    from pathlib import Path
+
+    from .export import export_kohya, lora_folder, write_model_card
+
+    folder = lora_folder(args.run)
+    print(f"wrote {export_kohya(folder, args.output or None)} (kohya format: ComfyUI, AUTOMATIC1111)")
+    if folder != Path(args.run) and not args.no_card:
+        print(f"wrote {write_model_card(args.run)} (model card)")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace, argv: list[str]) -> int:
     from .config import PRESETS
     from .configfile import preset_file, write_preset_files
@@ -243,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(r, ServerConfig)
     r.set_defaults(func=_cmd_reward_server)
 
+    x = sub.add_parser("export", help="write a run's LoRA in the kohya format (ComfyUI, A1111) and its model card",
+                       description="Write RUN/lora/lora_kohya.safetensors (lora_unet_... keys with .alpha, as ComfyUI "
+                                   "and AUTOMATIC1111 load them) and the model card RUN/lora/README.md.")
+    x.add_argument("run", help="run folder of 'dpok train' (or its lora/ folder: then no model card)")
+    x.add_argument("--output", default="", help="kohya file to write (default: RUN/lora/lora_kohya.safetensors)")
+    x.add_argument("--no-card", action="store_true", help="do not (re)write the model card")
+    x.set_defaults(func=_cmd_export)
     pr = sub.add_parser("presets", help="list the named training presets and their config files")
     pr.add_argument("--write", default="", metavar="DIR", help="write every preset's config file into DIR (to copy)")
     pr.set_defaults(func=_cmd_presets)

@@ -139,6 +139,8 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "rounds between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(2, "complete checkpoints kept")
     resume: str = _f("", "run folder to continue from its newest complete checkpoint")
+    kohya_lora: bool = _f(True, "also write the LoRA in the kohya format that ComfyUI and AUTOMATIC1111 load "
+                                "(lora/lora_kohya.safetensors); 'dpok export RUN' writes it later too")
     max_bad_rounds: int = _f(5, "stop after this many rounds in a row whose update was skipped (non-finite loss, "
                                 "gradient or an all-invalid reward batch)")
 

@@ -34,6 +34,7 @@ from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
 from .checkpoint import checkpoint_path, latest_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .configfile import write_run_config
+from .export import export_kohya, write_model_card
 from .prompts import PromptSampler, resolve_prompts
 from .rewards import Reward, RewardError, RewardOutput, make_reward
 from .runlog import RunLog, plot_curves, read_metrics
@@ -412,9 +413,13 @@ class Trainer:
         files = {"config": "config.json", "config_file": f"config.{self.config_format}", "metrics": "metrics.jsonl",
                  "tensorboard": "tensorboard/",
                  "samples_before": "samples_before.png", "samples_after": "samples_after.png"}
-        if self.algorithm.trains and self.cfg.finetune == "lora":
+        lora = self.algorithm.trains and self.cfg.finetune == "lora"
+        if lora:
             self.adapter.save_lora(self.out / "lora")
             files["lora"] = "lora/pytorch_lora_weights.safetensors"
+            if self.cfg.kohya_lora:
+                files["lora_kohya"] = str(export_kohya(self.out).relative_to(self.out))
+            files["model_card"] = "lora/README.md"
         elif self.algorithm.trains:
             self.adapter.unet.save_pretrained(self.out / "unet")
             files["unet"] = "unet/"
@@ -428,6 +433,8 @@ class Trainer:
                    "reward_queries_per_eval_image": self.algorithm.reward_queries_per_image(), "files": files}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         files["summary"] = "summary.json"
+        if lora:
+            write_model_card(self.out)
         if self.log is not None:
             self.log.close()
         return files

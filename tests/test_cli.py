@@ -33,7 +33,8 @@ def test_train_on_the_embedded_model_writes_every_output(tmp_path: Path, shipped
                           capture_output=True, text=True, env=_env(), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("config.json", "metrics.jsonl", "samples_before.png", "samples_after.png", "curves.png",
-                 "summary.json", "lora/pytorch_lora_weights.safetensors"):
+                 "summary.json", "lora/pytorch_lora_weights.safetensors", "config.yaml", "lora/lora_kohya.safetensors",
+                 "lora/README.md", "lora/samples_after.png"):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -164,7 +164,6 @@ TINY = {"rounds": 2, "samples_per_round": 2, "num_steps": 2, "eval_images": 1, "
         "learning_rate": 1e-2, "clip_range": 0.1, "seed": 3}
 
 
-@pytest.mark.slow  # two training runs (~12 s on 2 cores)
 def test_run_from_a_yaml_file_equals_the_run_from_options_bit_for_bit(tiny_pipeline_dir: Path, tiny_reward_dir: Path,
                                                                       tmp_path: Path) -> None:
     common = {"model": str(tiny_pipeline_dir), "alignment_model": str(tiny_reward_dir), **TINY}
