@@ -51,7 +51,9 @@ class TrainConfig:
     prompt: list[str] = field(default_factory=list, metadata={"help": "a training prompt (repeatable)"})
     prompt_file: str = _f("", "text file with one training prompt per line ('#' starts a comment)")
     prompt_set: str = _f("", "named prompt set, e.g. hard, seen, common (see 'dpok prompts')")
-    eval_prompt_set: str = _f("", "named prompt set evaluated as unseen prompts at the end (optional)")
+    eval_prompt_set: str = _f("", "named prompt set evaluated as unseen prompts by --eval-every (optional)")
+    eval_prompt: list[str] = field(default_factory=list, metadata={
+        "help": "an unseen prompt evaluated by --eval-every (repeatable; with --eval-prompt-set: both)"})
     algorithm: str = _f("dpok", f"one of {', '.join(ALGORITHM_NAMES)}")
     output_dir: str = _f("", "run folder (default: runs/<algorithm>-<time>)")
     seed: int = _f(0, "seed of prompts, noise and initialisation (with N processes, process r > 0 draws its prompts "
@@ -139,6 +141,10 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "rounds between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(2, "complete checkpoints kept")
     resume: str = _f("", "run folder to continue from its newest complete checkpoint")
+    eval_every: int = _f(0, "rounds between in-training evaluations of the policy on fixed seen and unseen prompts "
+                            "with fixed noise (eval/* metrics in eval.jsonl and the trackers, grids in eval/, "
+                            "eval_curves.png; also before the first and after the last round; 0: none)")
+    eval_every_images: int = _f(8, "images per prompt in each --eval-every evaluation (at most 4 prompts per split)")
     kohya_lora: bool = _f(True, "also write the LoRA in the kohya format that ComfyUI and AUTOMATIC1111 load "
                                 "(lora/lora_kohya.safetensors); 'dpok export RUN' writes it later too")
     max_bad_rounds: int = _f(5, "stop after this many rounds in a row whose update was skipped (non-finite loss, "
@@ -185,11 +191,11 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, 0 for auto (got {getattr(self, name)})")
         for name in ("rounds", "samples_per_round", "gradient_steps",
                      "grad_accum", "lora_rank", "buffer_size", "inner_epochs", "stat_buffer", "stat_min_count",
-                     "eval_images", "best_of", "value_steps", "keep_checkpoints", "max_bad_rounds"):
+                     "eval_images", "eval_every_images", "best_of", "value_steps", "keep_checkpoints", "max_bad_rounds"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         for name in ("learning_rate", "value_lr", "max_grad_norm", "clip_range", "rwr_temperature", "lora_alpha", "adv_clip"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
-        for name in ("alpha", "beta", "gamma", "weight_decay", "checkpoint_every"):
+        for name in ("alpha", "beta", "gamma", "weight_decay", "checkpoint_every", "eval_every"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         need(0 < self.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1] (got {self.timestep_fraction})")
         need(0 <= self.rwr_percentile < 100, f"--rwr-percentile must be in [0, 100) (got {self.rwr_percentile})")

@@ -129,7 +129,8 @@ def model_card(cfg: dict[str, Any], summary: dict[str, Any], images: list[str], 
     evals = ""
     if eval_rows:
         keys = [k for k in eval_rows if k.startswith("eval/")]
-        evals = ("\n### Last in-training evaluation (fixed prompts and noise)\n\n| measure | value |\n| --- | --- |\n"
+        evals = (f"\n### In-training evaluation after round {eval_rows.get('round')} (fixed prompts and noise)\n\n"
+                 "| measure | value |\n| --- | --- |\n"
                  + "\n".join(f"| `{k}` | {_fmt(eval_rows[k])} |" for k in keys) + "\n")
     grids = "\n".join(f"![{Path(i).stem.replace('_', ' ')}]({i})" for i in images)
     body = f"""
@@ -203,7 +204,7 @@ def write_model_card(run_dir: str | Path) -> Path:
     for name in ("config.yaml", "config.toml"):
         if (run / name).is_file():
             shutil.copyfile(run / name, folder / name)
-    evals = [r for r in read_metrics(run / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
+    evals = read_metrics(run / "eval.jsonl")  # --eval-every's evaluations, if any
     card = folder / CARD_FILE
     card.write_text(model_card(cfg, summary, images, evals[-1] if evals else {}), encoding="utf-8")
     return card

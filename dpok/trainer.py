@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, periodic_eval
 from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
 from .checkpoint import checkpoint_path, latest_checkpoint, write_checkpoint
@@ -124,7 +124,8 @@ class Trainer:
             tqdm.write("batch sizes (auto): " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in auto))
         self.cfg = cfg
         self.prompts = prepare_prompts(cfg)
-        self.eval_unseen = resolve_prompts(None, None, cfg.eval_prompt_set, _grammar(cfg)) if cfg.eval_prompt_set else []
+        self.eval_unseen = (resolve_prompts(cfg.eval_prompt or None, None, cfg.eval_prompt_set or None, _grammar(cfg))
+                            if cfg.eval_prompt or cfg.eval_prompt_set else [])
         self.device = select_device(cfg.device)
         if state is not None and self.device.type == "cuda":
             self.device = state.device  # one GPU per process: cuda:<local rank>
@@ -352,6 +353,27 @@ class Trainer:
                 f"reward invalid; see reward/invalid and train/skipped_* in {self.out / 'metrics.jsonl'}); {where}. Lower "
                 "--learning-rate or check the reward, then --resume")
 
+    def _eval_due(self, rounds: int) -> bool:
+        """Whether ``--eval-every`` evaluates after the round just finished (every N rounds and the last)."""
+        every = self.cfg.eval_every
+        return bool(every) and self.algorithm.trains and (self.round % every == 0 or self.round == rounds)
+
+    def periodic_eval(self) -> dict[str, float] | None:
+        """The ``--eval-every`` evaluation of the current policy (main process; the others wait):
+        ``eval/*`` means to ``eval.jsonl``, a grid to ``eval/round-N.png``, ``eval_curves.png``."""
+        metrics = None
+        if self.is_main:
+            plan = periodic_eval.make_plan(self.prompts, self.eval_unseen, self.cfg.eval_every_images,
+                                           self.cfg.num_steps, self.cfg.guidance_scale, self.cfg.eta, self.cfg.seed,
+                                           _grammar(self.cfg) == "shapeworld", self.cfg.sample_batch_size)
+            metrics, rows, labels = periodic_eval.evaluate_policy(self.adapter, self.reward, plan)
+            periodic_eval.record(self.out, self.round, metrics, rows, labels)
+            shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items()
+                              if k.endswith(("reward_mean", "judge_aligned")))
+            tqdm.write(f"eval after round {self.round}: {shown}")
+        distributed.barrier()
+        return metrics
+
     def _grid(self, rows: list[np.ndarray], prompts: list[str], name: str, scores: dict[str, float]) -> Path:
         labels = [f"{p}  (reward {scores[p]:.3f})" for p in prompts]
         return save_prompt_grid(rows, labels, self.out / name)
@@ -374,6 +396,10 @@ class Trainer:
             self.before = distributed.broadcast_object(self.before)
         before = self.before
         rounds = cfg.rounds if self.algorithm.trains else 0
+        if main and cfg.resume:  # the evaluations after the checkpoint's round are made again
+            periodic_eval.truncate(self.out, self.round if self.round > 0 else -1)
+        if self.round == 0 and cfg.eval_every and self.algorithm.trains:
+            self.periodic_eval()  # the base model: where the curves start
         bar = tqdm(range(self.round, rounds), desc=f"{cfg.algorithm}", initial=self.round, total=rounds,
                    dynamic_ncols=True, file=sys.stderr, disable=not main)
         with stop_on_signals(self):
@@ -384,6 +410,8 @@ class Trainer:
                     self.log.write(self.round, metrics)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/rollout']:.2f}")
                 self._check_bad_round(metrics)
+                if self._eval_due(rounds):
+                    self.periodic_eval()
                 # a signal may reach only some processes: all stop if any got one
                 stop = distributed.all_max(self.stop_signal or 0)
                 if stop:
@@ -425,12 +453,18 @@ class Trainer:
             files["unet"] = "unet/"
         if plot_curves(self.log.path, self.out / "curves.png"):
             files["curves"] = "curves.png"
+        evals = read_metrics(self.out / "eval.jsonl")
+        if evals:
+            files.update({"eval": "eval.jsonl", "eval_grids": "eval/"})
+            if periodic_eval.plot_eval_curves(self.out / "eval.jsonl", self.out / "eval_curves.png"):
+                files["eval_curves"] = "eval_curves.png"
         summary = {"reward_before": before, "reward_after": after,
                    "reward_before_mean": float(np.mean(list(before.values()))),
                    "reward_after_mean": float(np.mean(list(after.values()))),
                    "eval_images_per_prompt": self.cfg.eval_images, "rounds": self.round,
                    "reward_queries": self.reward_queries,
-                   "reward_queries_per_eval_image": self.algorithm.reward_queries_per_image(), "files": files}
+                   "reward_queries_per_eval_image": self.algorithm.reward_queries_per_image(),
+                   "eval_last": evals[-1] if evals else None, "files": files}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         files["summary"] = "summary.json"
         if lora:

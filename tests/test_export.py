@@ -90,7 +90,7 @@ def _fake_run(run: Path, tiny_pipeline_dir: Path) -> None:
     (run / "summary.json").write_text(json.dumps(summary))
     for name in ("samples_before.png", "samples_after.png"):
         Image.new("RGB", (8, 8)).save(run / name)
-    (run / "metrics.jsonl").write_text(json.dumps({"round": 3, "reward/mean": 0.5, "eval/seen/reward_mean": 0.7}) + "\n")
+    (run / "eval.jsonl").write_text(json.dumps({"round": 3, "eval/seen/reward_mean": 0.7}) + "\n")
 
 
 def test_export_command_writes_the_kohya_file_and_a_hub_model_card(tiny_pipeline_dir: Path, tmp_path: Path,
@@ -109,6 +109,7 @@ def test_export_command_writes_the_kohya_file_and_a_hub_model_card(tiny_pipeline
     text = card.text
     for expected in ("| a red circle | 0.250 | 0.625 |", "| **mean** | 0.375 | 0.688 |", "12 reward queries",
                      "`shapeworld-alignment`", "rank 8, alpha 8.0", "- two blue squares", "`eval/seen/reward_mean` | 0.700",
+                     "after round 3",
                      "![samples after](samples_after.png)", KOHYA_FILE):
         assert expected in text, expected
     for name in ("samples_before.png", "samples_after.png", "config.yaml"):
