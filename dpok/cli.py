@@ -86,7 +86,7 @@ def _cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
     return run_pretrain(cfg, argv)
 
 
-RESUMABLE_CHANGES = {"rounds", "checkpoint_every", "keep_checkpoints", "device", "resume"}
+RESUMABLE_CHANGES = {"rounds", "checkpoint_every", "keep_checkpoints", "device", "resume", "report_to"}
 
 
 def resume_settings(run_dir: str, given: dict[str, Any]) -> dict[str, Any]:

@@ -141,6 +141,9 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "rounds between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(2, "complete checkpoints kept")
     resume: str = _f("", "run folder to continue from its newest complete checkpoint")
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={
+        "help": "trackers of the run's scalars and image grids: tensorboard, wandb or none (repeatable or "
+                "comma-separated; default tensorboard; wandb honours WANDB_MODE=offline and WANDB_PROJECT)"})
     eval_every: int = _f(0, "rounds between in-training evaluations of the policy on fixed seen and unseen prompts "
                             "with fixed noise (eval/* metrics in eval.jsonl and the trackers, grids in eval/, "
                             "eval_curves.png; also before the first and after the last round; 0: none)")
@@ -210,6 +213,12 @@ class TrainConfig:
             if size >= 1 and self.samples_per_round % (num_processes * size):
                 errors.append(f"--samples-per-round ({self.samples_per_round}) must be a multiple of {times}--{name} "
                               f"({size}){why}{total}")
+        try:
+            from .trackers import parse_report_to
+
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            errors.append(str(e))
         if self.resume and not Path(self.resume).is_dir():
             errors.append(f"--resume {self.resume!r} is not a run folder")
         if errors:

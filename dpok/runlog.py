@@ -1,10 +1,14 @@
-"""Run metrics: one JSON line per round, the same scalars in TensorBoard, and a curves plot."""
+"""Run metrics: one JSON line per round, the same scalars in the trackers (TensorBoard, wandb), and a curves plot."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 CURVES = (("reward/mean", "reward (mean over the round's samples)"),
           ("kl/rollout", "KL bound to the pretrained model (nats, sum over steps)"),
@@ -12,24 +16,32 @@ CURVES = (("reward/mean", "reward (mean over the round's samples)"),
 
 
 class RunLog:
-    """Appends ``{"round": r, **metrics}`` to ``metrics.jsonl`` and writes TensorBoard scalars."""
+    """Appends ``{"round": r, **metrics}`` to ``metrics.jsonl`` and sends the scalars and image grids
+    to the trackers of ``report_to`` (see :mod:`dpok.trackers`; ``config``: the run's settings,
+    stored as its hyperparameters)."""
 
-    def __init__(self, folder: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, folder: Path, report_to: Sequence[str] = ("tensorboard",),
+                 config: dict[str, Any] | None = None) -> None:
+        from .trackers import Trackers
 
         self.path = Path(folder) / "metrics.jsonl"
-        self.writer = SummaryWriter(log_dir=str(Path(folder) / "tensorboard"))
+        self.trackers = Trackers(report_to, folder, config)
 
     def write(self, round_: int, metrics: dict[str, float]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"round": round_, **metrics}) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(key, value, round_)
-        self.writer.flush()
+        self.trackers.log(metrics, round_)
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        """Scalars that are not a round's row (e.g. ``eval/*``) to the trackers only."""
+        self.trackers.log(values, step)
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        """An RGB image (H, W, 3) uint8 to the trackers."""
+        self.trackers.log_image(key, image, step)
 
     def close(self) -> None:
-        self.writer.close()
+        self.trackers.finish()
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

@@ -169,7 +169,7 @@ class Trainer:
         self.bad_rounds = 0
         if cfg.resume:
             self._resume()
-        self.log: RunLog | None = RunLog(self.out) if self.is_main else None
+        self.log: RunLog | None = RunLog(self.out, cfg.report_to, cfg.to_dict()) if self.is_main else None
 
     def _replicated_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters every process holds the same copy of: the policy's trainable ones and the algorithm's."""
@@ -367,7 +367,10 @@ class Trainer:
                                            self.cfg.num_steps, self.cfg.guidance_scale, self.cfg.eta, self.cfg.seed,
                                            _grammar(self.cfg) == "shapeworld", self.cfg.sample_batch_size)
             metrics, rows, labels = periodic_eval.evaluate_policy(self.adapter, self.reward, plan)
-            periodic_eval.record(self.out, self.round, metrics, rows, labels)
+            grid = periodic_eval.record(self.out, self.round, metrics, rows, labels)
+            if self.log is not None:
+                self.log.log_scalars(metrics, self.round)
+                self._log_grid("eval/grid", grid)
             shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items()
                               if k.endswith(("reward_mean", "judge_aligned")))
             tqdm.write(f"eval after round {self.round}: {shown}")
@@ -376,7 +379,17 @@ class Trainer:
 
     def _grid(self, rows: list[np.ndarray], prompts: list[str], name: str, scores: dict[str, float]) -> Path:
         labels = [f"{p}  (reward {scores[p]:.3f})" for p in prompts]
-        return save_prompt_grid(rows, labels, self.out / name)
+        path = save_prompt_grid(rows, labels, self.out / name)
+        self._log_grid(f"samples/{Path(name).stem.removeprefix('samples_')}", path)
+        return path
+
+    def _log_grid(self, key: str, path: Path) -> None:
+        """A saved grid (PNG) to the trackers, at the current round."""
+        if self.log is not None:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                self.log.log_image(key, np.asarray(image.convert("RGB")), self.round)
 
     # ---------------------------------------------------------------------------------- run
     def run(self) -> RunResult:
