@@ -221,6 +221,22 @@ class DiffusionAdapter:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         return cls(pipe, device, dtype)
 
+    @classmethod
+    def from_pipeline(cls, pipe: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                      ) -> DiffusionAdapter:
+        """A Stable Diffusion (1.x, 2.x) or SDXL pipeline object already in memory. It is changed in
+        place: its scheduler becomes DDIM (same configuration), its modules move to ``device`` and
+        its UNet is the one that gets the LoRA."""
+        from diffusers import DDIMScheduler
+
+        missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                   if getattr(pipe, part, None) is None]
+        if missing:
+            raise ModelLoadError(f"the pipeline object ({type(pipe).__name__}) has no {', '.join(missing)}; give a "
+                                 "Stable Diffusion 1.x/2.x or SDXL pipeline")
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        return cls(pipe, device, dtype)
+
     # ----------------------------------------------------------------------------------- prompts
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:

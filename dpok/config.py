@@ -49,7 +49,9 @@ class TrainConfig:
     reward_ca_file: str = _f("", "PEM file of the authority that signed an https reward server's certificate (e.g. "
                                  "the self-signed certificate itself)")
     prompt: list[str] = field(default_factory=list, metadata={"help": "a training prompt (repeatable)"})
-    prompt_file: str = _f("", "text file with one training prompt per line ('#' starts a comment)")
+    prompt_file: str = _f("", "text file with one training prompt per line ('#' starts a comment), or a .jsonl "
+                              "file of {\"prompt\": ..., other fields} objects whose fields are the prompt's "
+                              "metadata, handed to rewards that take it")
     prompt_set: str = _f("", "named prompt set, e.g. hard, seen, common (see 'dpok prompts')")
     eval_prompt_set: str = _f("", "named prompt set evaluated as unseen prompts by --eval-every (optional)")
     eval_prompt: list[str] = field(default_factory=list, metadata={

@@ -19,8 +19,9 @@ import torch
 from .adapter import DiffusionAdapter
 from .config import option
 from .generate import load_model
-from .prompts import resolve_prompts
+from .prompts import prompt_metadata, resolve_prompts
 from .rewards import Reward, make_reward
+from .rewards.base import PromptMetadataReward
 from .sampling import Trajectory, policy_step, sample_in_batches
 from .viz import save_prompt_grid
 
@@ -40,7 +41,7 @@ class EvalConfig:
     reward_head: str = _f("", "safetensors file of the aesthetic predictor's MLP head")
     reward_processor: str = _f("", "hub id or folder of the reward's tokenizer/processor, if not the model's")
     prompt: list[str] = field(default_factory=list, metadata={"help": "a seen prompt (repeatable)"})
-    prompt_file: str = _f("", "file of seen prompts")
+    prompt_file: str = _f("", "file of seen prompts (text, or .jsonl with metadata)")
     prompt_set: str = _f("", "named set of seen prompts (default: 'seen' on ShapeWorld)")
     unseen_prompt_set: str = _f("", "named set of unseen prompts (default: 'unseen' on ShapeWorld)")
     unseen_prompt_file: str = _f("", "file of unseen prompts")
@@ -72,6 +73,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from .trainer import reward_options
 
     reward = make_reward(cfg.reward, **reward_options(cfg))
+    if reward.uses_metadata:  # the metadata of .jsonl prompt files' prompts
+        grammar = "shapeworld" if cfg.model == "shapeworld" else None
+        table = {prompt: meta for file in (cfg.prompt_file, cfg.unseen_prompt_file) if file
+                 for prompt, meta in prompt_metadata(file, grammar).items()}
+        reward = PromptMetadataReward(reward, table)
     reward.validate_prompts([p for ps in splits.values() for p in ps])
     adapter = load_model(cfg.model, cfg.lora, cfg.device)
     out = Path(cfg.output_dir)

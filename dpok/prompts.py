@@ -1,13 +1,17 @@
 """Training prompts: prompt files, ``--prompt`` / ``--prompt-file`` / ``--prompt-set`` resolution, sampling.
 
 A prompt file is UTF-8 text with one prompt per line; blank lines and lines starting with ``#``
-are skipped and surrounding whitespace (including a Windows ``\\r``) is stripped.
+are skipped and surrounding whitespace (including a Windows ``\\r``) is stripped. A ``.jsonl``
+prompt file (JSON Lines, as GenEval's) holds one JSON object per line, ``{"prompt": "...", ...}``:
+its other fields are the prompt's metadata, handed to rewards that take it (see
+:class:`~dpok.rewards.base.PromptMetadataReward`).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,17 @@ def load_prompt_file(path: str | os.PathLike[str], grammar: str | None = None) -
     ``path`` may use ``~``. With ``grammar="shapeworld"`` every prompt must parse. Raises
     :class:`PromptFileError` naming the file (and line) for every problem.
     """
+    return [prompt for prompt, _ in load_prompt_records(path, grammar)]
+
+
+def is_jsonl(path: str | os.PathLike[str]) -> bool:
+    """Whether a prompt file is JSON Lines (``.jsonl``: one ``{"prompt": ..., ...}`` object per line)."""
+    return Path(os.fspath(path)).suffix.lower() == ".jsonl"
+
+
+def load_prompt_records(path: str | os.PathLike[str], grammar: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """``(prompt, metadata)`` of every prompt of a prompt file, in file order; the metadata of a
+    text file's prompts is ``{}``, of a ``.jsonl`` file's the line's other fields."""
     _check_grammar(grammar)
     file = Path(os.path.expanduser(os.fspath(path)))
     if not file.exists():
@@ -58,15 +73,48 @@ def load_prompt_file(path: str | os.PathLike[str], grammar: str | None = None) -
     # split("\n") rather than splitlines(): line numbers then match what editors show (and the
     # byte count above), while strip() removes the "\r" of CRLF endings.
     numbered = [(n, line.strip()) for n, line in enumerate(text.split("\n"), start=1)]
-    prompts = [(n, p) for n, p in numbered if p and not p.startswith("#")]
-    if not prompts:
+    if is_jsonl(file):
+        records = _json_lines(file, [(n, line) for n, line in numbered if line])
+    else:
+        records = [(n, p, {}) for n, p in numbered if p and not p.startswith("#")]
+    if not records:
         raise PromptFileError(
             f"prompt file {file} has no prompts (blank lines and lines starting with '#' are skipped); "
             "write one prompt per line"
         )
     if grammar == "shapeworld":
-        _check_file_grammar(file, prompts)
-    return [p for _, p in prompts]
+        _check_file_grammar(file, [(n, p) for n, p, _ in records])
+    return [(p, m) for _, p, m in records]
+
+
+def _json_lines(file: Path, lines: list[tuple[int, str]]) -> list[tuple[int, str, dict[str, Any]]]:
+    """``(line, prompt, metadata)`` of each JSON object line ``{"prompt": str, ...}``."""
+    records = []
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"prompt file {file}, line {n}: not a JSON object ({e.msg}); a .jsonl prompt file "
+                                  'holds one {"prompt": "...", ...} object per line') from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise PromptFileError(f"prompt file {file}, line {n}: each line must be a JSON object with a non-empty "
+                                  '"prompt" string, e.g. {"prompt": "a red circle", "tag": "colors"}')
+        records.append((n, row["prompt"].strip(), {k: v for k, v in row.items() if k != "prompt"}))
+    return records
+
+
+def prompt_metadata(path: str | os.PathLike[str], grammar: str | None = None) -> dict[str, dict[str, Any]]:
+    """prompt -> metadata of a ``.jsonl`` prompt file (``{}`` for a text file). A prompt given on
+    two lines with different metadata is an error (prompts are used once each, by text)."""
+    if not is_jsonl(path):
+        return {}
+    table: dict[str, dict[str, Any]] = {}
+    for prompt, meta in load_prompt_records(path, grammar):
+        if prompt in table and table[prompt] != meta:
+            raise PromptFileError(f"prompt file {path}: {prompt!r} appears twice with different metadata; "
+                                  "give each prompt once")
+        table[prompt] = meta
+    return table
 
 
 def _check_file_grammar(file: Path, prompts: list[tuple[int, str]]) -> None:
@@ -160,5 +208,70 @@ class PromptSampler:
                 "the saved prompt sampler drew from different prompts than this run's; resume with the same "
                 "--prompt / --prompt-file / --prompt-set"
             )
+        self._rng.bit_generator.state = state["bit_generator"]
+        self.seed = int(state.get("seed", self.seed))
+
+
+PromptFunction = Callable[[np.random.Generator], str | tuple[str, Mapping[str, Any]]]
+"""``fn(rng) -> prompt`` or ``fn(rng) -> (prompt, metadata)``: draws one training prompt with ``rng``."""
+
+
+class FunctionPromptSampler(PromptSampler):
+    """Draws training prompts from a function ``fn(rng)`` returning a prompt or ``(prompt, metadata)``.
+
+    ``rng`` is this sampler's numpy generator, saved in checkpoints: a function that draws only
+    with it makes runs that resume identically. Metadata is recorded by prompt text in
+    ``metadata`` (a prompt returned twice with different metadata is an error).
+    """
+
+    def __init__(self, function: PromptFunction, seed: int, metadata: dict[str, dict[str, Any]] | None = None) -> None:
+        if not callable(function):
+            raise ValueError(f"the prompt function is a {type(function).__name__}, not a function fn(rng) -> prompt")
+        self.function = function
+        self.seed = int(seed)
+        self._rng = np.random.default_rng(self.seed)
+        self.metadata = metadata if metadata is not None else {}
+        self.prompts = []  # drawn on demand; the fixed ones (grids, evaluation) come from preview()
+
+    def draw(self, rng: np.random.Generator) -> str:
+        """One prompt from the function (its metadata recorded)."""
+        out = self.function(rng)
+        prompt, meta = (out, {}) if isinstance(out, str) else out if isinstance(out, tuple) and len(out) == 2 else (None, None)
+        if not isinstance(prompt, str) or not prompt.strip() or not isinstance(meta, Mapping):
+            raise ValueError(f"the prompt function returned {out!r}; it must return a prompt (a non-empty string) or "
+                             "(prompt, metadata dict)")
+        prompt = prompt.strip()
+        meta = dict(meta)
+        if self.metadata.get(prompt, meta) != meta:
+            raise ValueError(f"the prompt function returned {prompt!r} with two different metadata; a prompt's "
+                             "metadata must not change")
+        self.metadata[prompt] = meta
+        return prompt
+
+    def preview(self, count: int, tries: int = 64) -> list[str]:
+        """Up to ``count`` distinct prompts from a generator of its own (the same every run and resume):
+        the fixed prompts of the grids and the in-training evaluation."""
+        rng = np.random.default_rng([self.seed, 7919])
+        found: list[str] = []
+        for _ in range(tries):
+            prompt = self.draw(rng)
+            if prompt not in found:
+                found.append(prompt)
+            if len(found) == count:
+                break
+        return found
+
+    def sample(self, n: int) -> list[str]:
+        if n < 0:
+            raise ValueError(f"cannot sample {n} prompts")
+        return [self.draw(self._rng) for _ in range(n)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bit_generator": self._rng.bit_generator.state, "seed": self.seed, "function": True}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state.get("function"):
+            raise ValueError("the saved prompt sampler drew from a prompt list, this run from a prompt function; "
+                             "resume with the same prompts")
         self._rng.bit_generator.state = state["bit_generator"]
         self.seed = int(state.get("seed", self.seed))

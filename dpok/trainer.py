@@ -35,8 +35,9 @@ from .checkpoint import checkpoint_path, latest_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .configfile import write_run_config
 from .export import export_kohya, write_model_card
-from .prompts import PromptSampler, resolve_prompts
+from .prompts import FunctionPromptSampler, PromptFunction, PromptSampler, prompt_metadata, resolve_prompts
 from .rewards import Reward, RewardError, RewardOutput, make_reward
+from .rewards.base import PromptMetadataReward
 from .runlog import RunLog, plot_curves, read_metrics
 from .sampling import Trajectory, sample_in_batches
 from .utils.state_io import CheckpointError, rng_state, set_rng_state
@@ -108,9 +109,15 @@ def default_output_dir(cfg: TrainConfig) -> Path:
 class Trainer:
     """Owns the model, reward, algorithm, optimizer and the run folder for one run."""
 
-    def __init__(self, cfg: TrainConfig, config_format: str = "yaml") -> None:
+    def __init__(self, cfg: TrainConfig, config_format: str = "yaml", *, pipeline: Any = None,
+                 reward: Reward | None = None, prompt_fn: PromptFunction | None = None) -> None:
         """``config_format``: ``yaml`` or ``toml``, the format of the resolved ``config.<format>``
-        written into the run folder beside ``config.json`` (the format of the run's ``--config`` file)."""
+        written into the run folder beside ``config.json`` (the format of the run's ``--config`` file).
+
+        From Python (see :func:`dpok.api.train`): ``pipeline``, a diffusers pipeline object to train
+        instead of loading ``cfg.model`` (changed in place); ``reward``, a :class:`~dpok.rewards.Reward`
+        instead of ``cfg.reward``; ``prompt_fn``, ``fn(rng) -> prompt or (prompt, metadata)`` drawing
+        the training prompts instead of ``cfg.prompt`` / ``prompt_file`` / ``prompt_set``."""
         if config_format not in ("yaml", "toml"):
             raise ValueError(f"config_format must be 'yaml' or 'toml' (got {config_format!r})")
         self.config_format = config_format
@@ -123,13 +130,22 @@ class Trainer:
         if auto and self.is_main:
             tqdm.write("batch sizes (auto): " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in auto))
         self.cfg = cfg
-        self.prompts = prepare_prompts(cfg)
+        # prompt -> metadata (a .jsonl prompt file's fields, or what prompt_fn returns), for the rewards that take it
+        self.prompt_metadata: dict[str, dict[str, Any]] = (prompt_metadata(cfg.prompt_file, _grammar(cfg))
+                                                           if cfg.prompt_file else {})
+        self.prompt_fn = prompt_fn
+        if prompt_fn is None:
+            self.prompts = prepare_prompts(cfg)
+        else:  # the fixed prompts of the grids and evaluations, drawn once from their own stream
+            self.prompts = FunctionPromptSampler(prompt_fn, cfg.seed, self.prompt_metadata).preview(GRID_PROMPTS)
         self.eval_unseen = (resolve_prompts(cfg.eval_prompt or None, None, cfg.eval_prompt_set or None, _grammar(cfg))
                             if cfg.eval_prompt or cfg.eval_prompt_set else [])
         self.device = select_device(cfg.device)
         if state is not None and self.device.type == "cuda":
             self.device = state.device  # one GPU per process: cuda:<local rank>
-        self.reward = build_reward(cfg, self.device)
+        self.reward = reward.to(self.device) if reward is not None else build_reward(cfg, self.device)
+        if self.reward.uses_metadata:  # handed each prompt's metadata wherever it is called
+            self.reward = PromptMetadataReward(self.reward, self.prompt_metadata)
         self.reward.validate_prompts(self.prompts + self.eval_unseen)
         self.out = Path(cfg.resume or cfg.output_dir) if (cfg.resume or cfg.output_dir) else default_output_dir(cfg)
         if not cfg.resume and (self.out / "config.json").exists():
@@ -143,7 +159,8 @@ class Trainer:
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         if dtype != torch.float32 and self.device.type == "cpu":
             raise ValueError("--mixed-precision fp16/bf16 needs a GPU; use --mixed-precision no on the CPU")
-        self.adapter = DiffusionAdapter.from_pretrained(cfg.model, self.device, dtype)
+        self.adapter = (DiffusionAdapter.from_pipeline(pipeline, self.device, dtype) if pipeline is not None
+                        else DiffusionAdapter.from_pretrained(cfg.model, self.device, dtype))
         if cfg.finetune == "lora":
             self.adapter.add_lora(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
         else:
@@ -158,7 +175,8 @@ class Trainer:
         self.rng = np.random.default_rng(seed)
         ctx = AlgorithmContext(cfg, self.adapter, self.optimizer, self.rng, self.generator, self.reward)
         self.algorithm: Algorithm = ALGORITHMS.create(cfg.algorithm, ctx)
-        self.sampler = PromptSampler(self.prompts, seed)
+        self.sampler = (PromptSampler(self.prompts, seed) if prompt_fn is None
+                        else FunctionPromptSampler(prompt_fn, seed, self.prompt_metadata))
         if self.rank > 0:
             seed_everything(seed)  # the global RNGs too, now that the shared weights are built
         distributed.broadcast_parameters(self._replicated_parameters())

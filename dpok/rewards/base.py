@@ -1,7 +1,10 @@
 """The reward interface: a callable from (images, prompts) to one score per image.
 
 Every reward sees images as a float tensor (B, 3, H, W) with values in [0, 1] and prompts as a
-list of B strings, and returns a :class:`RewardOutput`. Subclasses implement only ``_compute``;
+list of B strings, and returns a :class:`RewardOutput`. A reward with ``uses_metadata = True`` is
+also handed each prompt's metadata (a dict per image: the other fields of a JSON Lines prompt
+file's line, or what a prompt function returned), e.g. GenEval's object counts and colours.
+Subclasses implement only ``_compute``;
 the checks on inputs and outputs, and the handling of NaN / inf scores, live here so that every
 reward (built-in, weighted sum or user function) behaves the same way.
 """
@@ -9,8 +12,9 @@ reward (built-in, weighted sum or user function) behaves the same way.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,13 +73,15 @@ class Reward(abc.ABC):
     """
 
     name: str = "reward"
+    uses_metadata: bool = False  # True: _compute(images, prompts, metadata) with one dict per image
 
     @abc.abstractmethod
-    def _compute(self, images: torch.Tensor, prompts: list[str]) -> ScoreLike:
+    def _compute(self, images: torch.Tensor, prompts: list[str], *metadata: list[dict[str, Any]]) -> ScoreLike:
         """images float (B, 3, H, W) in [0, 1], prompts list of B strings -> B scores.
 
         Runs under ``torch.no_grad``. May return a tensor (any device), a numpy array or a list
         of numbers, of shape (B,) or (B, 1); NaN / inf are allowed and mark the sample invalid.
+        A reward with ``uses_metadata`` gets a third argument: B dicts, each prompt's metadata.
         """
 
     def validate_prompts(self, prompts: Sequence[str]) -> None:
@@ -86,15 +92,30 @@ class Reward(abc.ABC):
         """Move whatever the reward holds to ``device``; returns ``self``. Default: nothing to move."""
         return self
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> RewardOutput:
-        """Score ``images`` float (B, 3, H, W) in [0, 1] against ``prompts`` (B strings)."""
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
+                 metadata: Sequence[Mapping[str, Any]] | None = None) -> RewardOutput:
+        """Score ``images`` float (B, 3, H, W) in [0, 1] against ``prompts`` (B strings); ``metadata``:
+        B dicts, the prompts' metadata (empty dicts when not given), seen by rewards that use it."""
         images, prompt_list = self._check_inputs(images, prompts)
-        return self._evaluate(images, prompt_list)
+        return self._evaluate(images, prompt_list, self._check_metadata(metadata, len(prompt_list)))
 
-    def _evaluate(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+    def _check_metadata(self, metadata: Sequence[Mapping[str, Any]] | None, batch: int) -> list[dict[str, Any]]:
+        if metadata is None:
+            return [{} for _ in range(batch)]
+        items = list(metadata)
+        if len(items) != batch or not all(isinstance(m, Mapping) for m in items):
+            raise RewardError(f"reward {self.name!r} got metadata for {len(items)} prompts, not {batch} dicts "
+                              "(one per image)")
+        return [dict(m) for m in items]
+
+    def _evaluate(self, images: torch.Tensor, prompts: list[str],
+                  metadata: list[dict[str, Any]] | None = None) -> RewardOutput:
         """Checked inputs -> output; composite rewards override this instead of ``__call__``."""
         with torch.no_grad():
-            out = self._compute(images, prompts)
+            if self.uses_metadata:
+                out = self._compute(images, prompts, metadata if metadata is not None else [{} for _ in prompts])
+            else:
+                out = self._compute(images, prompts)
         return RewardOutput.from_raw(scores_to_tensor(out, images.shape[0], self.name))
 
     def _check_inputs(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
@@ -193,17 +214,19 @@ class WeightedSum(Reward):
             )
         self.terms = [(float(w), r) for w, r in terms]
         self.name = name
+        self.uses_metadata = any(r.uses_metadata for _, r in self.terms)
 
-    def _compute(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self._evaluate(images, prompts).raw
+    def _compute(self, images: torch.Tensor, prompts: list[str], *metadata: list[dict[str, Any]]) -> torch.Tensor:
+        return self._evaluate(images, prompts, *metadata).raw
 
-    def _evaluate(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+    def _evaluate(self, images: torch.Tensor, prompts: list[str],
+                  metadata: list[dict[str, Any]] | None = None) -> RewardOutput:
         batch = images.shape[0]
         raw = torch.zeros(batch, dtype=torch.float32)
         valid = torch.ones(batch, dtype=torch.bool)
         components: dict[str, torch.Tensor] = {}
         for weight, reward in self.terms:
-            part = reward(images, prompts)
+            part = reward(images, prompts, metadata)
             raw = raw + weight * part.raw  # NaN / inf propagate into raw, which must show them
             valid &= part.valid
             components[reward.name] = part.raw
@@ -220,4 +243,32 @@ class WeightedSum(Reward):
     def to(self, device: str | torch.device) -> WeightedSum:
         for _, reward in self.terms:
             reward.to(device)
+        return self
+
+
+class PromptMetadataReward(Reward):
+    """``reward`` handed each prompt's metadata, looked up by prompt text in ``table`` (prompt -> dict;
+    a prompt not in it gets ``{}``), wherever it is called with prompts alone (training, evaluation,
+    best-of-n). Metadata given explicitly is passed on as it is."""
+
+    def __init__(self, reward: Reward, table: Mapping[str, Mapping[str, Any]]) -> None:
+        self.inner = reward
+        self.table = table
+        self.name = reward.name
+        self.uses_metadata = reward.uses_metadata
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
+                 metadata: Sequence[Mapping[str, Any]] | None = None) -> RewardOutput:
+        if metadata is None:
+            metadata = [self.table.get(p, {}) for p in prompts] if not isinstance(prompts, str) else None
+        return self.inner(images, prompts, metadata)
+
+    def _compute(self, images: torch.Tensor, prompts: list[str], *metadata: list[dict[str, Any]]) -> ScoreLike:
+        return self.inner._compute(images, prompts, *metadata)
+
+    def validate_prompts(self, prompts: Sequence[str]) -> None:
+        self.inner.validate_prompts(prompts)
+
+    def to(self, device: str | torch.device) -> PromptMetadataReward:
+        self.inner.to(device)
         return self

@@ -1,6 +1,7 @@
 """User rewards given as ``package.module:function``.
 
-The function is called as ``function(images, prompts)`` with ``images`` a float tensor
+The function is called as ``function(images, prompts)`` (or, if it takes a third argument,
+``function(images, prompts, metadata)`` with one dict of prompt metadata per image) with ``images`` a float tensor
 (B, 3, H, W) in [0, 1] (on the trainer's device) and ``prompts`` a list of B strings, under
 ``torch.no_grad``; it returns one score per image: a list of numbers, a numpy array or a tensor,
 of shape (B,) or (B, 1). NaN / inf scores mark a sample invalid (masked by the trainer).
@@ -12,8 +13,10 @@ does not search the current directory; run e.g. ``PYTHONPATH=. dpok train --rewa
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -22,15 +25,33 @@ from .base import Reward, RewardError, ScoreLike
 _SPEC_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-class CustomReward(Reward):
-    """Wraps a user function ``f(images, prompts) -> scores``; its name is the spec."""
+def takes_metadata(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` can be called with three positional arguments (images, prompts, metadata)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: called with two
+        return False
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        return False
+    return True
 
-    def __init__(self, spec: str, function: Callable[[torch.Tensor, list[str]], ScoreLike]) -> None:
+
+class CustomReward(Reward):
+    """Wraps a user function ``f(images, prompts) -> scores`` (or ``f(images, prompts, metadata)``,
+    which is then handed the prompts' metadata); its name is the spec."""
+
+    def __init__(self, spec: str, function: Callable[..., ScoreLike]) -> None:
+        if not callable(function):
+            raise RewardError(f"reward {spec!r} is a {type(function).__name__}, not a function "
+                              "f(images, prompts[, metadata]) -> one score per image")
         self.name = spec
         self.function = function
+        self.uses_metadata = takes_metadata(function)
 
-    def _compute(self, images: torch.Tensor, prompts: list[str]) -> ScoreLike:
-        return self.function(images, prompts)
+    def _compute(self, images: torch.Tensor, prompts: list[str], *metadata: list[dict[str, Any]]) -> ScoreLike:
+        return self.function(images, prompts, *metadata)
 
 
 def load_custom_reward(spec: str) -> Reward:
