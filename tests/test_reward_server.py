@@ -403,3 +403,33 @@ def test_https_with_a_certificate_the_client_verifies(self_signed) -> None:  # n
         RewardServer(reward, port=0, certfile=str(key.parent / "missing.pem"))
     with pytest.raises(RewardError, match="https"):
         HttpReward("http://127.0.0.1:1", ca_file=str(cert))
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_crash(serve_reward: Callable[..., RewardServer]) -> None:
+    import urllib.error
+    import urllib.request
+
+    server = serve_reward(make_reward("jpeg-compressibility"))
+    request = urllib.request.Request(f"{server.url}/score", data=b"[" * 200_000, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    assert info.value.code == 400 and "nested too deeply" in json.loads(info.value.read())["error"]
+    assert HttpReward(server.url, retries=0)(_images(), PROMPTS).valid.all()
+
+
+def test_a_body_refused_from_its_headers_still_gets_its_answer() -> None:
+    """The client sends all of an over-limit body; the server answers 413 with 'Connection: close' and
+    reads (and drops) the body before closing, so the answer is not lost to a connection reset."""
+    import http.client
+
+    from dpok.rewards.server import ServerLimits
+
+    with RewardServer(make_reward("jpeg-compressibility"), port=0, token="t",
+                      limits=ServerLimits(max_body_bytes=1000)) as server:
+        for headers, status in (({"Authorization": "Bearer t"}, 413), ({"Authorization": "Bearer no"}, 401)):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request("POST", "/score", body=b" " * (4 * 2**20), headers=headers)
+            response = conn.getresponse()
+            assert response.status == status and response.getheader("Connection") == "close"
+            assert json.loads(response.read())["error"]
+            conn.close()

@@ -32,6 +32,7 @@ import math
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +49,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+DISCARD_LIMIT_BYTES = 16 * 1024 * 1024
+"""Of a body refused from its headers, at most this much is read (and dropped) after the answer, so
+that closing the connection does not reset it before the client has read the answer."""
+DISCARD_LIMIT_S = 5.0
+"""... and for at most this many seconds (the token is still checked before any of the body is read)."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,9 @@ def parse_score_request(body: bytes, limits: ServerLimits | None = None) -> tupl
         payload = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"bad JSON body: {e}") from None
+    except RecursionError:
+        raise RequestError("bad JSON body: nested too deeply; the body is "
+                           "{\"images\": [base64 PNG, ...], \"prompts\": [str, ...]}") from None
     if not isinstance(payload, dict):
         raise RequestError(f"the JSON body must be an object with 'images' and 'prompts', got {type(payload).__name__}")
     for key in ("images", "prompts"):
@@ -319,8 +328,26 @@ def _make_handler(server: RewardServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:  # the client must open a new connection for its next request
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
+
+        def _discard_body(self, length: int) -> None:
+            """Read and drop (64 KiB at a time, nothing kept) what the client sends of a refused body,
+            up to :data:`DISCARD_LIMIT_BYTES` and :data:`DISCARD_LIMIT_S`: closing a socket with unread
+            data resets the connection, and the client, still sending, could lose the answer."""
+            self.wfile.flush()
+            left, deadline = min(length, DISCARD_LIMIT_BYTES), time.monotonic() + DISCARD_LIMIT_S
+            try:
+                while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+                    self.connection.settimeout(remaining)
+                    chunk = self.rfile.read1(min(left, 65536))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+            except OSError:  # the client went away or stalled: nothing more to do
+                pass
 
         def _check_token(self) -> bool:
             if server.authorized(self.headers.get("Authorization")):
@@ -351,15 +378,18 @@ def _make_handler(server: RewardServer) -> type[BaseHTTPRequestHandler]:
             if not server.authorized(self.headers.get("Authorization")):
                 self.close_connection = True
                 self._check_token()
+                self._discard_body(length)
                 return
             if self.path.split("?", 1)[0] != "/score":
                 self.close_connection = True
                 self._send(404, {"error": f"unknown path {self.path!r}; use POST /score or GET /health"})
+                self._discard_body(length)
                 return
             if length > limits.max_body_bytes:
                 self.close_connection = True
                 self._send(413, {"error": f"body of {length} bytes is over the server's limit of {limits.max_body_bytes} "
                                           "bytes (--max-body-mb); send smaller batches"})
+                self._discard_body(length)
                 return
             body = self.rfile.read(length)
             if len(body) < length:
