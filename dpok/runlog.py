@@ -45,9 +45,25 @@ class RunLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The rows of ``metrics.jsonl`` (none if it does not exist).
+
+    A last line without its newline that is not JSON is a write cut short (a full disk, a killed
+    process) and is left out; such a line anywhere else is a ValueError naming the file and line.
+    """
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = Path(path).read_text().split("\n")
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}, line {n} is not a JSON row ({e}); remove or fix that line") from None
+    return rows
 
 
 def plot_curves(metrics_path: Path, out: Path) -> bool:

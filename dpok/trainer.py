@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import distributed, periodic_eval
 from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
-from .checkpoint import checkpoint_path, latest_checkpoint, write_checkpoint
+from .checkpoint import checkpoint_path, latest_checkpoint, latest_complete, write_checkpoint
 from .config import TrainConfig
 from .configfile import write_run_config
 from .export import export_kohya, write_model_card
@@ -40,6 +40,7 @@ from .rewards import Reward, RewardError, RewardOutput, make_reward
 from .rewards.base import PromptMetadataReward
 from .runlog import RunLog, plot_curves, read_metrics
 from .sampling import Trajectory, sample_in_batches
+from .utils.diskwrite import run_folder_writes
 from .utils.state_io import CheckpointError, rng_state, set_rng_state
 from .viz import save_prompt_grid
 
@@ -153,7 +154,6 @@ class Trainer:
                              f"--resume {self.out} or choose another --output-dir (nothing was changed)")
         # every process has checked the folder before the main one writes config.json into it
         distributed.barrier()
-        self.out.mkdir(parents=True, exist_ok=True)
         # the same seed everywhere first: every process builds identical LoRA / value-function weights
         seed_everything(cfg.seed)
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
@@ -180,6 +180,7 @@ class Trainer:
         if self.rank > 0:
             seed_everything(seed)  # the global RNGs too, now that the shared weights are built
         distributed.broadcast_parameters(self._replicated_parameters())
+        self.out.mkdir(parents=True, exist_ok=True)  # only now: a model that fails to load leaves no empty run folder
         self.round = 0
         self.reward_queries = 0
         self.before: dict[str, float] | None = None
@@ -262,8 +263,12 @@ class Trainer:
     def _resume(self) -> None:
         found = latest_checkpoint(self.out)
         if found is None:
-            raise CheckpointError(f"--resume {self.out}: no complete checkpoint in {self.out / 'checkpoints'}; "
-                                  "start a new run instead")
+            # stopped before its first checkpoint: this run's start is what a fresh run does (same seed)
+            if self.is_main:
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+                tqdm.write(f"{self.out} has no complete checkpoint yet: running it again from its start")
+            distributed.barrier()
+            return
         path, state = found
         self.load_state_dict(state)
         if self.is_main:
@@ -523,7 +528,10 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
 
 def train(cfg: TrainConfig, config_format: str = "yaml") -> RunResult:
     """Run ``cfg`` to the end (see :class:`Trainer`); ``config_format`` of the run folder's ``config.<format>``."""
-    return Trainer(cfg, config_format=config_format).run()
+    trainer = Trainer(cfg, config_format=config_format)
+    # a full disk or read-only folder: an error naming the folder, what to free and the checkpoint kept
+    with run_folder_writes(trainer.out, "the run's files", lambda: latest_complete(trainer.out)):
+        return trainer.run()
 
 
 def describe_result(result: RunResult) -> str:

@@ -123,3 +123,40 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_pipeline_dir: P
         return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in lines]
 
     assert rows(straight) == rows(run)
+
+
+def test_a_checkpoint_cut_off_between_its_two_renames_is_put_back(tmp_path: Path) -> None:
+    from dpok.checkpoint import checkpoint_path
+
+    path = write_checkpoint(tmp_path, 3, {"w": torch.ones(2)}, keep=1)
+    # a kill while round 3 was rewritten: the old copy moved aside, the new one complete in .tmp
+    path.rename(path.with_name(path.name + ".old"))
+    write_checkpoint(tmp_path, 9, {"w": torch.zeros(2)}, keep=1)  # stands in for the new copy
+    checkpoint_path(tmp_path, 9).rename(path.with_name(path.name + ".tmp"))
+    assert list_complete(tmp_path) == []  # listing changes nothing (a live writer may be between its renames)
+    found, state = latest_checkpoint(tmp_path)  # the owner's resume puts the newer copy back
+    assert found == path and torch.equal(state["w"], torch.zeros(2))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-000003"]
+
+
+def test_an_old_checkpoint_half_deleted_never_looks_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import dpok.checkpoint as checkpoint
+
+    write_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, keep=1)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)  # the deletion stops after the marker
+    write_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, keep=1)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", shutil.rmtree)
+    assert [p.name for p in list_complete(tmp_path)] == ["round-000002"]
+
+
+def test_a_metrics_line_cut_short_is_dropped_only_at_the_end(tmp_path: Path) -> None:
+    from dpok.runlog import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 1}\n{"round": 2}\n{"rou')
+    assert read_metrics(path) == [{"round": 1}, {"round": 2}]
+    path.write_text('{"round": 1}\n{"rou\n{"round": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_metrics(path)

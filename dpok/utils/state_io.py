@@ -81,22 +81,32 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_state(folder: str | Path, tree: Any, extra_files: dict[str, str] | None = None) -> Path:
-    """Atomically write ``tree`` to ``folder`` (replacing an older one only once complete)."""
+    """Atomically write ``tree`` to ``folder`` (replacing an older one only once complete).
+
+    If writing fails (e.g. the disk is full) the temporary sibling is removed, so no partial
+    folder is left and the space it took is free again; ``folder`` itself, if it existed, is
+    untouched. A process killed at any point leaves ``folder``, or a complete ``.tmp`` / ``.old``
+    sibling that :func:`recover_interrupted` puts back in its place.
+    """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tensors, skeleton = flatten_state(tree)
-    save_file(tensors, tmp / TENSORS_NAME)
-    (tmp / TREE_NAME).write_text(json.dumps(skeleton))
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    (tmp / COMPLETE_MARKER).write_text("ok\n")
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        tensors, skeleton = flatten_state(tree)
+        save_file(tensors, tmp / TENSORS_NAME)
+        (tmp / TREE_NAME).write_text(json.dumps(skeleton))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         if old.exists():
@@ -108,6 +118,27 @@ def save_state(folder: str | Path, tree: Any, extra_files: dict[str, str] | None
         tmp.rename(folder)
     _fsync_dir(folder.parent)
     return folder
+
+
+def recover_interrupted(folder: str | Path) -> bool:
+    """Put back ``folder`` if a process was killed while :func:`save_state` replaced it.
+
+    Killed after the new copy was complete but before it was renamed, ``folder`` is missing and a
+    complete ``folder.tmp`` (the new content) or ``folder.old`` (the previous one) is left: the
+    ``.tmp`` is renamed into place if complete, else the ``.old``. Returns whether anything was
+    renamed. Only the process that owns the folder should call this (a writer may be between its
+    two renames).
+    """
+    folder = Path(folder)
+    if folder.exists():
+        return False
+    for suffix in (".tmp", ".old"):
+        candidate = folder.with_name(folder.name + suffix)
+        if candidate.is_dir() and is_complete(candidate):
+            candidate.rename(folder)
+            _fsync_dir(folder.parent)
+            return True
+    return False
 
 
 def is_complete(folder: str | Path) -> bool:
