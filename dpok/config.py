@@ -150,6 +150,9 @@ class TrainConfig:
                             "with fixed noise (eval/* metrics in eval.jsonl and the trackers, grids in eval/, "
                             "eval_curves.png; also before the first and after the last round; 0: none)")
     eval_every_images: int = _f(8, "images per prompt in each --eval-every evaluation (at most 4 prompts per split)")
+    ema_decay: float = _f(0.0, "decay of an exponential moving average of the trainable weights, updated after every "
+                               "optimizer step (0: none); evaluations use the EMA weights, saved in lora_ema/ (or "
+                               "unet_ema/) beside the raw ones")
     kohya_lora: bool = _f(True, "also write the LoRA in the kohya format that ComfyUI and AUTOMATIC1111 load "
                                 "(lora/lora_kohya.safetensors); 'dpok export RUN' writes it later too")
     max_bad_rounds: int = _f(5, "stop after this many rounds in a row whose update was skipped (non-finite loss, "
@@ -202,6 +205,7 @@ class TrainConfig:
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
         for name in ("alpha", "beta", "gamma", "weight_decay", "checkpoint_every", "eval_every"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        need(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), 0 for no EMA (got {self.ema_decay})")
         need(0 < self.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1] (got {self.timestep_fraction})")
         need(0 <= self.rwr_percentile < 100, f"--rwr-percentile must be in [0, 100) (got {self.rwr_percentile})")
         # samples_per_round is the round's total: each of the N processes samples an equal share, in

@@ -132,6 +132,10 @@ def model_card(cfg: dict[str, Any], summary: dict[str, Any], images: list[str], 
         evals = (f"\n### In-training evaluation after round {eval_rows.get('round')} (fixed prompts and noise)\n\n"
                  "| measure | value |\n| --- | --- |\n"
                  + "\n".join(f"| `{k}` | {_fmt(eval_rows[k])} |" for k in keys) + "\n")
+    ema_note = "this LoRA"
+    if cfg.get("ema_decay"):
+        ema_note = (f"the LoRA's exponential moving average (decay {cfg['ema_decay']}, in `../lora_ema/`; this "
+                    "folder holds the raw weights)")
     grids = "\n".join(f"![{Path(i).stem.replace('_', ' ')}]({i})" for i in images)
     body = f"""
 # {cfg.get('algorithm', 'dpok').upper()} LoRA: {cfg.get('reward', '')}
@@ -155,7 +159,7 @@ Prompts:
 ## Results
 
 Mean reward over {summary.get('eval_images_per_prompt')} fixed-seed images per prompt, base model
-and this LoRA:
+and {ema_note}:
 
 | prompt | before | after |
 | --- | --- | --- |

@@ -34,6 +34,7 @@ from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
 from .checkpoint import checkpoint_path, latest_checkpoint, latest_complete, write_checkpoint
 from .config import TrainConfig
 from .configfile import write_run_config
+from .ema import PolicyEMA
 from .export import export_kohya, write_model_card
 from .prompts import FunctionPromptSampler, PromptFunction, PromptSampler, prompt_metadata, resolve_prompts
 from .rewards import Reward, RewardError, RewardOutput, make_reward
@@ -169,6 +170,8 @@ class Trainer:
             self.adapter.unet.enable_gradient_checkpointing()
         params = self.adapter.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # the EMA of the trainable weights, stepped after every optimizer step (--ema-decay)
+        self.ema = PolicyEMA(params, cfg.ema_decay, self.optimizer) if cfg.ema_decay else None
         # each process its own prompt and noise streams (process 0: the run's seed, as with one process)
         seed = distributed.rank_seed(cfg.seed, self.rank)
         self.generator = torch.Generator().manual_seed(seed)
@@ -202,6 +205,7 @@ class Trainer:
             "trainable": trainable, "optimizer": self.optimizer.state_dict(),
             "algorithm": self.algorithm.state_dict(), "prompt_sampler": self.sampler.state_dict(),
             "rng": rng_state(self.rng), "generator": self.generator.get_state(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     # what differs between the processes of a run; the rest (weights, optimizer, counters) is the same on all
@@ -224,6 +228,10 @@ class Trainer:
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise CheckpointError("the checkpoint holds no EMA weights; it was written without --ema-decay")
+            self.ema.load_state_dict(state["ema"])
         self.algorithm.load_state_dict(mine["algorithm"])
         self.sampler.load_state_dict(mine["prompt_sampler"])
         set_rng_state(mine["rng"], self.rng)
@@ -376,6 +384,10 @@ class Trainer:
                 f"reward invalid; see reward/invalid and train/skipped_* in {self.out / 'metrics.jsonl'}); {where}. Lower "
                 "--learning-rate or check the reward, then --resume")
 
+    def evaluated_weights(self) -> contextlib.AbstractContextManager[None]:
+        """The weights evaluations use: the EMA ones with --ema-decay (within the block), else the raw ones."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def _eval_due(self, rounds: int) -> bool:
         """Whether ``--eval-every`` evaluates after the round just finished (every N rounds and the last)."""
         every = self.cfg.eval_every
@@ -389,7 +401,8 @@ class Trainer:
             plan = periodic_eval.make_plan(self.prompts, self.eval_unseen, self.cfg.eval_every_images,
                                            self.cfg.num_steps, self.cfg.guidance_scale, self.cfg.eta, self.cfg.seed,
                                            _grammar(self.cfg) == "shapeworld", self.cfg.sample_batch_size)
-            metrics, rows, labels = periodic_eval.evaluate_policy(self.adapter, self.reward, plan)
+            with self.evaluated_weights():
+                metrics, rows, labels = periodic_eval.evaluate_policy(self.adapter, self.reward, plan)
             grid = periodic_eval.record(self.out, self.round, metrics, rows, labels)
             if self.log is not None:
                 self.log.log_scalars(metrics, self.round)
@@ -466,7 +479,8 @@ class Trainer:
         after: dict[str, float] | None = None
         files: dict[str, str] = {}
         if main:
-            after, rows = self.evaluate(shown)
+            with self.evaluated_weights():
+                after, rows = self.evaluate(shown)
             self._grid(rows, shown, "samples_after.png", after)
             files = self._save_outputs(before, after)
         after, files = distributed.broadcast_object((after, files))
@@ -487,6 +501,16 @@ class Trainer:
         elif self.algorithm.trains:
             self.adapter.unet.save_pretrained(self.out / "unet")
             files["unet"] = "unet/"
+        if self.ema is not None and self.algorithm.trains:  # the EMA weights beside the raw ones
+            with self.ema.applied():
+                if lora:
+                    self.adapter.save_lora(self.out / "lora_ema")
+                    files["lora_ema"] = "lora_ema/pytorch_lora_weights.safetensors"
+                    if self.cfg.kohya_lora:
+                        files["lora_ema_kohya"] = str(export_kohya(self.out / "lora_ema").relative_to(self.out))
+                else:
+                    self.adapter.unet.save_pretrained(self.out / "unet_ema")
+                    files["unet_ema"] = "unet_ema/"
         if plot_curves(self.log.path, self.out / "curves.png"):
             files["curves"] = "curves.png"
         evals = read_metrics(self.out / "eval.jsonl")
@@ -500,7 +524,8 @@ class Trainer:
                    "eval_images_per_prompt": self.cfg.eval_images, "rounds": self.round,
                    "reward_queries": self.reward_queries,
                    "reward_queries_per_eval_image": self.algorithm.reward_queries_per_image(),
-                   "eval_last": evals[-1] if evals else None, "files": files}
+                   "eval_last": evals[-1] if evals else None,
+                   "evaluated_weights": "ema" if self.ema is not None else "raw", "files": files}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         files["summary"] = "summary.json"
         if lora:
