@@ -169,6 +169,10 @@ class TrainConfig:
             if not cond:
                 errors.append(msg)
 
+        for f in dataclasses.fields(self):  # inf / nan pass the range checks below (or fail them unclearly)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                errors.append(f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
         need(self.algorithm in ALGORITHM_NAMES, f"--algorithm {self.algorithm!r} is unknown; valid: {', '.join(ALGORITHM_NAMES)}")
         need(self.eta > 0, f"--eta must be > 0 for training (got {self.eta}); eta = 0 has no log-prob")
         need(self.num_steps >= 1, f"--num-steps must be >= 1 (got {self.num_steps})")

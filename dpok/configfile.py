@@ -93,6 +93,9 @@ def _parse_yaml(path: Path, text: str) -> tuple[dict[str, Any], dict[str, int]]:
     try:
         node = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ConfigFileError(f"config file {path}: not valid YAML: nested too deeply; give a flat mapping of "
+                              "option names to values") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
@@ -118,6 +121,9 @@ def _parse_toml(path: Path, text: str) -> tuple[dict[str, Any], dict[str, int]]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigFileError(f"config file {path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigFileError(f"config file {path}: not valid TOML: nested too deeply; give option = value "
+                              "lines") from None
     # tomllib gives no positions: the line of each top-level key, found as the parser would see it
     lines: dict[str, int] = {}
     for n, line in enumerate(text.split("\n"), start=1):
