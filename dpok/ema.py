@@ -4,7 +4,8 @@ diffusers' :class:`~diffusers.training_utils.EMAModel` keeps the average; it is 
 every optimizer step of the policy (a post-step hook on the optimizer, so no algorithm needs to
 know about it; a step skipped for a non-finite gradient is no step). Its decay warms up as
 diffusers' default does: the first step copies the weights, step n + 1 uses
-``min(decay, (1 + n) / (10 + n))``, so the starting weights do not dominate. Its state goes into every checkpoint, so a resumed run has the same average, bit for bit.
+``min(decay, (1 + n) / (10 + n))``, so the starting weights do not dominate. Its state goes into
+every checkpoint, so a resumed run has the same average, bit for bit.
 """
 
 from __future__ import annotations

@@ -62,10 +62,11 @@ def test_two_process_run_keeps_weights_in_sync_and_only_the_main_process_writes(
     if kind == "--cpu":  # accelerate starts one process without MPI; dpok starts the two gloo workers itself
         assert "starting 2 gloo workers" in proc.stderr
     assert proc.stdout.count("outputs in") == 1  # one report, from the main process
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "curves.png", "lora", "metrics.jsonl",
-                                                     "samples_after.png", "samples_before.png", "summary.json",
-                                                     "tensorboard"]
-    assert len(list((out / "tensorboard").iterdir())) == 1  # one event file: only the main process logs
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "config.yaml", "curves.png", "lora",
+                                                     "metrics.jsonl", "samples_after.png", "samples_before.png",
+                                                     "summary.json", "tensorboard"]
+    # one event file of scalars (the hyperparameters go to sub-folders): only the main process logs
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1]
     assert rows[0]["charts/reward_queries"] == 4.0  # the total over both processes
