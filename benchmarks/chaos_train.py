@@ -41,9 +41,10 @@ TRAINING_PHASES = ("sampling", "update", "checkpoint-write", "checkpoint-marker"
 FINAL_PHASES = ("checkpoint-swap", "evaluation", "final-save", "anytime")
 PHASES = tuple(dict.fromkeys(TRAINING_PHASES + FINAL_PHASES))
 """Where a child may be killed; the final ones once the last round's checkpoint is written."""
-MAX_CALL = {"sampling": 12, "update": 8, "checkpoint-write": 3, "checkpoint-marker": 3, "checkpoint-prune": 2,
-            "metrics": 3, "evaluation": 2, "checkpoint-swap": 1, "final-save": 1, "anytime": 1}
-"""The kill comes at call 1..MAX_CALL[phase] of the phase's function in that child."""
+MAX_CALL = {"sampling": 4, "update": 4, "checkpoint-write": 2, "checkpoint-marker": 2, "checkpoint-prune": 2,
+            "metrics": 2, "evaluation": 1, "checkpoint-swap": 1, "final-save": 1, "anytime": 1}
+"""The kill comes at call 1..MAX_CALL[phase] of the phase's function in that child: within about
+the first round it runs, so that a run sees many kills before its end."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,12 @@ def _final_stage(run: Path, rounds: int) -> bool:
     return last is not None and int(last.name.split("-")[1]) >= rounds
 
 
+def _has_checkpoint(run: Path) -> bool:
+    from dpok.checkpoint import latest_complete
+
+    return latest_complete(run) is not None
+
+
 def _metrics_rows(folder: Path) -> list[dict[str, Any]]:
     from dpok.runlog import read_metrics
 
@@ -299,7 +306,24 @@ def compare_runs(a: Path, b: Path, result: ChaosResult) -> None:
 def chaos_run(train_argv: list[str], workdir: Path, kills: int, rounds: int, seed: int = 0, fork: bool = True,
               time_limit_s: float = 1800.0) -> ChaosResult:
     """Kill a ``dpok train TRAIN_ARGV`` run ``kills`` times (see the module docstring) and compare it
-    with an uninterrupted one. ``train_argv`` has no ``--output-dir``; ``rounds`` is its ``--rounds``."""
+    with an uninterrupted one. ``train_argv`` has no ``--output-dir``; ``rounds`` is its ``--rounds``.
+
+    With ``fork``, torch runs on one thread meanwhile: a forked child that used the OpenMP thread
+    pool of its parent would wait for threads that the fork did not copy.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    if fork:
+        torch.set_num_threads(1)
+    try:
+        return _chaos_run(train_argv, workdir, kills, rounds, seed, fork, time_limit_s)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _chaos_run(train_argv: list[str], workdir: Path, kills: int, rounds: int, seed: int, fork: bool,
+               time_limit_s: float) -> ChaosResult:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "children.log"
@@ -321,13 +345,21 @@ def chaos_run(train_argv: list[str], workdir: Path, kills: int, rounds: int, see
         result.errors.append(f"the uninterrupted run failed with exit code {code}; see {log}")
         return result
     rng = random.Random(seed)
+    # most kills while training; the last ones (at least one per final phase) once every round is done,
+    # in resumes that redo the final checkpoint, evaluation and save
+    final_kills = min(kills, max(len(FINAL_PHASES), kills // 4))
     attempts = 0
-    while result.kills < kills and attempts < 3 * kills and time.monotonic() - t0 < time_limit_s:
+    while result.kills < kills and attempts < 4 * kills and time.monotonic() - t0 < time_limit_s:
         attempts += 1
-        phases = FINAL_PHASES if _final_stage(run, rounds) else TRAINING_PHASES
+        final = _final_stage(run, rounds)
+        phases = FINAL_PHASES if final else TRAINING_PHASES
+        if not final and _has_checkpoint(run):  # a resumed run evaluates only at its end
+            phases = tuple(p for p in phases if p != "evaluation")
         fewest = min(result.by_phase.get(p, 0) for p in phases)  # every phase gets its turn, in random order
         phase = rng.choice([p for p in phases if result.by_phase.get(p, 0) == fewest])
-        kill = KillPoint(phase, rng.randint(1, MAX_CALL[phase]), rng.uniform(0.05, one_run_s))
+        kill: KillPoint | None = KillPoint(phase, rng.randint(1, MAX_CALL[phase]), rng.uniform(0.05, one_run_s / 3))
+        if not final and result.kills >= kills - final_kills:
+            kill = None  # enough kills while training: this child runs to the end
         argv = ["--resume", str(run)] if (run / "config.json").is_file() else [*train_argv, "--output-dir", str(run)]
         try:
             code = run_child(argv, kill, log, fork)
@@ -336,11 +368,11 @@ def chaos_run(train_argv: list[str], workdir: Path, kills: int, rounds: int, see
             break
         result.children += 1
         result.schedule.append(f"{kill}: {'killed' if code == -9 else f'exit {code}'}")
-        if code == -9:
+        if code == -9 and kill is not None:
             result.kills += 1
             result.by_phase[phase] = result.by_phase.get(phase, 0) + 1
         elif code != 0:
-            result.errors.append(f"a child killed at {kill} exited with {code} instead; see {log}")
+            result.errors.append(f"a child to be killed at {kill or 'nothing'} exited with {code}; see {log}")
             break
     if not result.errors and code != 0:  # the last child was killed: one more resume, left alone, to the end
         code = run_child(["--resume", str(run)], None, log, fork)
@@ -401,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(rest[1:] if rest[:1] == ["--"] else rest, kill)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=30, help="kill -9 interruptions to survive")
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--subprocess", action="store_true", help="each child a new interpreter (slower) instead of a fork")
     parser.add_argument("--workdir", default="", help="folder for the runs (default: a temporary one)")

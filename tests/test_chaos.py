@@ -54,7 +54,7 @@ def test_killed_runs_resume_bit_identically(tiny_pipeline_dir: Path, tiny_reward
 def test_thirty_kills_in_every_phase(tiny_pipeline_dir: Path, tiny_reward_dir: Path, tmp_path: Path,
                                      one_thread: None) -> None:
     chaos = _load()
-    result = _chaos(tmp_path, tiny_pipeline_dir, tiny_reward_dir, kills=30, rounds=8, seed=0)
+    result = _chaos(tmp_path, tiny_pipeline_dir, tiny_reward_dir, kills=30, rounds=24, seed=0)
     assert set(result.by_phase) == set(chaos.PHASES)
 
 
