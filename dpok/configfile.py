@@ -96,6 +96,8 @@ def _parse_yaml(path: Path, text: str) -> tuple[dict[str, Any], dict[str, int]]:
     except RecursionError:
         raise ConfigFileError(f"config file {path}: not valid YAML: nested too deeply; give a flat mapping of "
                               "option names to values") from None
+    except (ValueError, OverflowError) as e:  # PyYAML's own bugs, e.g. an escape "\\U7fffffff" past Unicode
+        raise ConfigFileError(f"config file {path}: not valid YAML: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""

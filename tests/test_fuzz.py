@@ -263,7 +263,8 @@ def config_file_text(draw: st.DrawFn) -> tuple[str, bytes]:
         text = draw(mutated(st.just(text)))
     elif choice == 1:
         text = draw(st.sampled_from(["[" * 2000, "a: " + "[" * 2000, "x = " + "[" * 2000, "- a\n- b\n", "42", ":",
-                                     "a: &x [1]\nb: *x\n", "'unterminated", "a = 1\na = 2\n", "\t: tab"]))
+                                     "a: &x [1]\nb: *x\n", "'unterminated", "a = 1\na = 2\n", "\t: tab",
+                                     'a: "\\U7fffffff"', 'x = "\\UFFFFFFFF"', 'a: "\\xZZ"']))
     data = text.encode("utf-8", errors="surrogatepass")
     if draw(st.integers(0, 6)) == 0:
         data = b"\xff\xfe" + data
@@ -290,6 +291,16 @@ def test_fuzz_config_files(file: tuple[str, bytes]) -> None:
         build_config(preset, values)
     except ValueError as e:
         assert str(e)
+
+
+@pytest.mark.parametrize("suffix,text", [(".yaml", 'a: "\\U7fffffff"'), (".yaml", "a: " + "[" * 3000),
+                                         (".toml", "x = " + "[" * 3000), (".toml", 'x = "\\UFFFFFFFF"')])
+def test_config_files_that_broke_the_parsers(tmp_path: Path, suffix: str, text: str) -> None:
+    """Found by the fuzzing above: PyYAML's ValueError for an escape past Unicode, RecursionErrors."""
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    with pytest.raises(ConfigFileError, match="not valid"):
+        read_config_file(path, TrainConfig)
 
 
 # ------------------------------------------------------------------------------------------ reward-server bodies
