@@ -44,9 +44,9 @@ def run(out: Path, images: int) -> None:
 
 def report(out: Path, md: Path) -> Path:
     sys.path.insert(0, str(ROOT))
-    from dpok.report_tuning import cpu_description
     from dpok.runlog import read_metrics
     from dpok.tuning import largest_drop, smoothed
+    from dpok.utils.machine import cpu_description
 
     cfg = json.loads((out / "run" / "config.json").read_text())
     rows = read_metrics(out / "run" / "metrics.jsonl")

@@ -27,6 +27,7 @@ import torch
 
 from .evaluate import SampleSettings, evaluate_prompt, slug
 from .experiment import _save_strip, _write_json, claim, portable_path, release
+from .utils.machine import cpu_description
 
 REFERENCES = ("base", "rejection-sampling")  # evaluated without training, on every prompt
 
@@ -156,7 +157,7 @@ class Sweep:
         row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, eval_settings, 555_000 + seed, True)
         _save_strip(images, folder / "samples.png")
         result = {"method": method, "candidate": cand.name, "overrides": dict(cand.overrides), "prompt": prompt,
-                  "seed": seed, "queries": trainer.reward_queries, "train_s": train_s,
+                  "seed": seed, "queries": trainer.reward_queries, "train_s": train_s, "machine": cpu_description(),
                   "seconds_per_round": float(np.mean([r["time/sample_s"] + r["time/reward_s"] + r["time/update_s"]
                                                       for r in rows])) if rows else 0.0,
                   "curve": {"reward": rewards, "kl": [r.get("kl/rollout", 0.0) for r in rows]},
@@ -186,7 +187,7 @@ class Sweep:
         row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, settings, 555_000 + seed, True, images)
         _save_strip(images, folder / "samples.png")
         result = {"method": method, "candidate": "none", "overrides": {}, "prompt": prompt, "seed": seed,
-                  "queries": 0, "train_s": time.perf_counter() - t0, "seconds_per_round": 0.0,
+                  "queries": 0, "train_s": time.perf_counter() - t0, "seconds_per_round": 0.0, "machine": cpu_description(),
                   "curve": {"reward": [], "kl": []}, "smoothed_drop": 0.0, "eval": row,
                   "queries_per_image": trainer.algorithm.reward_queries_per_image()}
         _write_json(folder / "result.json", result)

@@ -97,3 +97,16 @@ def test_the_defaults_are_the_setting_the_committed_sweep_chose() -> None:
     defaults = TrainConfig().to_dict()
     differ = {k: (tuned[k], defaults[k]) for k in tuned if k in defaults and tuned[k] != defaults[k]}
     assert not differ, f"defaults that are not the tuned setting (tuned, default): {differ}"
+
+
+def test_report_says_when_methods_did_not_get_equal_care() -> None:
+    """A method with unfinished candidates is named with its count, never 'the same tuning care'."""
+    from types import SimpleNamespace
+
+    from dpok.report_tuning import _care
+
+    cfg = SimpleNamespace(prompts=["p"], seeds=[0], methods={"a": [Candidate("x"), Candidate("y")],
+                                                             "b": [Candidate("x"), Candidate("y")]})
+    done = [{"method": "a", "candidate": "x"}, {"method": "a", "candidate": "y"}, {"method": "b", "candidate": "x"}]
+    assert "finished are a 2, b 1" in _care(cfg, done)
+    assert _care(cfg, done + [{"method": "b", "candidate": "y"}]).startswith("Every method got the same tuning care: 2")
