@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from .utils.diskwrite import write_text_atomic
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -255,9 +257,7 @@ def write_config_file(values: dict[str, Any], path: str | Path, header: str = ""
     """Write ``values`` to ``path`` in the format its suffix names; returns the path."""
     path = Path(path)
     text = dump_config(values, config_format(path), header)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, text)
     return path
 
 

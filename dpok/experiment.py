@@ -165,12 +165,7 @@ def portable_path(path: str) -> str:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write, fsync, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: workers may write the same file at once
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def _save_strip(images: torch.Tensor, path: Path) -> None:

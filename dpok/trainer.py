@@ -41,7 +41,7 @@ from .rewards import Reward, RewardError, RewardOutput, make_reward
 from .rewards.base import PromptMetadataReward
 from .runlog import RunLog, plot_curves, read_metrics
 from .sampling import Trajectory, sample_in_batches
-from .utils.diskwrite import run_folder_writes
+from .utils.diskwrite import run_folder_writes, write_text_atomic
 from .utils.state_io import CheckpointError, rng_state, set_rng_state
 from .viz import save_prompt_grid
 
@@ -430,9 +430,12 @@ class Trainer:
     # ---------------------------------------------------------------------------------- run
     def run(self) -> RunResult:
         cfg, main = self.cfg, self.is_main
-        if main and not cfg.resume:
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if main and not (cfg.resume and (self.out / f"config.{self.config_format}").exists()):
+            # config.yaml first: config.json marks a folder as holding a run, so a kill between the
+            # two leaves no run without its config file (a resume writes a missing one again)
             write_run_config(cfg, self.out, self.config_format)
+        if main and not cfg.resume:
+            write_text_atomic(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         shown = self.prompts[:GRID_PROMPTS]
         if main:
             procs = f" on {self.num_processes} processes" if self.num_processes > 1 else ""

@@ -188,3 +188,27 @@ def test_read_only_run_folder_at_the_final_save(tiny_pipeline_dir: Path, tiny_re
     err = capsys.readouterr().err
     assert "not writable" in err and f"chmod -R u+w {run}" in err and "round-000003" in err
     assert latest_checkpoint(run)[1]["round"] == 3
+
+
+def test_a_run_stopped_between_its_two_config_files_is_whole_on_the_next_try(
+        tiny_pipeline_dir: Path, tiny_reward_dir: Path, tmp_path: Path, straight_run: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.yaml is written before config.json (the mark of a run): stopped between them, the same
+    command runs again; a run folder missing its config.yaml (older versions wrote it second) gets it
+    back on --resume."""
+    import dpok.trainer as trainer
+
+    def stopped(path: Path, text: str) -> None:
+        raise KeyboardInterrupt  # the process dies before config.json is written
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(trainer, "write_text_atomic", stopped)
+    assert main(_argv(tiny_pipeline_dir, tiny_reward_dir, run)) == 130
+    assert (run / "config.yaml").is_file() and not (run / "config.json").exists()
+    monkeypatch.undo()
+    assert main(_argv(tiny_pipeline_dir, tiny_reward_dir, run)) == 0
+    _same_result(straight_run, run)
+    assert json.loads((run / "config.json").read_text())["rounds"] == 3
+    (run / "config.yaml").unlink()
+    assert main(["train", "--resume", str(run), "--rounds", "4"]) == 0
+    assert "rounds: 4" in (run / "config.yaml").read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,17 @@ NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 """Write errors that freeing disk space fixes."""
 NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 """Write errors that making the folder writable fixes."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a per-process temporary sibling, fsynced, then renamed:
+    a kill at any moment leaves the old file or the new one, never a cut-off one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share it
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 class RunFolderWriteError(RuntimeError):
