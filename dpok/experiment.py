@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from .evaluate import SampleSettings, evaluate_prompt, split_means
+from .utils.diskwrite import write_text_atomic
 
 GRID_IMAGES = 8  # images per prompt kept for the before/after figures
 
