@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .core.schedules import LR_SCHEDULES
+
 ADVANTAGES = ("value", "group", "tracker")
 ATTENTION = "to_q,to_k,to_v,to_out.0"  # LoRA on attention only: the papers' (diffusers' attention processors)
 ALGORITHM_NAMES = ("dpok", "ddpo-sf", "ddpo-is", "sft-kl", "rwr", "rwr-sparse", "rejection-sampling")
@@ -88,6 +90,9 @@ class TrainConfig:
 
     # ---- optimisation
     learning_rate: float = _f(5e-4, "policy learning rate (AdamW)")
+    lr_schedule: str = _f("constant", "learning-rate schedule over the rounds: 'constant', 'cosine' or 'linear' "
+                                      "(decay towards 0 at the last round, after the warm-up)")
+    lr_warmup_rounds: int = _f(0, "rounds of linear learning-rate warm-up before the schedule")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clipping")
     minibatch_size: int = _f(0, "transitions (DPOK, SFT-KL, RWR) or samples (DDPO) per backward pass, per process; "
@@ -179,6 +184,10 @@ class TrainConfig:
         need(self.guidance_scale >= 1.0, f"--guidance-scale must be >= 1 (got {self.guidance_scale})")
         need(self.logprob_reduce in ("sum", "mean"), f"--logprob-reduce must be 'sum' or 'mean' (got {self.logprob_reduce!r})")
         need(self.kl_form in ("closed-form", "epsilon"), f"--kl-form must be 'closed-form' or 'epsilon' (got {self.kl_form!r})")
+        need(self.lr_schedule in LR_SCHEDULES,
+             f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
+        need(0 <= self.lr_warmup_rounds < max(self.rounds, 1),
+             f"--lr-warmup-rounds ({self.lr_warmup_rounds}) must be >= 0 and below --rounds ({self.rounds})")
         need(self.surrogate in ("clamp", "ppo"), f"--surrogate must be 'clamp' or 'ppo' (got {self.surrogate!r})")
         need(self.advantage in ADVANTAGES, f"--advantage must be one of {', '.join(ADVANTAGES)} (got {self.advantage!r})")
         need(self.advantage != "value" or self.algorithm == "dpok",

@@ -33,6 +33,7 @@ from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
 from .checkpoint import checkpoint_path, latest_checkpoint, latest_complete, write_checkpoint
 from .config import TrainConfig
+from .core import lr_factor
 from .configfile import write_run_config
 from .ema import PolicyEMA
 from .export import export_kohya, write_model_card
@@ -332,6 +333,9 @@ class Trainer:
         t2 = time.perf_counter()
         # before the update: the KL of the policy that sampled these trajectories
         rollout_kl = self.rollout_kl(traj)
+        lr = cfg.learning_rate * lr_factor(self.round, cfg.rounds, cfg.lr_schedule, cfg.lr_warmup_rounds)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.adapter.train(True)
         stats = self.algorithm.update(Rollout(traj, scored.scores, scored.valid))
         self.adapter.train(False)
@@ -345,7 +349,7 @@ class Trainer:
             "reward/mean": float(valid.mean()) if len(valid) else float("nan"),
             "reward/std": float(valid.std()) if len(valid) > 1 else 0.0,
             "reward/invalid": float(distributed.all_sum(scored.num_invalid)),
-            "kl/rollout": rollout_kl,
+            "kl/rollout": rollout_kl, "train/learning_rate": lr,
             "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
             "charts/reward_queries": float(self.reward_queries),
         })

@@ -54,21 +54,24 @@ def _tiny_cfg(pipeline: Path, reward_dir: Path, out: Path, **kw: object):  # noq
     return build_config(None, values)
 
 
+SCHEDULE = {"lr_schedule": "linear", "lr_warmup_rounds": 1}
+
+
 @pytest.mark.parametrize("algorithm", ["dpok", "ddpo-is"])
 def test_sigterm_then_resume_is_bit_identical(tiny_pipeline_dir: Path, tiny_reward_dir: Path, tmp_path: Path,
                                                algorithm: str) -> None:
     straight = Trainer(_tiny_cfg(tiny_pipeline_dir, tiny_reward_dir, tmp_path / "a", algorithm=algorithm,
-                                 stat_min_count=1, stat_buffer=4))
+                                 stat_min_count=1, stat_buffer=4, **SCHEDULE))
     straight.run()
     interrupted = Trainer(_tiny_cfg(tiny_pipeline_dir, tiny_reward_dir, tmp_path / "b", algorithm=algorithm,
-                                    stat_min_count=1, stat_buffer=4))
+                                    stat_min_count=1, stat_buffer=4, **SCHEDULE))
     interrupted.stop_signal = signal.SIGTERM  # as if SIGTERM arrived during round 1
     with pytest.raises(SystemExit) as code:
         interrupted.run()
     assert code.value.code == 143
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["round-000001"]
     resumed = Trainer(_tiny_cfg(tiny_pipeline_dir, tiny_reward_dir, tmp_path / "b", algorithm=algorithm,
-                                stat_min_count=1, stat_buffer=4, resume=str(tmp_path / "b")))
+                                stat_min_count=1, stat_buffer=4, resume=str(tmp_path / "b"), **SCHEDULE))
     assert resumed.round == 1
     resumed.run()
     a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
@@ -78,6 +81,8 @@ def test_sigterm_then_resume_is_bit_identical(tiny_pipeline_dir: Path, tiny_rewa
     rows_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     strip = lambda rows: [{k: v for k, v in json.loads(r).items() if not k.startswith("time/")} for r in rows]  # noqa: E731
     assert strip(rows_a) == strip(rows_b)
+    # one warm-up round at half the rate, then linear decay over the remaining two rounds
+    assert [json.loads(r)["train/learning_rate"] for r in rows_a] == pytest.approx([5e-3, 1e-2, 5e-3])
 
 
 def test_checkpoints_keep_only_the_newest(tiny_pipeline_dir: Path, tiny_reward_dir: Path, tmp_path: Path) -> None:

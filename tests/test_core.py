@@ -548,3 +548,19 @@ _EPS = torch.zeros(3, 1, 2, 2)
 def test_losses_reject_mismatched_shapes_naming_the_argument(call, bad_name: str) -> None:
     with pytest.raises(ValueError, match=bad_name):
         call()
+
+
+def test_lr_factor_schedules_on_hand_worked_rounds() -> None:
+    from dpok.core import lr_factor
+
+    assert [lr_factor(i, 4) for i in range(4)] == [1.0, 1.0, 1.0, 1.0]
+    assert [lr_factor(i, 4, "linear") for i in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    cos = [lr_factor(i, 4, "cosine") for i in range(4)]
+    assert cos == pytest.approx([1.0, (1 + 2**-0.5) / 2, 0.5, (1 - 2**-0.5) / 2])
+    # two warm-up rounds (1/3, 2/3), then linear over the remaining two
+    assert [lr_factor(i, 4, "linear", 2) for i in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.5])
+    assert lr_factor(3, 4, "cosine") > 0  # the last round still steps
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lr_factor(0, 4, "step")
+    with pytest.raises(ValueError, match="warmup_rounds"):
+        lr_factor(0, 4, "cosine", 4)

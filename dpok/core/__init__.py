@@ -27,9 +27,12 @@ from dpok.core.losses import (
     sft_weights,
     value_loss,
 )
+from dpok.core.schedules import LR_SCHEDULES, lr_factor
 from dpok.core.steps import step_window
 
 __all__ = [
+    "LR_SCHEDULES",
+    "lr_factor",
     "SURROGATES",
     "group_advantages",
     "step_window",
