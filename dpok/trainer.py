@@ -33,8 +33,8 @@ from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
 from .checkpoint import checkpoint_path, latest_checkpoint, latest_complete, write_checkpoint
 from .config import TrainConfig
-from .core import lr_factor
 from .configfile import write_run_config
+from .core import lr_factor
 from .ema import PolicyEMA
 from .export import export_kohya, write_model_card
 from .prompts import FunctionPromptSampler, PromptFunction, PromptSampler, prompt_metadata, resolve_prompts
