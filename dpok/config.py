@@ -89,8 +89,8 @@ class TrainConfig:
                                    "divisor of each process's share of --samples-per-round that is at most 32)")
 
     # ---- optimisation
-    learning_rate: float = _f(5e-4, "policy learning rate (AdamW)")
-    lr_schedule: str = _f("constant", "learning-rate schedule over the rounds: 'constant', 'cosine' or 'linear' "
+    learning_rate: float = _f(2e-3, "policy learning rate (AdamW); the peak of --lr-schedule")
+    lr_schedule: str = _f("cosine", "learning-rate schedule over the rounds: 'constant', 'cosine' or 'linear' "
                                       "(decay towards 0 at the last round, after the warm-up)")
     lr_warmup_rounds: int = _f(0, "rounds of linear learning-rate warm-up before the schedule")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
@@ -105,7 +105,7 @@ class TrainConfig:
     alpha: float = _f(10.0, "DPOK reward weight alpha")
     beta: float = _f(0.01, "DPOK KL weight beta (0 turns KL regularisation off)")
     kl_form: str = _f("closed-form", "'closed-form' ||mu-mu_pre||^2/(2 sigma^2) (paper) or 'epsilon' (official code)")
-    clip_range: float = _f(1e-4, "ratio clip epsilon (DPOK clamp, DDPO-IS PPO clip)")
+    clip_range: float = _f(1e-3, "ratio clip epsilon (DPOK clamp, DDPO-IS PPO clip)")
     buffer_size: int = _f(1000, "DPOK replay buffer capacity in transitions")
     value_lr: float = _f(1e-3, "DPOK value-function learning rate")
     value_steps: int = _f(1, "value-function steps per policy step")
@@ -270,10 +270,10 @@ def preset_shapeworld_cpu() -> dict[str, Any]:
     """The defaults: the embedded model on a 2-core CPU in under 10 minutes on the slower kind of
     machine (AVX2 only). 20 DDIM steps (eta 1, guidance 5), 25 rounds of 32 samples (groups of 8 per
     prompt), 6 gradient steps of 32 transitions from the replay buffer, advantages standardised within
-    each prompt's group of the round, PPO's clipped surrogate at clip 1e-4 on log-probs averaged over
+    each prompt's group of the round, PPO's clipped surrogate at clip 1e-3 on log-probs averaged over
     latent elements (the DPOK code's scale), the first 75 % of the denoising steps trained, LoRA rank
-    8 on attention, ResNet convolutions and transformer projections at lr 5e-4, beta 0.01. Chosen by
-    the sweep of docs/tuning.md (``benchmarks/tune.py``)."""
+    8 on attention, ResNet convolutions and transformer projections at lr 2e-3 decayed by a cosine
+    over the rounds, beta 0.01. Chosen by the sweep of docs/tuning.md (``benchmarks/tune.py``)."""
     return {}
 
 
@@ -289,7 +289,8 @@ def preset_dpok_paper() -> dict[str, Any]:
       closed form the same beta weighs the last step ~60 times the median step);
     - value function trained first in each round, one AdamW step on 5 x 256 transitions (here one
       minibatch of 1280), AdamW weight decay 0, log-probs averaged over latent elements: code;
-    - advantage r - V and the clamped ratio (no PPO min/max): paper and code.
+    - advantage r - V and the clamped ratio (no PPO min/max): paper and code;
+    - a constant learning rate: paper and code.
     """
     return dict(algorithm="dpok", alpha=10.0, beta=0.01, learning_rate=1e-5, logprob_reduce="mean", samples_per_round=10,
                 sample_batch_size=10, gradient_steps=5, grad_accum=12, minibatch_size=4, buffer_size=1000,
@@ -297,7 +298,8 @@ def preset_dpok_paper() -> dict[str, Any]:
                 guidance_scale=7.5, lora_rank=4, lora_alpha=4.0, lora_targets=ATTENTION, kl_form="epsilon",
                 reward="image-reward",
                 weight_decay=0.0, value_minibatch_size=1280, value_steps=1, value_first=True, advantage="value",
-                surrogate="clamp", step_window_start=0.0, step_window_end=1.0, samples_per_prompt=10)
+                surrogate="clamp", step_window_start=0.0, step_window_end=1.0, samples_per_prompt=10,
+                lr_schedule="constant")
 
 
 def preset_dpok_paper_multi() -> dict[str, Any]:
@@ -310,7 +312,7 @@ def preset_ddpo_paper() -> dict[str, Any]:
     ``aesthetic()`` on top of ``compressibility()`` and base.py): 8 GPUs x 4 sampling batches of 8 =
     256 samples per epoch, 200 epochs; training batches of 4 per GPU with 4 accumulation steps,
     i.e. 2 optimizer steps per epoch (here: minibatches of 4, 32 accumulated); one inner epoch; lr
-    3e-4, AdamW weight decay 1e-4, clip range 1e-4, advantages clipped to 5, per-prompt stat
+    3e-4 (constant), AdamW weight decay 1e-4, clip range 1e-4, advantages clipped to 5, per-prompt stat
     tracking with a buffer of 32 and min count 16, 50 DDIM steps at eta 1, guidance 5, every
     timestep trained, grad-norm clip 1, log-probs averaged over latent elements."""
     return dict(algorithm="ddpo-is", learning_rate=3e-4, weight_decay=1e-4, samples_per_round=256, sample_batch_size=16,
@@ -318,16 +320,16 @@ def preset_ddpo_paper() -> dict[str, Any]:
                 stat_buffer=32, stat_min_count=16, num_steps=50, eta=1.0, guidance_scale=5.0,
                 max_grad_norm=1.0, rounds=200, reward="aesthetic", advantage="tracker", timestep_fraction=1.0,
                 logprob_reduce="mean", step_window_start=0.0, step_window_end=1.0, lora_rank=4, lora_alpha=4.0,
-                lora_targets=ATTENTION)
+                lora_targets=ATTENTION, lr_schedule="constant")
 
 
 def preset_sft_kl_paper() -> dict[str, Any]:
-    """DPOK's supervised baseline (paper, Sec. 5 and App.): gamma 2 (chosen from 0.1, 1, 2, 5), lr 2e-5,
+    """DPOK's supervised baseline (paper, Sec. 5 and App.): gamma 2 (chosen from 0.1, 1, 2, 5), lr 2e-5 (constant),
     batch 128, 50 DDIM steps, guidance 7.5, ImageReward; the conditional prediction is trained, as
     in the paper."""
     return dict(algorithm="sft-kl", gamma=2.0, learning_rate=2e-5, minibatch_size=128, num_steps=50,
                 guidance_scale=7.5, reward="image-reward", supervised_target="conditional", lora_rank=4,
-                lora_alpha=4.0, lora_targets=ATTENTION)
+                lora_alpha=4.0, lora_targets=ATTENTION, lr_schedule="constant")
 
 
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {

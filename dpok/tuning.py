@@ -16,6 +16,7 @@ not tuned on. :func:`write_report` writes ``docs/tuning.md`` from the result fil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -125,6 +126,24 @@ class Sweep:
                                      (method, cand, prompt, seed)))
         return jobs
 
+    def base(self) -> dict[str, Any]:
+        """The settings every candidate's overrides apply to: the defaults of the code that ran the
+        sweep's first stage, kept in ``sweep.json``, so that defaults changed later (by the sweep's
+        own outcome) do not change what later trials run from. A setting that did not exist then is
+        frozen at its default when a stage first sees it (the behaviour the earlier trials had)."""
+        from .config import TrainConfig
+
+        path = self.out / "sweep.json"
+        saved = json.loads(path.read_text()).get("base") if path.is_file() else None
+        return {**TrainConfig().to_dict(), **(saved or {})}
+
+    def _settings(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` on top of the sweep's base (only settings the code still has)."""
+        from .config import TrainConfig
+
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        return {k: v for k, v in {**self.base(), **values}.items() if k in known}
+
     def run_trial(self, folder: Path, method: str, cand: Candidate, prompt: str, seed: int) -> dict[str, Any]:
         from .checkpoint import latest_checkpoint
         from .config import build_config
@@ -148,7 +167,7 @@ class Sweep:
 
                 shutil.rmtree(run_dir)
         t0 = time.perf_counter()
-        trainer = Trainer(build_config(None, settings))
+        trainer = Trainer(build_config(None, self._settings(settings)))
         trainer.run()
         train_s = time.perf_counter() - t0
         rows = read_metrics(run_dir / "metrics.jsonl")
@@ -172,9 +191,10 @@ class Sweep:
 
         c = self.cfg
         t0 = time.perf_counter()
-        cfg = build_config(None, {"algorithm": "rejection-sampling", "prompt": [prompt], "seed": seed, "rounds": 1,
-                                  "samples_per_round": c.samples_per_round, "output_dir": str(folder / "run"),
-                                  "eval_images": 1, "device": c.device, **c.common})
+        cfg = build_config(None, self._settings({
+            "algorithm": "rejection-sampling", "prompt": [prompt], "seed": seed, "rounds": 1,
+            "samples_per_round": c.samples_per_round, "output_dir": str(folder / "run"), "eval_images": 1,
+            "device": c.device, **c.common}))
         if (folder / "run").exists():
             import shutil
 
@@ -194,14 +214,8 @@ class Sweep:
         return result
 
     def run(self, stage: str) -> int:
-        from .config import TrainConfig
-
-        # the settings every candidate's overrides apply to: the defaults of the code that ran the sweep
-        # (kept from its first stage: defaults changed after it do not rewrite what the trials ran from)
-        path = self.out / "sweep.json"
-        base = json.loads(path.read_text()).get("base") if path.is_file() else None
-        _write_json(path, {"config": _config_json(self.cfg), "budget": self.cfg.budget,
-                           "base": base or TrainConfig().to_dict()})
+        _write_json(self.out / "sweep.json", {"config": _config_json(self.cfg), "budget": self.cfg.budget,
+                                              "base": self.base()})
         jobs = self.jobs(stage)
         todo = [j for j in jobs if not (j[0] / "result.json").is_file()]
         self.log(f"{stage}: {len(todo)} of {len(jobs)} trial(s) left in {self.out}")

@@ -148,6 +148,7 @@ def test_presets_match_their_sources() -> None:
         "weight_decay": 0.0, "value_minibatch_size": 1280, "value_steps": 1, "value_first": True,
         "advantage": "value", "surrogate": "clamp", "logprob_reduce": "mean", "rounds": 2000,
         "lora_targets": "to_q,to_k,to_v,to_out.0",  # diffusers' attention processors, as both papers
+        "lr_schedule": "constant",  # paper and code: a fixed learning rate
     }
     assert {k: dpok[k] for k in sources} == sources
     assert PRESETS["dpok-paper-multi"]()["alpha"] == 1000.0 and PRESETS["dpok-paper-multi"]()["beta"] == 0.1
@@ -157,13 +158,14 @@ def test_presets_match_their_sources() -> None:
         "stat_buffer": 32, "stat_min_count": 16, "num_steps": 50, "eta": 1.0, "guidance_scale": 5.0,
         "max_grad_norm": 1.0, "rounds": 200, "weight_decay": 1e-4, "advantage": "tracker",
         "timestep_fraction": 1.0, "logprob_reduce": "mean", "lora_rank": 4, "lora_targets": "to_q,to_k,to_v,to_out.0",
+        "lr_schedule": "constant",  # config/base.py: a fixed learning rate
     }
     assert {k: ddpo[k] for k in sources} == sources
     # 256 samples in minibatches of 4 with 32 accumulated: 2 optimizer steps per round
     assert ddpo["samples_per_round"] // (ddpo["minibatch_size"] * ddpo["grad_accum"]) == 2
     sft = PRESETS["sft-kl-paper"]()
-    assert {k: sft[k] for k in ("gamma", "learning_rate", "minibatch_size")} == {"gamma": 2.0, "learning_rate": 2e-5,
-                                                                               "minibatch_size": 128}
+    assert {k: sft[k] for k in ("gamma", "learning_rate", "minibatch_size", "lr_schedule")} == {
+        "gamma": 2.0, "learning_rate": 2e-5, "minibatch_size": 128, "lr_schedule": "constant"}
     for name in PRESETS:
         build_config(name, {})  # every preset validates
 
