@@ -71,7 +71,8 @@ def report(out: Path, md: Path) -> Path:
         f"- Machine: {cpu_description()}, {os.cpu_count()} cores.",
         f"- Settings: `{cfg['algorithm']}`, {cfg['rounds']} rounds x {cfg['samples_per_round']} samples "
         f"({cfg['rounds'] * cfg['samples_per_round']} reward queries), advantage `{cfg['advantage']}`, surrogate "
-        f"`{cfg['surrogate']}`, clip {cfg['clip_range']}, lr {cfg['learning_rate']}, LoRA rank {cfg['lora_rank']} on "
+        f"`{cfg['surrogate']}`, clip {cfg['clip_range']}, lr {cfg['learning_rate']} "
+        f"({cfg.get('lr_schedule', 'constant')} schedule), LoRA rank {cfg['lora_rank']} on "
         f"`{cfg['lora_targets']}`, trained steps {cfg['step_window_start']}–{cfg['step_window_end']} of the trajectory, "
         f"beta {cfg['beta']}.",
         f"- Wall time of `dpok train` (model loading and the before/after grids included): {wall / 60:.1f} min; "
