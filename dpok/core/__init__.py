@@ -20,6 +20,7 @@ from dpok.core.losses import (
     ddpo_is_loss,
     ddpo_sf_loss,
     dpok_loss,
+    grpo_loss,
     rwr_loss,
     rwr_sparse_weights,
     rwr_weights,
@@ -27,10 +28,17 @@ from dpok.core.losses import (
     sft_weights,
     value_loss,
 )
+from dpok.core.nft import flow_x0_prediction, nft_loss, nft_optimality, old_policy_decay, vp_to_flow
 from dpok.core.schedules import LR_SCHEDULES, lr_factor
 from dpok.core.steps import step_window
 
 __all__ = [
+    "flow_x0_prediction",
+    "grpo_loss",
+    "nft_loss",
+    "nft_optimality",
+    "old_policy_decay",
+    "vp_to_flow",
     "LR_SCHEDULES",
     "lr_factor",
     "SURROGATES",

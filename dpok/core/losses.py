@@ -296,3 +296,17 @@ def rwr_loss(eps_pred: Tensor, eps_target: Tensor, weights: Tensor) -> LossOutpu
     _check_eps_tensors(weights, eps_pred=eps_pred, eps_target=eps_target)
     loss = (weights.detach() * _per_sample_mse(eps_pred, eps_target.detach())).mean()
     return loss, {"rwr_loss": loss.item(), "weight_mean": weights.detach().float().mean().item()}
+
+
+def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, kl: Tensor, beta: float,
+              clip_range: float) -> LossOutput:
+    """GRPO for diffusion (Flow-GRPO, DanceGRPO): PPO's clipped surrogate on group-relative
+    advantages plus a per-step KL to the reference policy, no value function:
+
+        loss = mean_n [ max(-A_n ratio_n, -A_n clamp(ratio_n, 1 - eps, 1 + eps)) + beta kl_n ]
+
+    It is :func:`dpok_loss` with alpha = 1 and the PPO surrogate, and :func:`ddpo_is_loss` when
+    beta = 0. Shapes and stats as in :func:`dpok_loss`.
+    """
+    return dpok_loss(log_probs, old_log_probs, advantages, kl, 1.0, beta, clip_range, "ppo")
+
