@@ -18,7 +18,10 @@ from .core.schedules import LR_SCHEDULES
 
 ADVANTAGES = ("value", "group", "tracker")
 ATTENTION = "to_q,to_k,to_v,to_out.0"  # LoRA on attention only: the papers' (diffusers' attention processors)
-ALGORITHM_NAMES = ("dpok", "ddpo-sf", "ddpo-is", "sft-kl", "rwr", "rwr-sparse", "rejection-sampling")
+ALGORITHM_NAMES = ("dpok", "ddpo-sf", "ddpo-is", "grpo", "diffusion-nft", "sft-kl", "rwr", "rwr-sparse",
+                   "rejection-sampling")
+# algorithms whose minibatches are whole samples (all their trained steps), not transitions
+SAMPLE_MINIBATCHES = ("ddpo-sf", "ddpo-is", "grpo")
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:
@@ -134,6 +137,16 @@ class TrainConfig:
     stat_min_count: int = _f(16, "rewards of a prompt needed before its own statistics are used")
     timestep_fraction: float = _f(1.0, "share of the window's steps trained on, drawn per sample and round (DDPO)")
 
+    # ---- DiffusionNFT
+    nft_beta: float = _f(1.0, "DiffusionNFT beta: strength of the implicit positive/negative policies "
+                              "beta v_theta + (1 - beta) v_old and (1 + beta) v_old - beta v_theta")
+    nft_decay_rate: float = _f(0.001, "DiffusionNFT: the sampling policy theta_old <- d theta_old + (1 - d) theta "
+                                      "after each round, d = min(rate x optimizer steps so far, --nft-decay-max)")
+    nft_decay_max: float = _f(0.5, "DiffusionNFT: the largest decay d of the sampling policy")
+    rollout_steps: int = _f(0, "DiffusionNFT: denoising steps of the rollout sampler (0: --num-steps, which the "
+                               "evaluations use)")
+    rollout_eta: float = _f(-1.0, "DiffusionNFT: eta of the rollout sampler, 0 for deterministic DDIM (-1: --eta)")
+
     # ---- supervised baselines
     gamma: float = _f(2.0, "SFT-KL weight gamma of the KL bound")
     supervised_target: str = _f("guided", "SFT-KL / RWR: which prediction is trained on the (guided) samples: 'guided' "
@@ -184,6 +197,20 @@ class TrainConfig:
         need(self.guidance_scale >= 1.0, f"--guidance-scale must be >= 1 (got {self.guidance_scale})")
         need(self.logprob_reduce in ("sum", "mean"), f"--logprob-reduce must be 'sum' or 'mean' (got {self.logprob_reduce!r})")
         need(self.kl_form in ("closed-form", "epsilon"), f"--kl-form must be 'closed-form' or 'epsilon' (got {self.kl_form!r})")
+        if self.algorithm != "diffusion-nft":
+            need(self.rollout_steps == 0 and self.rollout_eta == -1.0,
+                 f"--rollout-steps and --rollout-eta are DiffusionNFT's; {self.algorithm} trains on the steps it "
+                 "samples (set --num-steps and --eta)")
+        need(self.rollout_steps >= 0, f"--rollout-steps must be >= 0 (got {self.rollout_steps})")
+        need(self.rollout_eta == -1.0 or self.rollout_eta >= 0,
+             f"--rollout-eta must be >= 0, or -1 for --eta (got {self.rollout_eta})")
+        need(self.nft_beta > 0, f"--nft-beta must be > 0 (got {self.nft_beta})")
+        need(self.nft_decay_rate >= 0 and 0 <= self.nft_decay_max < 1,
+             f"--nft-decay-rate must be >= 0 and --nft-decay-max in [0, 1) (got {self.nft_decay_rate}, "
+             f"{self.nft_decay_max})")
+        need(self.algorithm != "grpo" or self.advantage == "group",
+             f"--algorithm grpo standardises rewards within each prompt's group: --advantage group (got "
+             f"{self.advantage!r})")
         need(self.lr_schedule in LR_SCHEDULES,
              f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
         need(0 <= self.lr_warmup_rounds < max(self.rounds, 1),
@@ -224,7 +251,7 @@ class TrainConfig:
         # samples_per_round is the round's total: each of the N processes samples an equal share, in
         # whole sampling batches (and, for DDPO, whole minibatches)
         sizes = [("sample-batch-size", self.sample_batch_size, "")]  # explicit values only: auto ones always fit
-        if self.algorithm in ("ddpo-sf", "ddpo-is"):
+        if self.algorithm in SAMPLE_MINIBATCHES:
             sizes.append(("minibatch-size", self.minibatch_size, f" for {self.algorithm}"))
         times = f"{num_processes} x " if num_processes > 1 else ""
         total = f" (it is the total over the {num_processes} processes)" if num_processes > 1 else ""
@@ -251,7 +278,7 @@ class TrainConfig:
         if self.sample_batch_size == 0:
             values["sample_batch_size"] = fit
         if self.minibatch_size == 0:
-            values["minibatch_size"] = fit if self.algorithm in ("ddpo-sf", "ddpo-is") else 32
+            values["minibatch_size"] = fit if self.algorithm in SAMPLE_MINIBATCHES else 32
         return dataclasses.replace(self, **values)
 
     def group_size(self, num_processes: int = 1) -> int:

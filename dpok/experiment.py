@@ -202,13 +202,13 @@ class Experiment:
 
     def train_config(self, task: Task, method: Method, seed: int, run_dir: Path, rounds: int,
                      extra: dict[str, Any] | None = None):  # noqa: ANN201
-        from .config import build_config
+        from .config import SAMPLE_MINIBATCHES, build_config
 
         c = self.cfg
         samples = (extra or {}).get("samples_per_round", c.samples_per_round)
         # batch sizes that divide the round (DDPO's minibatches split the round's samples)
         fit = {"sample_batch_size": math.gcd(32, samples)}
-        if method.algorithm in ("ddpo-is", "ddpo-sf"):
+        if method.algorithm in SAMPLE_MINIBATCHES:
             fit["minibatch_size"] = math.gcd(32, samples)
         settings = {"model": c.model, "reward": c.reward, "prompt": list(task.seen), "algorithm": method.algorithm,
                     "rounds": rounds, "samples_per_round": samples, "seed": seed, **fit,

@@ -94,13 +94,15 @@ def initial_noise(adapter: DiffusionAdapter, n: int, generator: torch.Generator)
 @torch.inference_mode()
 def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps: int, eta: float,
                         guidance_scale: float, generator: torch.Generator, reference: bool = False,
-                        logprob_reduce: str = "sum") -> Trajectory:
+                        logprob_reduce: str = "sum", with_log_probs: bool = True) -> Trajectory:
     """Sample one trajectory per prompt with DDIM (eta > 0 makes it a stochastic policy).
 
     Noise comes from ``generator`` only (x_T, then one draw per step), so the same generator state
     gives the same images. ``reference=True`` samples the pretrained model (SFT's data).
+    ``with_log_probs=False`` (a likelihood-free method's rollouts) allows eta = 0, deterministic
+    DDIM; its ``log_probs`` are then zeros.
     """
-    if eta <= 0:
+    if eta < 0 or (eta == 0 and with_log_probs):
         raise ValueError(f"eta must be > 0 to sample a trajectory with log-probs (got {eta}); "
                          "eta = 0 is deterministic DDIM and has no log-prob")
     embeds = adapter.encode_prompts(prompts)
@@ -114,7 +116,8 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
         x_next = (dist.mean + dist.std * noise).to(x.dtype)
         latents.append(x)
         next_latents.append(x_next)
-        log_probs.append(ddim_log_prob(x_next.float(), dist, reduce=logprob_reduce))
+        log_probs.append(ddim_log_prob(x_next.float(), dist, reduce=logprob_reduce) if with_log_probs
+                         else torch.zeros(len(prompts), device=x.device))
         x = x_next
     return Trajectory(
         prompts=list(prompts), embeds=embeds,
@@ -126,9 +129,9 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
 
 def sample_in_batches(adapter: DiffusionAdapter, prompts: list[str], batch_size: int, num_steps: int, eta: float,
                       guidance_scale: float, generator: torch.Generator, reference: bool = False,
-                      logprob_reduce: str = "sum") -> Trajectory:
+                      logprob_reduce: str = "sum", with_log_probs: bool = True) -> Trajectory:
     parts = [sample_trajectories(adapter, prompts[i : i + batch_size], num_steps, eta, guidance_scale, generator,
-                                 reference, logprob_reduce)
+                                 reference, logprob_reduce, with_log_probs)
              for i in range(0, len(prompts), batch_size)]
     return Trajectory.cat(parts)
 

@@ -290,10 +290,12 @@ class Trainer:
     # ------------------------------------------------------------------------------- phases
     def sample(self, prompts: list[str]) -> Trajectory:
         cfg = self.cfg
-        return sample_in_batches(self.adapter, prompts, cfg.sample_batch_size, cfg.num_steps, cfg.eta,
-                                 cfg.guidance_scale, self.generator,
-                                 reference=self.algorithm.samples_from_reference,
-                                 logprob_reduce=cfg.logprob_reduce)
+        steps, eta = self.algorithm.rollout_sampler()
+        with self.algorithm.sampling_policy():
+            return sample_in_batches(self.adapter, prompts, cfg.sample_batch_size, steps, eta,
+                                     cfg.guidance_scale, self.generator,
+                                     reference=self.algorithm.samples_from_reference,
+                                     logprob_reduce=cfg.logprob_reduce, with_log_probs=eta > 0)
 
     def score(self, traj: Trajectory, attempts: int = 3) -> RewardOutput:
         """Score a round's samples. If the reward fails (e.g. its server is down after its own
@@ -318,8 +320,12 @@ class Trainer:
         from .evaluate import SampleSettings, trajectory_kl
 
         cfg, n = self.cfg, min(max_samples, traj.batch_size)
-        settings = SampleSettings(n, cfg.num_steps, cfg.guidance_scale, cfg.eta)
-        kl = trajectory_kl(self.adapter, traj, settings, chunk=n, reduce="sum", limit=n)
+        steps, eta = self.algorithm.rollout_sampler()
+        if eta == 0:  # deterministic rollouts: no step distributions, no KL bound
+            return float("nan")
+        settings = SampleSettings(n, steps, cfg.guidance_scale, eta)
+        with self.algorithm.sampling_policy():
+            kl = trajectory_kl(self.adapter, traj, settings, chunk=n, reduce="sum", limit=n)
         return float(kl.mean())
 
     def train_round(self) -> dict[str, float]:

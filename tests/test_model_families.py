@@ -228,19 +228,22 @@ def test_gradient_checkpointing_with_lora_gives_the_same_gradients(folder: Path,
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("algorithm", ["ddpo-is", "sft-kl", "rwr"])
+@pytest.mark.parametrize("algorithm", ["ddpo-is", "grpo", "diffusion-nft", "sft-kl", "rwr"])
 def test_every_algorithm_runs_a_round_on_each_family(folder: Path, algorithm: str, tmp_path: Path) -> None:
-    """DDPO and the supervised baselines too (the supervised ones keep SDXL's pooled embeddings and
-    time ids with their data, and SFT-KL's reference prediction gets them as well)."""
+    """DDPO, GRPO, DiffusionNFT and the supervised baselines too (the supervised ones keep SDXL's
+    pooled embeddings and time ids with their data, and SFT-KL's reference prediction gets them as
+    well); only the trainable weights move."""
     cfg = build_config(None, dict(model=str(folder), reward="jpeg-compressibility", prompt=PROMPTS, rounds=2,
                                   samples_per_round=2, sample_batch_size=2, minibatch_size=2, gradient_steps=1,
                                   num_steps=3, eval_images=1, learning_rate=1e-2, stat_min_count=1, stat_buffer=4,
                                   algorithm=algorithm, output_dir=str(tmp_path / "out")))
     trainer = Trainer(cfg)
     before = {n: p.detach().clone() for n, p in trainer.adapter.unet.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in trainer.adapter.unet.named_parameters() if not p.requires_grad}
     trainer.run()
     after = dict(trainer.adapter.unet.named_parameters())
     assert any(not torch.equal(v, after[n]) for n, v in before.items())
+    assert all(torch.equal(v, after[n]) for n, v in frozen.items())
     state = trainer.algorithm.state_dict()
-    if algorithm != "ddpo-is" and trainer.adapter.is_sdxl:
+    if algorithm in ("sft-kl", "rwr", "diffusion-nft") and trainer.adapter.is_sdxl:
         assert state["time_ids"].shape == (len(state["x0"]), 6)

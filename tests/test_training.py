@@ -96,7 +96,7 @@ def test_one_dpok_round_changes_only_lora_weights(tiny_pipeline_dir: Path) -> No
     assert stats["buffer_size"] == 2 * len(step_window(cfg.num_steps, cfg.step_window_start, cfg.step_window_end)) == 6
 
 
-@pytest.mark.parametrize("name", ["dpok", "ddpo-sf", "ddpo-is", "sft-kl", "rwr", "rwr-sparse"])
+@pytest.mark.parametrize("name", ["dpok", "ddpo-sf", "ddpo-is", "grpo", "diffusion-nft", "sft-kl", "rwr", "rwr-sparse"])
 def test_every_algorithm_updates_the_policy(tiny_pipeline_dir: Path, name: str) -> None:
     adapter = make_adapter(tiny_pipeline_dir)
     cfg = small_cfg(algorithm=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,14 @@ class Algorithm:
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         raise NotImplementedError
+
+    def sampling_policy(self) -> contextlib.AbstractContextManager[None]:
+        """The weights the round's samples are drawn with (default: the trained ones)."""
+        return contextlib.nullcontext()
+
+    def rollout_sampler(self) -> tuple[int, float]:
+        """(steps, eta) of the round's sampler: the training sampler, whose steps are trained on."""
+        return self.cfg.num_steps, self.cfg.eta
 
     def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         """Images (B, 3, H, W) the method produces for ``prompts`` (evaluation and grids)."""

@@ -14,6 +14,7 @@ gradients averaged before each step, and the per-prompt statistics see every pro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,18 @@ from .. import distributed
 from ..core import PerPromptStatTracker, ddpo_is_loss, ddpo_sf_loss, step_window
 from ..sampling import evaluate_log_probs
 from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats, trajectory_advantages
+
+
+@dataclass
+class StepContext:
+    """The evaluated steps of a minibatch: x_t (N, C, h, w), t (N,), the prompts' embeddings, the
+    policy's step distribution and its guided model output (with gradients)."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    embeds: Any
+    dist: Any
+    output: torch.Tensor
 
 
 class _DDPO(Algorithm):
@@ -75,17 +88,22 @@ class _DDPO(Algorithm):
             latents = traj.latents[mb, steps].to(device)
             next_latents = traj.next_latents[mb, steps].to(device)
             timesteps = traj.timesteps.to(device)[steps.to(device)]
-            log_probs, _, _ = evaluate_log_probs(adapter, latents, next_latents, timesteps, embeds,
-                                                 cfg.guidance_scale, cfg.eta, cfg.num_steps, cfg.logprob_reduce)
+            log_probs, dist, output = evaluate_log_probs(adapter, latents, next_latents, timesteps, embeds,
+                                                         cfg.guidance_scale, cfg.eta, cfg.num_steps, cfg.logprob_reduce)
             adv = advantages[mb].to(device)
-            if self.importance_sampling:
-                old = traj.log_probs[mb, steps].to(device)
-                loss, s = ddpo_is_loss(log_probs, old, adv, cfg.clip_range)
-            else:
-                loss, s = ddpo_sf_loss(log_probs, adv)
+            old = traj.log_probs[mb, steps].to(device)
+            loss, s = self.loss(log_probs, old, adv, StepContext(latents, timesteps, embeds, dist, output))
             (loss / (n_train * accum)).backward()
             stats.append({**s, "loss": loss.item()})
         return mean_stats(stats)
+
+    def loss(self, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+             step: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """The per-transition loss of one minibatch of steps (N,): the PPO clipped surrogate (IS) or
+        the score-function estimator (SF). ``step`` holds what a loss with a KL term needs."""
+        if self.importance_sampling:
+            return ddpo_is_loss(log_probs, old_log_probs, advantages, self.cfg.clip_range)
+        return ddpo_sf_loss(log_probs, advantages)
 
     def state_dict(self) -> dict[str, Any]:
         return {"stat_tracker": self.tracker.state_dict()}

@@ -90,15 +90,26 @@ class _Supervised(Algorithm):
     def _loss(self, pred, target, latents, timesteps, embeds, weights):  # noqa: ANN001, ANN202
         return rwr_loss(pred, target, weights)
 
+    def _sample_weights(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Weights (N,) of this process's samples, normalised over the data of every process."""
+        _, every_reward, mine = distributed.gather_batch([""] * len(rewards), rewards)
+        return self._weights(every_reward)[mine]
+
+    def _step_loss(self, x0: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
+                   embeds: PromptEmbeds, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one minibatch: x_0 (B, C, h, w) noised with ``noise`` into ``latents`` at ``timesteps``."""
+        pred = self._prediction(latents, timesteps, embeds).float()
+        target = denoising_target(self.adapter.prediction_type, x0.float(), noise.float(),
+                                  self.adapter.alphas_cumprod[timesteps])
+        return self._loss(pred, target, latents, timesteps, embeds, weights)
+
     def update(self, rollout: Rollout) -> dict[str, float]:
         self._append(rollout)
         x0_all, cond_all, rewards_all = self._tensors()
         # skip only when no process has data: the optimizer steps below are collectives
         if distributed.all_sum(len(x0_all)) == 0:
             return {"skipped_updates": 1.0}
-        # weights normalised over the data of every process (one process: its own)
-        _, every_reward, mine = distributed.gather_batch([""] * len(rewards_all), rewards_all)
-        weights_all = self._weights(every_reward)[mine]
+        weights_all = self._sample_weights(rewards_all)
         cfg, adapter, gen = self.cfg, self.adapter, self.ctx.generator
         device = adapter.device
         uncond = adapter.encode_prompts([""])
@@ -112,13 +123,10 @@ class _Supervised(Algorithm):
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 n_train = adapter.scheduler.config.num_train_timesteps
                 t = torch.randint(0, n_train, (len(idx),), generator=gen).to(device)
-                abar = adapter.alphas_cumprod[t]
-                a = abar.view(-1, 1, 1, 1)
+                a = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
                 latents = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(adapter.dtype)
                 embeds = self._embeds(idx, cond_all, uncond)
-                pred = self._prediction(latents, t, embeds).float()
-                target = denoising_target(adapter.prediction_type, x0.float(), noise.float(), abar)
-                loss, s = self._loss(pred, target, latents, t, embeds, weights_all[idx].to(device))
+                loss, s = self._step_loss(x0, noise, latents, t, embeds, weights_all[idx].to(device))
                 (loss / cfg.grad_accum).backward()
                 stats.append({**s, "loss": loss.item()})
             stats.append(guarded_step(self.ctx.optimizer, adapter.trainable_parameters(), cfg.max_grad_norm))

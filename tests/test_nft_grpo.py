@@ -1,0 +1,102 @@
+"""GRPO and DiffusionNFT on a tiny random pipeline: the sampling policy of NFT, its rollout sampler,
+settings that belong to one algorithm, and a run that resumes bit for bit."""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpok.algorithms import ALGORITHMS
+from dpok.config import TrainConfig, build_config
+from dpok.trainer import Trainer
+from tests.test_training import _context, _rollout, make_adapter, small_cfg
+
+
+def test_nft_samples_with_the_old_policy_and_moves_it_by_the_decay(tiny_pipeline_dir: Path) -> None:
+    adapter = make_adapter(tiny_pipeline_dir)
+    cfg = small_cfg(algorithm="diffusion-nft", gradient_steps=2, nft_decay_rate=0.25, nft_decay_max=0.4)
+    nft = ALGORITHMS.create("diffusion-nft", _context(adapter, cfg))
+    theta0 = [p.detach().clone() for p in adapter.trainable_parameters()]
+    stats = nft.update(_rollout(adapter, cfg))
+    theta1 = [p.detach().clone() for p in adapter.trainable_parameters()]
+    assert stats["old_policy_decay"] == pytest.approx(0.4)  # min(0.25 x 2 steps, 0.4)
+    assert any(not torch.equal(a, b) for a, b in zip(theta0, theta1))
+    for old, t0, t1 in zip(nft.old, theta0, theta1):  # theta_old = 0.4 theta_0 + 0.6 theta_1
+        torch.testing.assert_close(old, 0.4 * t0 + 0.6 * t1)
+    with nft.sampling_policy():
+        assert all(torch.equal(p, o) for p, o in zip(adapter.trainable_parameters(), nft.old))
+    assert all(torch.equal(p, t) for p, t in zip(adapter.trainable_parameters(), theta1))  # put back exactly
+
+
+def test_nft_with_equal_rewards_does_not_move_at_the_first_step(tiny_pipeline_dir: Path) -> None:
+    """All rewards equal: every r = 1/2 and theta = theta_old, so the loss is stationary (zero gradient)."""
+    adapter = make_adapter(tiny_pipeline_dir)
+    cfg = small_cfg(algorithm="diffusion-nft", weight_decay=0.0, beta=0.0)
+    nft = ALGORITHMS.create("diffusion-nft", _context(adapter, cfg))
+    rollout = _rollout(adapter, cfg)
+    rollout.rewards = torch.tensor([0.3, 0.3])
+    stats = nft.update(rollout)
+    # (Adam would still step on rounding noise of this size: the gradient is the claim)
+    assert stats["optimality_mean"] == 0.5 and stats["grad_norm"] < 1e-6
+
+
+def test_nft_rollouts_with_their_own_sampler_and_a_resume_bit_for_bit(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    def cfg(out: str, **kw: object) -> TrainConfig:
+        # a reward that differs between samples of a random model: the update has something to learn
+        return build_config(None, {**dict(model=str(tiny_pipeline_dir), reward="jpeg-compressibility",
+                                          prompt=["a red circle"], algorithm="diffusion-nft", rounds=3,
+                                          samples_per_round=2, sample_batch_size=2, minibatch_size=2, gradient_steps=1,
+                                          num_steps=4, rollout_steps=2, rollout_eta=0.0, eval_images=1,
+                                          learning_rate=1e-2, checkpoint_every=1, output_dir=str(tmp_path / out)),
+                                   **kw})
+
+    traj = Trainer(cfg("c")).sample(["a red circle"] * 2)
+    assert traj.num_steps == 2 and torch.equal(traj.log_probs, torch.zeros(2, 2))  # deterministic DDIM, 2 steps
+    Trainer(cfg("a")).run()
+    rows = [r for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("NaN" in r for r in rows)  # no KL bound along deterministic rollouts
+    first = Trainer(cfg("b"))
+    first.stop_signal = signal.SIGTERM  # as if SIGTERM arrived during round 1
+    with pytest.raises(SystemExit):
+        first.run()
+    resumed = Trainer(cfg("b", resume=str(tmp_path / "b")))
+    assert resumed.round == 1
+    resumed.run()
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora_up" in k)  # it learned something
+
+
+def test_grpo_adds_the_reference_kl_and_equals_ddpo_is_without_it(tiny_pipeline_dir: Path) -> None:
+    results = {}
+    for name, beta in (("ddpo-is", 0.0), ("grpo", 0.0), ("grpo", 1.0)):
+        adapter = make_adapter(tiny_pipeline_dir)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in adapter.trainable_parameters():  # a LoRA away from zero, so the policy differs from the reference
+                p.copy_(0.1 * torch.randn_like(p))
+        cfg = small_cfg(algorithm=name, beta=beta, advantage="group")
+        algo = ALGORITHMS.create(name, _context(adapter, cfg))
+        stats = algo.update(_rollout(adapter, cfg))
+        results[(name, beta)] = (stats, [p.detach().clone() for p in adapter.trainable_parameters()])
+    (s_ddpo, w_ddpo), (s_grpo, w_grpo), (s_kl, _) = results.values()
+    assert all(torch.equal(a, b) for a, b in zip(w_ddpo, w_grpo))  # beta 0: the same update
+    assert s_kl["kl"] > 0 and s_kl["loss"] > s_grpo["loss"]
+
+
+def test_settings_of_one_algorithm_are_refused_for_another() -> None:
+    with pytest.raises(ValueError, match="rollout-steps and --rollout-eta are DiffusionNFT's"):
+        TrainConfig(algorithm="dpok", rollout_steps=5).validate()
+    with pytest.raises(ValueError, match="grpo standardises rewards"):
+        TrainConfig(algorithm="grpo", advantage="tracker").validate()
+    with pytest.raises(ValueError, match="nft-beta"):
+        TrainConfig(algorithm="diffusion-nft", nft_beta=0.0).validate()
+    TrainConfig(algorithm="diffusion-nft", rollout_eta=0.0, rollout_steps=5).validate()
+    assert math.isfinite(TrainConfig().nft_beta)
