@@ -359,12 +359,57 @@ def preset_sft_kl_paper() -> dict[str, Any]:
                 lora_alpha=4.0, lora_targets=ATTENTION, lr_schedule="constant")
 
 
+def preset_flow_grpo_paper() -> dict[str, Any]:
+    """Flow-GRPO on GenEval (Liu et al. 2025; yifan123/flow_grpo config/grpo.py ``geneval_sd3`` on
+    config/base.py, scripts/train_sd3.py), for the DDIM-family models here (its SDE noise level 0.7
+    is a flow-model setting; DDIM uses eta 1):
+
+    - 48 groups of 24 images per epoch (1152 samples), two optimizer steps per epoch (here minibatches
+      of 9 samples, 64 accumulated), one inner epoch, 10 sampling steps (40 for evaluation),
+      guidance 4.5, a random 99 % of the steps trained per sample, beta 0.04 on the per-step KL,
+      ratio clip 1e-4, advantages clipped to 5, lr 3e-4 constant, AdamW weight decay 1e-4,
+      grad-norm clip 1, EMA of the weights at decay 0.9: the config files;
+    - LoRA rank 32, alpha 64, on attention; log-probs averaged over latent elements: the script.
+    Flow-GRPO standardises by the std of the whole batch (``global_std``); here by the group's.
+    """
+    return dict(algorithm="grpo", advantage="group", samples_per_prompt=24, samples_per_round=1152,
+                minibatch_size=9, grad_accum=64, inner_epochs=1, num_steps=10, guidance_scale=4.5, eta=1.0,
+                timestep_fraction=0.99, step_window_start=0.0, step_window_end=1.0, beta=0.04, kl_form="closed-form",
+                clip_range=1e-4, adv_clip=5.0, learning_rate=3e-4, lr_schedule="constant", weight_decay=1e-4,
+                max_grad_norm=1.0, ema_decay=0.9, lora_rank=32, lora_alpha=64.0, lora_targets=ATTENTION,
+                logprob_reduce="mean")
+
+
+def preset_diffusion_nft_paper() -> dict[str, Any]:
+    """DiffusionNFT on GenEval (Zheng et al. 2025; NVlabs/DiffusionNFT config/nft.py ``sd3_geneval`` on
+    config/base.py, scripts/train_nft_sd3.py):
+
+    - beta 1, the sampling policy's decay min(0.001 x step, 0.5) (``decay_type`` 1), CFG-free
+      (guidance 1, the conditional prediction trained), deterministic rollouts with 10 steps (40 for
+      evaluation), 48 groups of 24 images per epoch with one optimizer step (here minibatches of
+      9 samples, 128 accumulated), KL weight 1e-4 on mean((v_theta - v_ref)^2), advantages clipped
+      to 5, lr 3e-4 constant, AdamW weight decay 1e-4, grad-norm clip 1, EMA at decay 0.9: the
+      config files and the script;
+    - LoRA rank 32, alpha 64, on attention: the script.
+    The authors train each sample at the sampler's timesteps with fresh noise; here each minibatch
+    draws a uniform timestep per sample (the pretraining objective's).
+    """
+    return dict(algorithm="diffusion-nft", advantage="group", samples_per_prompt=24, samples_per_round=1152,
+                minibatch_size=9, grad_accum=128, gradient_steps=1, nft_beta=1.0, nft_decay_rate=0.001,
+                nft_decay_max=0.5, guidance_scale=1.0, supervised_target="conditional", rollout_eta=0.0,
+                rollout_steps=10, num_steps=40, beta=1e-4, adv_clip=5.0, learning_rate=3e-4, lr_schedule="constant",
+                weight_decay=1e-4, max_grad_norm=1.0, ema_decay=0.9, lora_rank=32, lora_alpha=64.0,
+                lora_targets=ATTENTION)
+
+
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     "shapeworld-cpu": preset_shapeworld_cpu,
     "dpok-paper": preset_dpok_paper,
     "dpok-paper-multi": preset_dpok_paper_multi,
     "ddpo-paper": preset_ddpo_paper,
     "sft-kl-paper": preset_sft_kl_paper,
+    "flow-grpo-paper": preset_flow_grpo_paper,
+    "diffusion-nft-paper": preset_diffusion_nft_paper,
 }
 
 

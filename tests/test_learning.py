@@ -166,6 +166,25 @@ def test_presets_match_their_sources() -> None:
     sft = PRESETS["sft-kl-paper"]()
     assert {k: sft[k] for k in ("gamma", "learning_rate", "minibatch_size", "lr_schedule")} == {
         "gamma": 2.0, "learning_rate": 2e-5, "minibatch_size": 128, "lr_schedule": "constant"}
+    grpo = PRESETS["flow-grpo-paper"]()
+    sources = {  # flow_grpo config/grpo.py geneval_sd3 + base.py; train_sd3.py (LoRA r 32, alpha 64, mean log-probs)
+        "samples_per_prompt": 24, "samples_per_round": 48 * 24, "num_steps": 10, "guidance_scale": 4.5,
+        "timestep_fraction": 0.99, "beta": 0.04, "clip_range": 1e-4, "adv_clip": 5.0, "learning_rate": 3e-4,
+        "weight_decay": 1e-4, "max_grad_norm": 1.0, "inner_epochs": 1, "ema_decay": 0.9, "lora_rank": 32,
+        "lora_alpha": 64.0, "logprob_reduce": "mean", "lr_schedule": "constant",
+    }
+    assert {k: grpo[k] for k in sources} == sources
+    assert grpo["samples_per_round"] // (grpo["minibatch_size"] * grpo["grad_accum"]) == 2  # two steps per epoch
+    nft = PRESETS["diffusion-nft-paper"]()
+    sources = {  # DiffusionNFT config/nft.py sd3_geneval + base.py; train_nft_sd3.py
+        "nft_beta": 1.0, "nft_decay_rate": 0.001, "nft_decay_max": 0.5,  # decay_type 1
+        "guidance_scale": 1.0, "rollout_eta": 0.0, "rollout_steps": 10, "num_steps": 40, "beta": 1e-4,
+        "samples_per_prompt": 24, "samples_per_round": 48 * 24, "adv_clip": 5.0, "learning_rate": 3e-4,
+        "weight_decay": 1e-4, "max_grad_norm": 1.0, "ema_decay": 0.9, "lora_rank": 32, "lora_alpha": 64.0,
+        "supervised_target": "conditional", "lr_schedule": "constant",
+    }
+    assert {k: nft[k] for k in sources} == sources
+    assert nft["samples_per_round"] == nft["minibatch_size"] * nft["grad_accum"]  # one step per epoch
     for name in PRESETS:
         build_config(name, {})  # every preset validates
 
