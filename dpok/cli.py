@@ -87,6 +87,9 @@ def _cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 RESUMABLE_CHANGES = {"rounds", "checkpoint_every", "keep_checkpoints", "device", "resume", "report_to"}
+# settings added after runs were already saved: a run folder without them ran with these values
+# (not today's defaults), so a resume continues it as it was
+SETTINGS_BEFORE_THEY_EXISTED = {"lr_schedule": "constant", "lr_warmup_rounds": 0}
 
 
 def resume_settings(run_dir: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -97,7 +100,7 @@ def resume_settings(run_dir: str, given: dict[str, Any]) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"--resume {run_dir}: no config.json there; give the folder of an earlier 'dpok train' run")
-    saved = json.loads(path.read_text())
+    saved = {**SETTINGS_BEFORE_THEY_EXISTED, **json.loads(path.read_text())}
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if changed:
         raise ValueError(f"--resume keeps the run's settings; these options cannot change: {', '.join(changed)} "

@@ -95,7 +95,8 @@ class TrainConfig:
     learning_rate: float = _f(2e-3, "policy learning rate (AdamW); the peak of --lr-schedule")
     lr_schedule: str = _f("cosine", "learning-rate schedule over the rounds: 'constant', 'cosine' or 'linear' "
                                       "(decay towards 0 at the last round, after the warm-up)")
-    lr_warmup_rounds: int = _f(0, "rounds of linear learning-rate warm-up before the schedule")
+    lr_warmup_rounds: int = _f(0, "rounds of linear learning-rate warm-up before the schedule (the schedule spans "
+                                  "--rounds: a resume that changes --rounds re-spans the rest of it)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clipping")
     minibatch_size: int = _f(0, "transitions (DPOK, SFT-KL, RWR) or samples (DDPO) per backward pass, per process; "
@@ -366,7 +367,8 @@ def preset_flow_grpo_paper() -> dict[str, Any]:
 
     - 48 groups of 24 images per epoch (1152 samples), two optimizer steps per epoch (here minibatches
       of 9 samples, 64 accumulated), one inner epoch, 10 sampling steps (40 for evaluation),
-      guidance 4.5, a random 99 % of the steps trained per sample, beta 0.04 on the per-step KL,
+      guidance 4.5, timestep fraction 0.99 (Flow-GRPO's int() trains 9 of the 10 steps; the
+      rounding here trains all 10), beta 0.04 on the per-step KL,
       ratio clip 1e-4, advantages clipped to 5, lr 3e-4 constant, AdamW weight decay 1e-4,
       grad-norm clip 1, EMA of the weights at decay 0.9: the config files;
     - LoRA rank 32, alpha 64, on attention; log-probs averaged over latent elements: the script.
@@ -392,7 +394,8 @@ def preset_diffusion_nft_paper() -> dict[str, Any]:
       config files and the script;
     - LoRA rank 32, alpha 64, on attention: the script.
     The authors train each sample at the sampler's timesteps with fresh noise; here each minibatch
-    draws a uniform timestep per sample (the pretraining objective's).
+    draws a uniform timestep per sample (the pretraining objective's). Evaluation samples with
+    eta 1 (DDIM), where the authors evaluate with their deterministic solver.
     """
     return dict(algorithm="diffusion-nft", advantage="group", samples_per_prompt=24, samples_per_round=1152,
                 minibatch_size=9, grad_accum=128, gradient_steps=1, nft_beta=1.0, nft_decay_rate=0.001,

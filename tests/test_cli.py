@@ -155,3 +155,17 @@ def test_diversity_is_zero_for_copies_and_grows_with_differences() -> None:
     x = torch.rand(1, 3, 8, 8)
     assert diversity(x.repeat(3, 1, 1, 1)) == 0.0
     assert diversity(torch.cat([x, 1 - x])) > diversity(torch.cat([x, x * 0.9]))
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_as_it_ran(tmp_path: Path) -> None:
+    """A run folder from before --lr-schedule ran at a constant rate: its resume keeps that rate, not
+    today's default schedule."""
+    from dpok.cli import resume_settings
+    from dpok.config import TrainConfig
+
+    saved = TrainConfig().to_dict()
+    del saved["lr_schedule"], saved["lr_warmup_rounds"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    settings = resume_settings(str(tmp_path), {"resume": str(tmp_path)})
+    assert settings["lr_schedule"] == "constant" and settings["lr_warmup_rounds"] == 0
+    assert TrainConfig().lr_schedule == "cosine"

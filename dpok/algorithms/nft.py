@@ -55,6 +55,10 @@ class DiffusionNFT(RWR):
                 for p, c in zip(params, current):
                     p.copy_(c)
 
+    def replicated_parameters(self) -> list[torch.Tensor]:
+        # theta_old is the same on every process: broadcast at the start and in the weights digest
+        return list(self.old)
+
     def sampling_policy(self) -> contextlib.AbstractContextManager[None]:
         return self.old_policy()
 
@@ -68,6 +72,8 @@ class DiffusionNFT(RWR):
                                            rollout.valid, cfg.adv_clip)
         self._r = nft_optimality(advantages, cfg.adv_clip)[rollout.valid]
         out = super().update(rollout)
+        if out.get("skipped_updates"):  # nothing was trained: the sampling policy stays where it is
+            return out
         self.optimizer_steps += cfg.gradient_steps
         decay = old_policy_decay(self.optimizer_steps, cfg.nft_decay_rate, cfg.nft_decay_max)
         with torch.no_grad():
