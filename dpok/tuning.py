@@ -177,6 +177,7 @@ class Sweep:
         _save_strip(images, folder / "samples.png")
         result = {"method": method, "candidate": cand.name, "overrides": dict(cand.overrides), "prompt": prompt,
                   "seed": seed, "queries": trainer.reward_queries, "train_s": train_s, "machine": cpu_description(),
+                  "threads": torch.get_num_threads(),
                   "seconds_per_round": float(np.mean([r["time/sample_s"] + r["time/reward_s"] + r["time/update_s"]
                                                       for r in rows])) if rows else 0.0,
                   "curve": {"reward": rewards, "kl": [r.get("kl/rollout", 0.0) for r in rows]},
