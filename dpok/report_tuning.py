@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .tuning import Sweep, smoothed
+from .tuning import REFERENCES, Sweep, smoothed
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -172,10 +172,31 @@ def write_report(sweep: Sweep, out_md: Path) -> Path:
                          f"{_fmt(e['judge_aligned'])} | "
                          f"{_fmt(e['clean_share'])} | {_fmt(e['reward_mean'])} | {_fmt(r['smoothed_drop'])} |")
         lines.append("")
+    lines += _exploration(sweep.results("explore"))
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(lines) + "\n")
     _keep_raw(sweep, figures / "data")
     return out_md
+
+
+def _exploration(results: list[dict[str, Any]]) -> list[str]:
+    """The ad-hoc trials of ``tune.py --explore`` (not part of the choice), with the base model and
+    best-of-8 on the same prompts and evaluation noise where they were run."""
+    if not results:
+        return []
+    lines = ["## Exploration runs (`tune.py --explore`, not part of the choice)", "",
+             "Each is one seed at the sweep's budget; settings are changes of the sweep's base settings (above).",
+             "The base model and best-of-8 rejection sampling are evaluated on the same fixed noise.", "",
+             "| method | name | prompt | settings | judge | clean | reward | drop | KL (nats, last round) | s/round |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["prompt"], r["method"] not in REFERENCES, r["method"], r["candidate"])):
+        e = r["eval"]
+        kl = r["curve"]["kl"][-1] if r["curve"]["kl"] else None
+        settings = "no training" if r["method"] in REFERENCES else _settings(r["overrides"])
+        lines.append(f"| {r['method']} | {r['candidate']} | {r['prompt']} | {settings} | "
+                     f"{_fmt(e['judge_aligned'])} | {_fmt(e['clean_share'])} | {_fmt(e['reward_mean'])} | "
+                     f"{_fmt(r['smoothed_drop'])} | {_fmt(kl, 1)} | {_fmt(r['seconds_per_round'] or None, 1)} |")
+    return lines + [""]
 
 
 def _reference(refs: list[dict[str, Any]], prompt: str, method: str) -> dict[str, Any] | None:
@@ -190,7 +211,7 @@ def _count(cfg: Any) -> str:
 
 def _keep_raw(sweep: Sweep, folder: Path) -> None:
     """Copy every result file (no weights) next to the report."""
-    for stage in ("trials", "validation", "references"):
+    for stage in ("trials", "validation", "references", "explore"):
         for path in (sweep.out / stage).glob("*/*/*/seed*/result.json"):
             target = folder / path.relative_to(sweep.out)
             target.parent.mkdir(parents=True, exist_ok=True)
