@@ -86,6 +86,12 @@ def default_methods() -> list[Method]:
         Method("ddpo-is", "DDPO-IS", "ddpo-is"),
         Method("dpok", "DPOK (beta = 0.01)", "dpok", (("beta", 0.01),)),
         Method("dpok-no-kl", "DPOK without KL (beta = 0)", "dpok", (("beta", 0.0),)),
+        # the newer methods at the settings of their exploration runs (docs/tuning.md): GRPO on DPOK's
+        # per-round work (minibatches of 8 samples, 40 % of the trained steps), DiffusionNFT at the
+        # authors' lr (2e-3 collapsed) with deterministic 10-step rollouts
+        Method("grpo", "GRPO", "grpo", (("minibatch_size", 8), ("timestep_fraction", 0.4))),
+        Method("diffusion-nft", "DiffusionNFT", "diffusion-nft",
+               (("learning_rate", 3e-4), ("lr_schedule", "constant"), ("rollout_steps", 10), ("rollout_eta", 0.0))),
     ]
 
 
@@ -215,6 +221,8 @@ class Experiment:
                     "num_steps": c.num_steps, "guidance_scale": c.guidance_scale, "output_dir": str(run_dir),
                     "eval_images": 1, "checkpoint_every": c.checkpoint_every, "keep_checkpoints": 1, "device": c.device,
                     **dict(method.overrides), **c.train_overrides, **(extra or {})}
+        if method.algorithm in SAMPLE_MINIBATCHES:  # a method's own minibatch, fitted to a smaller round
+            settings["minibatch_size"] = math.gcd(settings["minibatch_size"], samples)
         for name in ("alignment_model", "reward_model"):
             if getattr(c, name):
                 settings[name] = getattr(c, name)

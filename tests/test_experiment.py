@@ -103,3 +103,15 @@ def test_your_own_model_and_prompts(tmp_path: Path, tiny_pipeline_dir: Path) -> 
     assert set(unit["splits"]) == {"seen", "unseen"} and "judge_aligned_mean" not in unit["splits"]["seen"]
     text = write_report(cfg.output_dir, tmp_path / "results.md").read_text()
     assert str(tiny_pipeline_dir) in text and "custom prompts" in text
+
+
+def test_the_newer_methods_run_as_units_of_the_experiment(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "out")
+    cfg.tasks, cfg.methods, cfg.overopt_rounds = ["color"], ["grpo", "diffusion-nft"], 0  # one prompt: quick
+    cfg.train_overrides = {"sample_batch_size": 4, "gradient_steps": 1}
+    exp = Experiment(cfg, log=lambda m: None)
+    exp.run()
+    _, units, _ = load_results(cfg.output_dir)
+    assert sorted(u["method"] for u in units) == ["diffusion-nft", "grpo"]
+    assert all(u["train_queries"] == 8 for u in units)
+
