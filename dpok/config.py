@@ -107,7 +107,8 @@ class TrainConfig:
 
     # ---- DPOK
     alpha: float = _f(10.0, "DPOK reward weight alpha")
-    beta: float = _f(0.01, "DPOK KL weight beta (0 turns KL regularisation off)")
+    beta: float = _f(0.01, ("KL weight beta of DPOK, GRPO (per-step KL, --kl-form) and DiffusionNFT (eps-form KL to "
+                                "the pretrained model); 0 turns KL regularisation off"))
     kl_form: str = _f("closed-form", "'closed-form' ||mu-mu_pre||^2/(2 sigma^2) (paper) or 'epsilon' (official code)")
     clip_range: float = _f(1e-3, "ratio clip epsilon (DPOK clamp, DDPO-IS PPO clip)")
     buffer_size: int = _f(1000, "DPOK replay buffer capacity in transitions")
@@ -132,11 +133,11 @@ class TrainConfig:
                                      "quarter of the steps)")
 
     # ---- DDPO
-    inner_epochs: int = _f(1, "DDPO-IS passes over each round's samples")
-    adv_clip: float = _f(5.0, "advantage clip (DDPO)")
+    inner_epochs: int = _f(1, "DDPO-IS and GRPO passes over each round's samples")
+    adv_clip: float = _f(5.0, "advantage clip (DDPO, GRPO; DiffusionNFT maps [-clip, clip] onto its optimality [0, 1])")
     stat_buffer: int = _f(16, "per-prompt reward history length (DDPO stat tracking)")
     stat_min_count: int = _f(16, "rewards of a prompt needed before its own statistics are used")
-    timestep_fraction: float = _f(1.0, "share of the window's steps trained on, drawn per sample and round (DDPO)")
+    timestep_fraction: float = _f(1.0, "share of the window's steps trained on, drawn per sample and round (DDPO, GRPO)")
 
     # ---- DiffusionNFT
     nft_beta: float = _f(1.0, "DiffusionNFT beta: strength of the implicit positive/negative policies "
