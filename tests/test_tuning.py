@@ -7,8 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
-
 from dpok.config import TrainConfig
 from dpok.tuning import Candidate, Sweep, SweepConfig, largest_drop, smoothed
 
@@ -46,7 +44,6 @@ def test_chosen_is_the_best_mean_judge_then_reward_among_finished_candidates(tmp
     assert Sweep(cfg).chosen() == {"m": cands[2]}
 
 
-@pytest.mark.slow  # about 95 s on a 2-core machine: nine tiny training runs with evaluations
 def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path: Path) -> None:
     from dpok.report_tuning import write_report
 
