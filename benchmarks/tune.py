@@ -4,6 +4,8 @@
     python benchmarks/tune.py --stage trials       # only the tuning trials
     python benchmarks/tune.py --report-only        # rewrite docs/tuning.md from the finished trials
     python benchmarks/tune.py --explore dpok '{"surrogate": "ppo"}' --prompt "two white triangles"
+                                                   # one ad-hoc trial, with the base model and best-of-8
+                                                   # on its prompt (the report's exploration table)
 
 Every method gets the same number of candidates (equal tuning care), each trained at the same
 reward-query budget on the same prompts and seeds. Run it in the background (``nohup ... &``);
@@ -102,6 +104,11 @@ def explore(args: argparse.Namespace) -> None:
     folder = sweep.trial_dir("explore", method, name, args.prompt, args.seed)
     r = sweep.run_trial(folder, method, Candidate(name, tuple(overrides.items())), args.prompt, args.seed)
     print(json.dumps({k: r[k] for k in ("method", "candidate", "prompt", "smoothed_drop", "train_s")} | r["eval"]))
+    # the base model and best-of-8 on the same prompt and noise, once, for the report's comparison
+    for reference in ("base", "rejection-sampling"):
+        ref_dir = sweep.trial_dir("explore", reference, "none", args.prompt, args.seed)
+        if not (ref_dir / "result.json").is_file():
+            sweep.run_reference(ref_dir, reference, args.prompt, args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
