@@ -21,22 +21,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+QUICK = {"tasks": ["count", "multi"], "methods": ["base", "dpok"], "seeds": [0], "rounds": 2, "samples_per_round": 8,
+         "num_steps": 5, "eval_images": 4, "multi_eval_images": 2, "overopt_rounds": 2, "overopt_eval_every": 1,
+         "overopt_eval_images": 4, "train_overrides": {"sample_batch_size": 8, "minibatch_size": 8, "gradient_steps": 2}}
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    from dpok.cli import add_config_option, add_dataclass_options
+    from dpok.experiment import ExperimentConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default=str(ROOT / "runs" / "paper_experiment"), help="outcome folder")
+    add_config_option(p)
+    add_dataclass_options(p, ExperimentConfig, skip=("custom_seen", "custom_unseen"))
     p.add_argument("--report", default=str(ROOT / "docs" / "results.md"), help="markdown report to write")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--tasks", nargs="+", default=None, help="color count composition multi (default: all)")
-    p.add_argument("--methods", nargs="+", default=None, help="default: all")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per trained unit")
-    p.add_argument("--overopt-rounds", type=int, default=None, help="rounds of each over-optimisation run (0: skip)")
-    p.add_argument("--model", default="shapeworld", help="pipeline folder or hub id (default: the embedded model)")
-    p.add_argument("--reward", default="shapeworld-alignment", help="reward name or spec")
-    p.add_argument("--alignment-model", default="", help="folder of the shapeworld-alignment weights")
-    p.add_argument("--reward-model", default="", help="hub id or folder of the reward's model (see docs/rewards.md)")
     p.add_argument("--seen-prompt-file", default="", help="your own training prompts (one task named 'custom')")
     p.add_argument("--unseen-prompt-file", default="", help="your own held-out prompts for the custom task")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--quick", action="store_true", help="a tiny version (two methods, one seed, two rounds)")
     p.add_argument("--report-only", action="store_true")
@@ -45,30 +44,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace):  # noqa: ANN201
+    """The validated experiment settings: defaults, --quick's sizes, the config file, the options given."""
+    from dpok.cli import errors_located, settings
     from dpok.experiment import ExperimentConfig
+    from dpok.options import from_options
     from dpok.prompts import load_prompt_file
 
-    cfg = ExperimentConfig(output_dir=args.output_dir, seeds=args.seeds, model=args.model, reward=args.reward,
-                           alignment_model=args.alignment_model, reward_model=args.reward_model, device=args.device)
-    grammar = "shapeworld" if args.model == "shapeworld" else None
-    if args.seen_prompt_file:
-        cfg.custom_seen = load_prompt_file(args.seen_prompt_file, grammar)
-        cfg.custom_unseen = load_prompt_file(args.unseen_prompt_file, grammar) if args.unseen_prompt_file else []
-        cfg.tasks = ["custom"]
-    if args.quick:
-        cfg.tasks, cfg.methods, cfg.seeds = ["count", "multi"], ["base", "dpok"], [0]
-        cfg.rounds, cfg.samples_per_round, cfg.num_steps, cfg.eval_images, cfg.multi_eval_images = 2, 8, 5, 4, 2
-        cfg.overopt_rounds, cfg.overopt_eval_every, cfg.overopt_eval_images = 2, 1, 4
-        cfg.train_overrides = {"sample_batch_size": 8, "minibatch_size": 8, "gradient_steps": 2}
-    if args.tasks:
-        cfg.tasks = args.tasks
-    if args.methods:
-        cfg.methods = args.methods
-    if args.rounds is not None:
-        cfg.rounds = args.rounds
-    if args.overopt_rounds is not None:
-        cfg.overopt_rounds = args.overopt_rounds
-    cfg.validate()
+    given, source = settings(args, ExperimentConfig)
+    values = {"output_dir": str(ROOT / "runs" / "paper_experiment"), **(QUICK if args.quick else {}), **given}
+    with errors_located(source):
+        cfg = from_options(ExperimentConfig, values)
+        domain = cfg.domain()
+        if args.seen_prompt_file:
+            cfg.custom_seen = load_prompt_file(args.seen_prompt_file, domain)
+            cfg.custom_unseen = load_prompt_file(args.unseen_prompt_file, domain) if args.unseen_prompt_file else []
+            cfg.tasks = ["custom"]
+        cfg.validate()
     return cfg
 
 

@@ -25,11 +25,11 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .config import TrainConfig
+from .options import option_names, replace_options
 from .prompts import PromptFunction
 from .rewards import Reward
 from .rewards.custom import CustomReward
@@ -43,14 +43,14 @@ def _reward(reward: RewardLike | None, cfg: TrainConfig) -> tuple[Reward | None,
     if reward is None:
         return None, cfg
     if isinstance(reward, str):
-        return None, dataclasses.replace(cfg, reward=reward)
+        return None, replace_options(cfg, reward=reward)
     if isinstance(reward, Reward):
-        return reward, dataclasses.replace(cfg, reward=f"python:{reward.name}")
+        return reward, replace_options(cfg, reward=f"python:{reward.name}")
     if not callable(reward):
         raise TypeError(f"reward must be a function f(images, prompts[, metadata]) -> scores, a dpok Reward or a "
                         f"reward name, not {type(reward).__name__}")
     name = f"python:{getattr(reward, '__qualname__', None) or type(reward).__name__}"
-    return CustomReward(name, reward), dataclasses.replace(cfg, reward=name)
+    return CustomReward(name, reward), replace_options(cfg, reward=name)
 
 
 def train(config: TrainConfig | None = None, *, reward: RewardLike | None = None,
@@ -61,16 +61,18 @@ def train(config: TrainConfig | None = None, *, reward: RewardLike | None = None
     what was written).
 
     ``config``: the settings (default :class:`~dpok.config.TrainConfig`'s); ``settings`` override
-    its fields by name (``rounds=5``). ``reward``, ``prompts``, ``pipeline``: see the module's
+    its options by their flat names, as on the command line (``rounds=5``,
+    ``clip_range=1e-3``). ``reward``, ``prompts``, ``pipeline``: see the module's
     documentation. The settings are validated before anything loads, as on the command line.
     """
     cfg = config if config is not None else TrainConfig()
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"config must be a dpok.TrainConfig, not {type(cfg).__name__}")
-    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)})
+    unknown = sorted(set(settings) - set(option_names(TrainConfig)))
     if unknown:
-        raise TypeError(f"unknown setting(s) {', '.join(unknown)}; the settings are TrainConfig's fields")
-    cfg = dataclasses.replace(cfg, **settings)
+        raise TypeError(f"unknown setting(s) {', '.join(unknown)}; the settings are the options of 'dpok train' "
+                        "(e.g. rounds, learning_rate, clip_range)")
+    cfg = replace_options(cfg, **settings)
     reward_object, cfg = _reward(reward, cfg)
     prompt_fn = None
     if callable(prompts):
@@ -78,10 +80,10 @@ def train(config: TrainConfig | None = None, *, reward: RewardLike | None = None
     elif prompts is not None:
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of prompts or a function fn(rng) -> prompt, not one string")
-        cfg = dataclasses.replace(cfg, prompt=list(prompts))
+        cfg = replace_options(cfg, prompt=list(prompts))
     if pipeline is not None and cfg.model == TrainConfig.model:
         # the run's records name the pipeline it trained, not the default model
         source = getattr(getattr(pipeline, "config", None), "_name_or_path", "") or ""
-        cfg = dataclasses.replace(cfg, model=str(source) or f"in-memory {type(pipeline).__name__}")
+        cfg = replace_options(cfg, model=str(source) or f"in-memory {type(pipeline).__name__}")
     cfg.validate()
     return Trainer(cfg, config_format, pipeline=pipeline, reward=reward_object, prompt_fn=prompt_fn).run()

@@ -10,31 +10,38 @@ import typing
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from .options import from_options, option_fields, option_names
+
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """One ``--kebab-case`` option per dataclass field; help text from ``field(metadata={"help"})``."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
+    """One ``--kebab-case`` option per option of settings dataclass ``cls`` (nested groups listed under
+    their own heading); help text from the field's ``help``, choices from a ``Literal`` type."""
+    groups: dict[str, Any] = {}
+    for o in option_fields(cls):
+        if o.name in skip:
             continue
-        kind = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        target = parser if not o.title else groups.setdefault(o.title, parser.add_argument_group(o.title))
+        kind, default = o.kind, o.default()
+        if typing.get_origin(kind) is dict:
+            continue  # no command-line form: a config file or Python sets it
         if typing.get_origin(kind) is list:
-            parser.add_argument(flag, dest=f.name, action="append", default=None,
-                                help=f"{help_text} (repeatable)")
+            item = typing.get_args(kind)[0]
+            target.add_argument(o.flag, dest=o.name, action="extend", nargs="+", type=item, default=None,
+                                help=f"{o.help} (repeatable)")
         elif kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{help_text} (default: {default})")
+            target.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{o.help} (default: {default})")
+        elif typing.get_origin(kind) is typing.Literal:
+            target.add_argument(o.flag, dest=o.name, choices=typing.get_args(kind), default=None,
+                                help=f"{o.help} (default: {default!r})")
         else:
             conv = kind if kind in (int, float, str) else str
-            parser.add_argument(flag, dest=f.name, type=conv, default=None, help=f"{help_text} (default: {default!r})")
+            target.add_argument(o.flag, dest=o.name, type=conv, default=None, help=f"{o.help} (default: {default!r})")
 
 
 def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The options the user actually gave (not None)."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = set(option_names(cls))
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
@@ -139,8 +146,9 @@ def _cmd_sample(args: argparse.Namespace, argv: list[str]) -> int:
     from .generate import SampleConfig, write_samples
 
     values, source = settings(args, SampleConfig)
-    cfg = SampleConfig(**values)
     with errors_located(source):
+        cfg = from_options(SampleConfig, values)
+        cfg.validate()
         index = write_samples(model=cfg.model, lora=cfg.lora, prompts=cfg.prompt, num_images=cfg.num_images,
                               seed=cfg.seed, output_dir=cfg.output_dir, num_steps=cfg.num_steps,
                               guidance_scale=cfg.guidance_scale, eta=cfg.eta, device=cfg.device,
@@ -154,14 +162,19 @@ def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
 
     values, source = settings(args, EvalConfig)
     with errors_located(source):
-        run_eval(EvalConfig(**values))
+        run_eval(from_options(EvalConfig, values))
     return 0
 
 
 def _cmd_prompts(args: argparse.Namespace, argv: list[str]) -> int:
-    from .shapeworld import prompt_sets
+    from .config import TrainConfig
+    from .domains import model_domain
 
-    for name, prompts in prompt_sets().items():
+    domain = model_domain(args.model or TrainConfig.model)
+    if domain is None:
+        print(f"{args.model}: no named prompt sets (a model's prompt sets come from its domain)")
+        return 0
+    for name, prompts in domain.prompt_sets().items():
         print(f"{name} ({len(prompts)}): " + "; ".join(prompts))
     return 0
 
@@ -181,7 +194,7 @@ def _cmd_reward_server(args: argparse.Namespace, argv: list[str]) -> int:
 
     values, source = settings(args, ServerConfig)
     with errors_located(source):
-        serve_config(ServerConfig(**values))
+        serve_config(from_options(ServerConfig, values))
     return 0
 
 
@@ -268,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("presets", help="list the named training presets and their config files")
     pr.add_argument("--write", default="", metavar="DIR", help="write every preset's config file into DIR (to copy)")
     pr.set_defaults(func=_cmd_presets)
-    sub.add_parser("prompts", help="list the named prompt sets").set_defaults(func=_cmd_prompts)
+    ps = sub.add_parser("prompts", help="list the named prompt sets of a model's domain")
+    ps.add_argument("--model", default="", help="pipeline folder or 'shapeworld' (default: the embedded model)")
+    ps.set_defaults(func=_cmd_prompts)
     sub.add_parser("rewards", help="list the registered rewards").set_defaults(func=_cmd_rewards)
     return parser
 

@@ -1,7 +1,7 @@
 """Typed, validated settings of ``dpok train`` and the named presets.
 
 Every field's ``help`` is the CLI help. ``validate()`` runs before any model is loaded. Presets
-are plain functions returning field overrides: the papers' published settings and CPU-sized
+are plain functions returning overrides of the flat options: the papers' published settings and CPU-sized
 settings for the embedded ShapeWorld model.
 """
 
@@ -9,67 +9,58 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from .core.schedules import LR_SCHEDULES
+from .algorithms import ALGORITHMS
+from .algorithms.base import PolicyGradientSettings, largest_divisor_at_most
+from .algorithms.ddpo import DDPOSettings
+from .algorithms.dpok import DPOKSettings
+from .algorithms.nft import NFTSettings
+from .algorithms.rejection import RejectionSettings
+from .algorithms.supervised import SupervisedSettings
+from .options import from_options, group, option, option_errors, to_options
+from .rewards.config import RewardConfig
 
-ADVANTAGES = ("value", "group", "tracker")
 ATTENTION = "to_q,to_k,to_v,to_out.0"  # LoRA on attention only: the papers' (diffusers' attention processors)
-ALGORITHM_NAMES = ("dpok", "ddpo-sf", "ddpo-is", "grpo", "diffusion-nft", "sft-kl", "rwr", "rwr-sparse",
-                   "rejection-sampling")
-# algorithms whose minibatches are whole samples (all their trained steps), not transitions
-SAMPLE_MINIBATCHES = ("ddpo-sf", "ddpo-is", "grpo")
-
-
-def largest_divisor_at_most(n: int, limit: int) -> int:
-    """The largest d <= limit that divides n (n >= 1)."""
-    return next(d for d in range(min(n, limit), 0, -1) if n % d == 0)
-
-
-def option(default: Any, help: str) -> Any:  # noqa: A002 - the CLI's word
-    """A dataclass field whose ``help`` becomes the CLI option's help text."""
-    return field(default=default, metadata={"help": help})
-
 
 _f = option
 
 
 @dataclass
 class TrainConfig:
-    """Settings of one fine-tuning run."""
+    """Settings of one fine-tuning run: the options every algorithm shares, and nested, each
+    algorithm family's own (``cfg.dpok``, ``cfg.policy_gradient``, ...) and the reward's.
+
+    From flat option names: :meth:`from_options` (or :func:`build_config` with a preset);
+    :meth:`to_dict` gives them back."""
 
     # ---- what to fine-tune, on what
     model: str = _f("shapeworld", "diffusers pipeline folder, hub id, or 'shapeworld' (the embedded model)")
-    reward: str = _f("shapeworld-alignment", "reward name, 'module:function', or a sum like 'a+0.1*b'")
-    alignment_model: str = _f("", "folder of the shapeworld-alignment reward weights (default: the shipped ones)")
-    reward_model: str = _f("", "hub id or folder of the reward's model (image-reward, aesthetic, pickscore, hpsv2, "
-                               "clip-score; see docs/rewards.md)")
-    reward_head: str = _f("", "safetensors file of the aesthetic predictor's MLP head (with --reward aesthetic)")
-    reward_processor: str = _f("", "hub id or folder of the tokenizer/processor, if not the model's (pickscore)")
-    reward_url: str = _f("", "URL of a 'dpok reward-server' (with --reward http)")
-    reward_token: str = _f("", "shared token of the reward server (with --reward http)")
-    reward_ca_file: str = _f("", "PEM file of the authority that signed an https reward server's certificate (e.g. "
-                                 "the self-signed certificate itself)")
-    prompt: list[str] = field(default_factory=list, metadata={"help": "a training prompt (repeatable)"})
+    reward: RewardConfig = group(RewardConfig)
+    prompt: list[str] = _f([], "a training prompt (repeatable)")
     prompt_file: str = _f("", "text file with one training prompt per line ('#' starts a comment), or a .jsonl "
                               "file of {\"prompt\": ..., other fields} objects whose fields are the prompt's "
                               "metadata, handed to rewards that take it")
     prompt_set: str = _f("", "named prompt set, e.g. hard, seen, common (see 'dpok prompts')")
     eval_prompt_set: str = _f("", "named prompt set evaluated as unseen prompts by --eval-every (optional)")
-    eval_prompt: list[str] = field(default_factory=list, metadata={
-        "help": "an unseen prompt evaluated by --eval-every (repeatable; with --eval-prompt-set: both)"})
-    algorithm: str = _f("dpok", f"one of {', '.join(ALGORITHM_NAMES)}")
+    eval_prompt: list[str] = _f([], "an unseen prompt evaluated by --eval-every (repeatable; with --eval-prompt-set: "
+                                    "both)")
+    algorithm: str = _f("dpok", "the method (see the groups below for each one's own options): "
+                                + ", ".join(ALGORITHMS.names()))
     output_dir: str = _f("", "run folder (default: runs/<algorithm>-<time>)")
     seed: int = _f(0, "seed of prompts, noise and initialisation (with N processes, process r > 0 draws its prompts "
                       "and noise from a stream derived from (seed, r); process 0 from seed)")
     device: str = _f("auto", "'auto' (cuda if present), 'cpu' or 'cuda[:N]'")
-    mixed_precision: str = _f("no", "'no', 'fp16' or 'bf16' (GPU only): dtype of the frozen weights")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "'no', 'fp16' or 'bf16' (GPU only): dtype of the "
+                                                              "frozen weights")
 
     # ---- policy parametrisation
-    finetune: str = _f("lora", "'lora' (reference = adapter disabled) or 'full' (reference = frozen copy)")
+    finetune: Literal["lora", "full"] = _f("lora", "'lora' (reference = adapter disabled) or 'full' (reference = "
+                                                   "frozen copy)")
     lora_rank: int = _f(8, "LoRA rank")
     lora_alpha: float = _f(8.0, "LoRA alpha (scale = alpha / rank)")
     lora_targets: str = _f("to_q,to_k,to_v,to_out.0,conv1,conv2,proj_in,proj_out",
@@ -82,7 +73,10 @@ class TrainConfig:
     num_steps: int = _f(20, "denoising (DDIM) steps per trajectory")
     eta: float = _f(1.0, "DDIM eta; must be > 0 for training (eta = 1 in both papers)")
     guidance_scale: float = _f(5.0, "classifier-free guidance scale w, also used for log-probs and KL")
-    logprob_reduce: str = _f("mean", "'mean' log-probs over latent elements (DPOK code; fits clip-range 1e-4) or 'sum' (paper)")
+    logprob_reduce: Literal["mean", "sum"] = _f("mean", "'mean' log-probs over latent elements (DPOK code; fits "
+                                                        "clip-range 1e-4) or 'sum' (paper)")
+    samples_per_prompt: int = _f(0, "k samples of each prompt per round, in a row: the groups of --advantage group "
+                                    "(0: auto, gcd(8, each process's share of --samples-per-round))")
 
     # ---- budget
     rounds: int = _f(25, "training rounds (sample -> score -> update)")
@@ -93,79 +87,36 @@ class TrainConfig:
 
     # ---- optimisation
     learning_rate: float = _f(2e-3, "policy learning rate (AdamW); the peak of --lr-schedule")
-    lr_schedule: str = _f("cosine", "learning-rate schedule over the rounds: 'constant', 'cosine' or 'linear' "
-                                      "(decay towards 0 at the last round, after the warm-up)")
+    lr_schedule: Literal["constant", "cosine", "linear"] = _f(
+        "cosine", "learning-rate schedule over the rounds: 'constant', 'cosine' or 'linear' (decay towards 0 at the "
+                  "last round, after the warm-up)")
     lr_warmup_rounds: int = _f(0, "rounds of linear learning-rate warm-up before the schedule (the schedule spans "
                                   "--rounds: a resume that changes --rounds re-spans the rest of it)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clipping")
-    minibatch_size: int = _f(0, "transitions (DPOK, SFT-KL, RWR) or samples (DDPO) per backward pass, per process; "
-                                "with N processes a step averages N minibatches (0: auto, 32 transitions, or for DDPO "
-                                "the largest divisor of each process's share of --samples-per-round that is at most 32)")
-    gradient_steps: int = _f(6, "optimizer steps per round (DPOK, SFT-KL, RWR)")
+    minibatch_size: int = _f(0, "transitions (DPOK, SFT-KL, RWR) or samples (DDPO, GRPO) per backward pass, per "
+                                "process; with N processes a step averages N minibatches (0: auto, 32 transitions, or "
+                                "for DDPO and GRPO the largest divisor of each process's share of --samples-per-round "
+                                "that is at most 32)")
+    gradient_steps: int = _f(6, "optimizer steps per round (DPOK, SFT-KL, RWR, DiffusionNFT)")
     grad_accum: int = _f(1, "minibatches accumulated per optimizer step")
 
-    # ---- DPOK
-    alpha: float = _f(10.0, "DPOK reward weight alpha")
-    beta: float = _f(0.01, ("KL weight beta of DPOK, GRPO (per-step KL, --kl-form) and DiffusionNFT (eps-form KL to "
-                                "the pretrained model); 0 turns KL regularisation off"))
-    kl_form: str = _f("closed-form", "'closed-form' ||mu-mu_pre||^2/(2 sigma^2) (paper) or 'epsilon' (official code)")
-    clip_range: float = _f(1e-3, "ratio clip epsilon (DPOK clamp, DDPO-IS PPO clip)")
-    buffer_size: int = _f(1000, "DPOK replay buffer capacity in transitions")
-    value_lr: float = _f(1e-3, "DPOK value-function learning rate")
-    value_steps: int = _f(1, "value-function steps per policy step")
-    normalize_advantages: bool = _f(False, "DPOK with --advantage value: standardise r - V over the minibatch")
-    surrogate: str = _f("ppo", "DPOK policy term: 'clamp' (official code: clamp(rho) A, no gradient outside the "
-                                 "band) or 'ppo' (PPO's max(-A rho, -A clamp(rho)), as DDPO-IS and GRPO)")
-    value_minibatch_size: int = _f(0, "DPOK: transitions per value-function step (0: --minibatch-size)")
-    value_first: bool = _f(False, "DPOK: train the value function before the round's policy steps (official code) "
-                                  "instead of after each policy step")
-    value_warmup_steps: int = _f(0, "DPOK: extra value-function steps on the first round, before any policy step")
-
-    # ---- advantages and trained steps (DPOK, DDPO)
-    advantage: str = _f("group", "advantage estimator: 'value' (DPOK: r - V_phi(x_t, z, t)), 'group' (GRPO: reward "
-                                 "standardised within its prompt's group of this round), 'tracker' (DDPO: per-prompt "
-                                 "history of --stat-buffer rewards)")
-    samples_per_prompt: int = _f(0, "k samples of each prompt per round, in a row: the groups of --advantage group "
-                                    "(0: auto, gcd(8, each process's share of --samples-per-round))")
-    step_window_start: float = _f(0.0, "first trained step, as a fraction of the trajectory (0 = the noisiest step)")
-    step_window_end: float = _f(0.75, "end of the trained steps, as a fraction (0.75 leaves out the final, low-noise "
-                                     "quarter of the steps)")
-
-    # ---- DDPO
-    inner_epochs: int = _f(1, "DDPO-IS and GRPO passes over each round's samples")
-    adv_clip: float = _f(5.0, "advantage clip (DDPO, GRPO; DiffusionNFT maps [-clip, clip] onto its optimality [0, 1])")
-    stat_buffer: int = _f(16, "per-prompt reward history length (DDPO stat tracking)")
-    stat_min_count: int = _f(16, "rewards of a prompt needed before its own statistics are used")
-    timestep_fraction: float = _f(1.0, "share of the window's steps trained on, drawn per sample and round (DDPO, GRPO)")
-
-    # ---- DiffusionNFT
-    nft_beta: float = _f(1.0, "DiffusionNFT beta: strength of the implicit positive/negative policies "
-                              "beta v_theta + (1 - beta) v_old and (1 + beta) v_old - beta v_theta")
-    nft_decay_rate: float = _f(0.001, "DiffusionNFT: the sampling policy theta_old <- d theta_old + (1 - d) theta "
-                                      "after each round, d = min(rate x optimizer steps so far, --nft-decay-max)")
-    nft_decay_max: float = _f(0.5, "DiffusionNFT: the largest decay d of the sampling policy")
-    rollout_steps: int = _f(0, "DiffusionNFT: denoising steps of the rollout sampler (0: --num-steps, which the "
-                               "evaluations use)")
-    rollout_eta: float = _f(-1.0, "DiffusionNFT: eta of the rollout sampler, 0 for deterministic DDIM (-1: --eta)")
-
-    # ---- supervised baselines
-    gamma: float = _f(2.0, "SFT-KL weight gamma of the KL bound")
-    supervised_target: str = _f("guided", "SFT-KL / RWR: which prediction is trained on the (guided) samples: 'guided' "
-                                          "(eps_u + w (eps_c - eps_u), the one that samples; no compounding of guidance) "
-                                          "or 'conditional' (eps_c alone, as the DPOK/DDPO baselines)")
-    rwr_temperature: float = _f(0.2, "RWR temperature (weights ~ exp(r / T))")
-    rwr_percentile: float = _f(50.0, "sparse RWR keeps samples at or above this reward percentile")
-    best_of: int = _f(8, "rejection sampling: candidates per image (best-of-n)")
+    # ---- each algorithm family's own settings
+    policy_gradient: PolicyGradientSettings = group(PolicyGradientSettings)
+    dpok: DPOKSettings = group(DPOKSettings)
+    ddpo: DDPOSettings = group(DDPOSettings)
+    nft: NFTSettings = group(NFTSettings)
+    supervised: SupervisedSettings = group(SupervisedSettings)
+    rejection: RejectionSettings = group(RejectionSettings)
 
     # ---- outputs
     eval_images: int = _f(32, "images per prompt for the before/after evaluation and grids")
     checkpoint_every: int = _f(0, "rounds between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(2, "complete checkpoints kept")
     resume: str = _f("", "run folder to continue from its newest complete checkpoint")
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={
-        "help": "trackers of the run's scalars and image grids: tensorboard, wandb or none (repeatable or "
-                "comma-separated; default tensorboard; wandb honours WANDB_MODE=offline and WANDB_PROJECT)"})
+    report_to: list[str] = _f(["tensorboard"], "trackers of the run's scalars and image grids: tensorboard, wandb or "
+                                               "none (repeatable or comma-separated; default tensorboard; wandb "
+                                               "honours WANDB_MODE=offline and WANDB_PROJECT)")
     eval_every: int = _f(0, "rounds between in-training evaluations of the policy on fixed seen and unseen prompts "
                             "with fixed noise (eval/* metrics in eval.jsonl and the trackers, grids in eval/, "
                             "eval_curves.png; also before the first and after the last round; 0: none)")
@@ -178,89 +129,58 @@ class TrainConfig:
     max_bad_rounds: int = _f(5, "stop after this many rounds in a row whose update was skipped (non-finite loss, "
                                 "gradient or an all-invalid reward batch)")
 
+    GROUPS: typing.ClassVar[tuple[str, ...]] = ("reward", "policy_gradient", "dpok", "ddpo", "nft", "supervised",
+                                                "rejection")
+
+    @classmethod
+    def from_options(cls, values: dict[str, Any] | None = None, **more: Any) -> TrainConfig:
+        """From flat option names (``{"clip_range": 1e-3}``), the others at their defaults."""
+        return from_options(cls, {**(values or {}), **more})
+
     def validate(self, num_processes: int = 1) -> None:
         """Check every value before any model loads; raise ValueError naming the option.
 
         ``num_processes``: processes of a data-parallel run, each sampling samples_per_round / N.
         """
-        errors: list[str] = []
+        errors = option_errors(self)
+        if self.algorithm not in ALGORITHMS.names():
+            errors.append(f"--algorithm {self.algorithm!r} is unknown; valid: {', '.join(ALGORITHMS.names())}")
+        else:
+            errors += ALGORITHMS.get(self.algorithm).check(self, num_processes)
+        for name in self.GROUPS:
+            errors += getattr(self, name).validate()
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 errors.append(msg)
 
-        for f in dataclasses.fields(self):  # inf / nan pass the range checks below (or fail them unclearly)
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                errors.append(f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
-        need(self.algorithm in ALGORITHM_NAMES, f"--algorithm {self.algorithm!r} is unknown; valid: {', '.join(ALGORITHM_NAMES)}")
         need(self.eta > 0, f"--eta must be > 0 for training (got {self.eta}); eta = 0 has no log-prob")
         need(self.num_steps >= 1, f"--num-steps must be >= 1 (got {self.num_steps})")
         need(self.guidance_scale >= 1.0, f"--guidance-scale must be >= 1 (got {self.guidance_scale})")
-        need(self.logprob_reduce in ("sum", "mean"), f"--logprob-reduce must be 'sum' or 'mean' (got {self.logprob_reduce!r})")
-        need(self.kl_form in ("closed-form", "epsilon"), f"--kl-form must be 'closed-form' or 'epsilon' (got {self.kl_form!r})")
-        if self.algorithm != "diffusion-nft":
-            need(self.rollout_steps == 0 and self.rollout_eta == -1.0,
-                 f"--rollout-steps and --rollout-eta are DiffusionNFT's; {self.algorithm} trains on the steps it "
-                 "samples (set --num-steps and --eta)")
-        need(self.rollout_steps >= 0, f"--rollout-steps must be >= 0 (got {self.rollout_steps})")
-        need(self.rollout_eta == -1.0 or self.rollout_eta >= 0,
-             f"--rollout-eta must be >= 0, or -1 for --eta (got {self.rollout_eta})")
-        need(self.nft_beta > 0, f"--nft-beta must be > 0 (got {self.nft_beta})")
-        need(self.nft_decay_rate >= 0 and 0 <= self.nft_decay_max < 1,
-             f"--nft-decay-rate must be >= 0 and --nft-decay-max in [0, 1) (got {self.nft_decay_rate}, "
-             f"{self.nft_decay_max})")
-        need(self.algorithm != "grpo" or self.advantage == "group",
-             f"--algorithm grpo standardises rewards within each prompt's group: --advantage group (got "
-             f"{self.advantage!r})")
-        need(self.lr_schedule in LR_SCHEDULES,
-             f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
         need(0 <= self.lr_warmup_rounds < max(self.rounds, 1),
              f"--lr-warmup-rounds ({self.lr_warmup_rounds}) must be >= 0 and below --rounds ({self.rounds})")
-        need(self.surrogate in ("clamp", "ppo"), f"--surrogate must be 'clamp' or 'ppo' (got {self.surrogate!r})")
-        need(self.advantage in ADVANTAGES, f"--advantage must be one of {', '.join(ADVANTAGES)} (got {self.advantage!r})")
-        need(self.advantage != "value" or self.algorithm == "dpok",
-             f"--advantage value is DPOK's value function; {self.algorithm} takes 'group' or 'tracker'")
-        need(self.supervised_target in ("guided", "conditional"),
-             f"--supervised-target must be 'guided' or 'conditional' (got {self.supervised_target!r})")
-        need(0 <= self.step_window_start < self.step_window_end <= 1,
-             f"--step-window-start ({self.step_window_start}) and --step-window-end ({self.step_window_end}) must "
-             "satisfy 0 <= start < end <= 1")
-        for name in ("samples_per_prompt", "value_minibatch_size", "value_warmup_steps"):
-            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        need(self.samples_per_prompt >= 0, f"--samples-per-prompt must be >= 0 (got {self.samples_per_prompt})")
         if self.samples_per_prompt and self.samples_per_round % (num_processes * self.samples_per_prompt):
             errors.append(f"--samples-per-round ({self.samples_per_round}) must be a multiple of "
                           f"{num_processes} x --samples-per-prompt ({self.samples_per_prompt}): each process "
                           "samples whole groups")
-        need(self.finetune in ("lora", "full"), f"--finetune must be 'lora' or 'full' (got {self.finetune!r})")
-        need(self.mixed_precision in ("no", "fp16", "bf16"),
-             f"--mixed-precision must be no, fp16 or bf16 (got {self.mixed_precision!r})")
-        need(self.stat_min_count <= self.stat_buffer,
-             f"--stat-min-count ({self.stat_min_count}) must be <= --stat-buffer ({self.stat_buffer})")
         for name in ("sample_batch_size", "minibatch_size"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, 0 for auto (got {getattr(self, name)})")
-        for name in ("rounds", "samples_per_round", "gradient_steps",
-                     "grad_accum", "lora_rank", "buffer_size", "inner_epochs", "stat_buffer", "stat_min_count",
-                     "eval_images", "eval_every_images", "best_of", "value_steps", "keep_checkpoints", "max_bad_rounds"):
+        for name in ("rounds", "samples_per_round", "gradient_steps", "grad_accum", "lora_rank", "eval_images",
+                     "eval_every_images", "keep_checkpoints", "max_bad_rounds"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        for name in ("learning_rate", "value_lr", "max_grad_norm", "clip_range", "rwr_temperature", "lora_alpha", "adv_clip"):
+        for name in ("learning_rate", "max_grad_norm", "lora_alpha"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
-        for name in ("alpha", "beta", "gamma", "weight_decay", "checkpoint_every", "eval_every"):
+        for name in ("weight_decay", "checkpoint_every", "eval_every"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         need(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), 0 for no EMA (got {self.ema_decay})")
-        need(0 < self.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1] (got {self.timestep_fraction})")
-        need(0 <= self.rwr_percentile < 100, f"--rwr-percentile must be in [0, 100) (got {self.rwr_percentile})")
         # samples_per_round is the round's total: each of the N processes samples an equal share, in
-        # whole sampling batches (and, for DDPO, whole minibatches)
-        sizes = [("sample-batch-size", self.sample_batch_size, "")]  # explicit values only: auto ones always fit
-        if self.algorithm in SAMPLE_MINIBATCHES:
-            sizes.append(("minibatch-size", self.minibatch_size, f" for {self.algorithm}"))
-        times = f"{num_processes} x " if num_processes > 1 else ""
-        total = f" (it is the total over the {num_processes} processes)" if num_processes > 1 else ""
-        for name, size, why in sizes:
-            if size >= 1 and self.samples_per_round % (num_processes * size):
-                errors.append(f"--samples-per-round ({self.samples_per_round}) must be a multiple of {times}--{name} "
-                              f"({size}){why}{total}")
+        # whole sampling batches (the algorithm checks its own minibatches)
+        if self.sample_batch_size >= 1 and self.samples_per_round % (num_processes * self.sample_batch_size):
+            times = f"{num_processes} x " if num_processes > 1 else ""
+            total = f" (it is the total over the {num_processes} processes)" if num_processes > 1 else ""
+            errors.append(f"--samples-per-round ({self.samples_per_round}) must be a multiple of {times}"
+                          f"--sample-batch-size ({self.sample_batch_size}){total}")
         try:
             from .trackers import parse_report_to
 
@@ -275,12 +195,11 @@ class TrainConfig:
     def resolved(self, num_processes: int = 1) -> TrainConfig:
         """A copy with the automatic (0) batch sizes filled in for ``num_processes`` processes."""
         share = max(1, self.samples_per_round // num_processes)
-        fit = largest_divisor_at_most(share, 32)
         values: dict[str, int] = {}
         if self.sample_batch_size == 0:
-            values["sample_batch_size"] = fit
+            values["sample_batch_size"] = largest_divisor_at_most(share, 32)
         if self.minibatch_size == 0:
-            values["minibatch_size"] = fit if self.algorithm in SAMPLE_MINIBATCHES else 32
+            values["minibatch_size"] = ALGORITHMS.get(self.algorithm).minibatch_default(share)
         return dataclasses.replace(self, **values)
 
     def group_size(self, num_processes: int = 1) -> int:
@@ -290,7 +209,8 @@ class TrainConfig:
         return math.gcd(8, self.samples_per_round // num_processes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flat options (the names the CLI, config files and ``config.json`` use)."""
+        return to_options(self)
 
 
 # ------------------------------------------------------------------------------------- presets
@@ -425,6 +345,6 @@ def build_config(preset: str | None, overrides: dict[str, Any]) -> TrainConfig:
             raise ValueError(f"--preset {preset!r} is unknown; valid: {', '.join(PRESETS)}")
         values.update(PRESETS[preset]())
     values.update(overrides)
-    cfg = TrainConfig(**values)
+    cfg = TrainConfig.from_options(values)
     cfg.validate()
     return cfg

@@ -13,7 +13,6 @@ and TOML; YAML 1.1 would read it as a string); TOML with :mod:`tomllib` and writ
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from .options import option_fields, to_options
 from .utils.diskwrite import write_text_atomic
 
 if sys.version_info >= (3, 11):
@@ -153,12 +153,29 @@ def parse_config_file(path: str | Path) -> tuple[str, dict[str, Any], dict[str, 
 
 
 def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is typing.Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(kind))
+    if typing.get_origin(kind) is dict:
+        return "a mapping"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, "a list of strings")
 
 
 def _convert(kind: Any, value: Any) -> Any:
     """``value`` as field type ``kind``; raises TypeError when it does not fit."""
-    if typing.get_origin(kind) is list:
+    if typing.get_origin(kind) is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+    elif typing.get_origin(kind) is list and typing.get_args(kind)[0] is not str:
+        item = typing.get_args(kind)[0]
+        items = value if isinstance(value, list) else [value]
+        try:
+            return [_convert(item, v) for v in items]
+        except TypeError:
+            raise TypeError(f"a list of {_type_name(item).removeprefix('a ').removeprefix('an ')}s") from None
+    elif typing.get_origin(kind) is typing.Literal:
+        if isinstance(value, str) and value in typing.get_args(kind):
+            return value
+    elif typing.get_origin(kind) is list:
         items = [value] if isinstance(value, str) else value
         if isinstance(items, list) and all(isinstance(v, str) for v in items):
             return list(items)
@@ -186,8 +203,7 @@ def check_settings(raw: dict[str, Any], cls: type, source: str, lines: dict[str,
     (the file) and the key's line, in one :class:`ConfigFileError`.
     """
     lines = lines or {}
-    hints = typing.get_type_hints(cls)
-    kinds: dict[str, Any] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    kinds: dict[str, Any] = {o.name: o.kind for o in option_fields(cls)}
     kinds.update(extra or {})
     valid = sorted(kinds)
     values: dict[str, Any] = {}
@@ -210,7 +226,7 @@ def check_settings(raw: dict[str, Any], cls: type, source: str, lines: dict[str,
             values[name] = _convert(kinds[name], value)
         except TypeError as e:
             shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-            quote = " (quote it to make it a string)" if kinds[name] is str else ""
+            quote = " (quote it to make it a string)" if kinds[name] is str and not isinstance(value, str) else ""
             errors.append(f"{where}: {key!r} must be {e}{quote}, not {shown}")
     if errors:
         raise ConfigFileError("invalid config file:\n  " + "\n  ".join(errors))
@@ -268,7 +284,7 @@ RUN_CONFIG_EXCLUDED = ("output_dir", "resume")  # where a run is, not what it is
 
 def run_config_values(cfg: Any) -> dict[str, Any]:
     """A resolved :class:`~dpok.config.TrainConfig` as config-file values (without its folder)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONFIG_EXCLUDED}
+    return {k: v for k, v in to_options(cfg).items() if k not in RUN_CONFIG_EXCLUDED}
 
 
 def write_run_config(cfg: Any, folder: str | Path, fmt: str = "yaml") -> Path:

@@ -9,7 +9,7 @@ share of images whose objects are clean shapes, and a Fréchet distance to true 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from .adapter import DiffusionAdapter
-from .config import option
+from .domains import Domain, domain_for
 from .generate import load_model
+from .options import group, option, option_errors, to_options
 from .prompts import prompt_metadata, resolve_prompts
-from .rewards import Reward, make_reward
+from .rewards import Reward
 from .rewards.base import PromptMetadataReward
+from .rewards.config import RewardConfig
 from .sampling import Trajectory, policy_step, sample_in_batches
 from .viz import save_prompt_grid
 
@@ -35,11 +37,7 @@ class EvalConfig:
 
     model: str = _f("shapeworld", "pipeline folder, hub id, or 'shapeworld'")
     lora: str = _f("", "LoRA folder of a run to evaluate (empty: the base model)")
-    reward: str = _f("shapeworld-alignment", "reward name or spec")
-    alignment_model: str = _f("", "folder of the shapeworld-alignment weights (default: shipped)")
-    reward_model: str = _f("", "hub id or folder of the reward's model (see docs/rewards.md)")
-    reward_head: str = _f("", "safetensors file of the aesthetic predictor's MLP head")
-    reward_processor: str = _f("", "hub id or folder of the reward's tokenizer/processor, if not the model's")
+    reward: RewardConfig = group(RewardConfig)
     prompt: list[str] = field(default_factory=list, metadata={"help": "a seen prompt (repeatable)"})
     prompt_file: str = _f("", "file of seen prompts (text, or .jsonl with metadata)")
     prompt_set: str = _f("", "named set of seen prompts (default: 'seen' on ShapeWorld)")
@@ -53,43 +51,55 @@ class EvalConfig:
     output_dir: str = _f("eval", "folder for eval.json and the grids")
     device: str = _f("auto", "'auto', 'cpu' or 'cuda[:N]'")
 
+    def domain(self) -> Domain | None:
+        """The model's domain, else the reward's (see :mod:`dpok.domains`)."""
+        return domain_for(self.model, self.reward.name)
+
     def splits(self) -> dict[str, list[str]]:
-        grammar = "shapeworld" if self.model == "shapeworld" else None
+        domain = self.domain()
         seen_given = self.prompt or self.prompt_file or self.prompt_set
-        seen_set = self.prompt_set or ("seen" if not seen_given and grammar else "")
-        splits = {"seen": resolve_prompts(self.prompt or None, self.prompt_file or None, seen_set or None, grammar)}
-        unseen_set = self.unseen_prompt_set or ("unseen" if not seen_given and grammar else "")
+        seen_default, unseen_default = domain.eval_sets if domain is not None and not seen_given else ("", "")
+        seen_set = self.prompt_set or seen_default
+        splits = {"seen": resolve_prompts(self.prompt or None, self.prompt_file or None, seen_set or None, domain)}
+        unseen_set = self.unseen_prompt_set or unseen_default
         if unseen_set or self.unseen_prompt_file:
-            splits["unseen"] = resolve_prompts(None, self.unseen_prompt_file or None, unseen_set or None, grammar)
+            splits["unseen"] = resolve_prompts(None, self.unseen_prompt_file or None, unseen_set or None, domain)
         return splits
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    if cfg.num_images < 1 or cfg.num_steps < 1:
-        raise ValueError("--num-images and --num-steps must be >= 1")
-    if cfg.eta <= 0:
-        raise ValueError(f"--eta must be > 0 (got {cfg.eta}): the KL to the base model needs a stochastic sampler")
-    splits = cfg.splits()
-    from .trainer import reward_options
+    def validate(self) -> None:
+        """Check every value before any model loads; raise ValueError naming the option."""
+        errors = option_errors(self) + self.reward.validate()
+        if self.num_images < 1 or self.num_steps < 1:
+            errors.append("--num-images and --num-steps must be >= 1")
+        if self.eta <= 0:
+            errors.append(f"--eta must be > 0 (got {self.eta}): the KL to the base model needs a stochastic sampler")
+        if self.guidance_scale < 1:
+            errors.append(f"--guidance-scale must be >= 1 (got {self.guidance_scale})")
+        if errors:
+            raise ValueError("invalid settings:\n  " + "\n  ".join(errors))
 
-    reward = make_reward(cfg.reward, **reward_options(cfg))
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    cfg.validate()
+    domain = cfg.domain()
+    splits = cfg.splits()
+    reward = cfg.reward.build()
     if reward.uses_metadata:  # the metadata of .jsonl prompt files' prompts
-        grammar = "shapeworld" if cfg.model == "shapeworld" else None
         table = {prompt: meta for file in (cfg.prompt_file, cfg.unseen_prompt_file) if file
-                 for prompt, meta in prompt_metadata(file, grammar).items()}
+                 for prompt, meta in prompt_metadata(file, domain).items()}
         reward = PromptMetadataReward(reward, table)
     reward.validate_prompts([p for ps in splits.values() for p in ps])
     adapter = load_model(cfg.model, cfg.lora, cfg.device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shapeworld = cfg.model == "shapeworld" or cfg.reward.startswith("shapeworld")
     settings = SampleSettings(cfg.num_images, cfg.num_steps, cfg.guidance_scale, cfg.eta)
-    result: dict[str, Any] = {"config": asdict(cfg), "splits": {}}
+    result: dict[str, Any] = {"config": to_options(cfg), "splits": {}}
     for split, prompts in splits.items():
         per_prompt, rows = {}, []
         for i, prompt in enumerate(prompts):
             seed = cfg.seed + 1000 * i
-            per_prompt[prompt], images = evaluate_prompt(adapter, reward, prompt, settings, seed, shapeworld)
+            per_prompt[prompt], images = evaluate_prompt(adapter, reward, prompt, settings, seed, domain)
             rows.append(images[:8].permute(0, 2, 3, 1).numpy())
             grid = out / "grids" / f"{split}_{i:02d}_{slug(prompt)}.png"
             save_prompt_grid([images.permute(0, 2, 3, 1).numpy()], [prompt_label(prompt, per_prompt[prompt])], grid)
@@ -152,10 +162,10 @@ def trajectory_kl(adapter: DiffusionAdapter, traj: Trajectory, settings: SampleS
 
 
 def evaluate_prompt(adapter: DiffusionAdapter, reward: Reward, prompt: str, settings: SampleSettings, seed: int,
-                    shapeworld: bool, images: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
+                    domain: Domain | None, images: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
     """Every measure for one prompt: reward (mean, std, invalid), diversity, KL to the base along the
-    sampled trajectories and, on ShapeWorld, the judge, the clean-shape share and the Fréchet
-    distance. Give ``images`` (N, 3, H, W) to evaluate a method that is not a sampler of this
+    sampled trajectories and the ``domain``'s own measures (e.g. an independent judge). Give
+    ``images`` (N, 3, H, W) to evaluate a method that is not a sampler of this
     model (e.g. best-of-n); its KL is then reported as NaN (not measured)."""
     if images is None:
         traj = sample_prompt(adapter, prompt, settings, seed)
@@ -168,8 +178,8 @@ def evaluate_prompt(adapter: DiffusionAdapter, reward: Reward, prompt: str, sett
            "reward_std": float(valid.std()) if len(valid) > 1 else 0.0,
            "invalid": scored.num_invalid, "diversity": diversity(images),
            "kl_to_base": float(kl.mean()), "kl_to_base_std": float(kl.std()) if len(kl) > 1 else 0.0}
-    if shapeworld:
-        row.update(shapeworld_judgement(images, prompt, seed))
+    if domain is not None:
+        row.update(domain.measures(images, prompt, seed))
     return row, images
 
 
@@ -199,21 +209,6 @@ def diversity(images: torch.Tensor) -> float:
     d = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
     n = len(flat)
     return float(d.sum() / (n * (n - 1)))
-
-
-def shapeworld_judgement(images: torch.Tensor, prompt: str, seed: int) -> dict[str, float]:
-    """Measures independent of every learned model: the geometric judge's aligned and clean
-    shares, and the Fréchet distance of hand-built features to as many true renders of the prompt."""
-    from .shapeworld import render_prompt
-    from .shapeworld.judge import is_aligned, judge
-    from .shapeworld.quality import frechet_distance, image_features
-
-    arrays = images.permute(0, 2, 3, 1).numpy()
-    rng = np.random.default_rng(seed)
-    renders = [render_prompt(prompt, rng)[0] for _ in range(max(len(arrays), 32))]
-    fd = frechet_distance(np.stack([image_features(a) for a in arrays]), np.stack([image_features(r) for r in renders]))
-    return {"judge_aligned": float(np.mean([is_aligned(a, prompt) for a in arrays])),
-            "clean_share": float(np.mean([judge(a).clean for a in arrays])), "frechet": fd}
 
 
 def format_table(result: dict[str, Any]) -> str:

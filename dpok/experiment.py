@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .algorithms import ALGORITHMS
+from .domains import Domain, domain_for
 from .evaluate import SampleSettings, evaluate_prompt, split_means
+from .options import group, option, option_errors, to_options
+from .rewards.config import RewardConfig
 from .utils.diskwrite import write_text_atomic
 
 GRID_IMAGES = 8  # images per prompt kept for the before/after figures
@@ -60,14 +64,17 @@ class Method:
 
     @property
     def trains(self) -> bool:
-        return self.algorithm not in (None, "rejection-sampling")
+        """Whether the method fine-tunes (its algorithm says; the base model does not)."""
+        return self.algorithm is not None and ALGORITHMS.get(self.algorithm).trains
 
 
-def default_tasks() -> list[Task]:
-    """The paper's three single-prompt tasks and its multi-prompt task, on ShapeWorld."""
-    from .shapeworld.distribution import prompt_sets
-
-    sets = prompt_sets()
+def default_tasks(domain: Domain | None) -> list[Task]:
+    """The paper's three single-prompt tasks and its multi-prompt task, on a domain's prompt sets
+    ``hard`` (a rare colour pair, a count of four, a two-group composition), ``seen`` and ``unseen``;
+    none without a domain that has them."""
+    sets = domain.prompt_sets() if domain is not None else {}
+    if not {"hard", "seen", "unseen"} <= set(sets):
+        return []
     hard = sets["hard"]
     return [
         Task("color", "colour binding on a rare pair", (hard[0],)),
@@ -100,39 +107,42 @@ class ExperimentConfig:
     """Sizes of the experiment. The defaults fit in about two hours on a 2-core CPU (see
     ``benchmarks/README.md`` for the measured timings)."""
 
-    output_dir: str = "runs/paper_experiment"
-    model: str = "shapeworld"
-    reward: str = "shapeworld-alignment"
-    alignment_model: str = ""
-    reward_model: str = ""  # hub id or folder of a pretrained reward's model (see docs/rewards.md)
-    tasks: list[str] = field(default_factory=lambda: ["color", "count", "composition", "multi"])
-    methods: list[str] = field(default_factory=lambda: [m.name for m in default_methods()])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    rounds: int = 16
-    samples_per_round: int = 16
-    num_steps: int = 20
-    guidance_scale: float = 5.0
-    eval_images: int = 32  # per prompt, single-prompt tasks
-    multi_eval_images: int = 8  # per prompt, multi-prompt task
-    checkpoint_every: int = 4
-    overopt_prompt: str = "two white triangles"
-    overopt_betas: list[float] = field(default_factory=lambda: [0.0, 0.01])
-    overopt_rounds: int = 60
-    overopt_eval_every: int = 15
-    overopt_samples_per_round: int = 32
-    overopt_eval_images: int = 32
-    overopt_learning_rate: float = 1e-3  # higher than the default to reach over-optimisation sooner
-    train_overrides: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig settings for every method
-    device: str = "auto"
+    output_dir: str = option("runs/paper_experiment", "outcome folder (units, curves, results)")
+    model: str = option("shapeworld", "pipeline folder or hub id (default: the embedded model)")
+    reward: RewardConfig = group(RewardConfig)
+    tasks: list[str] = option(["color", "count", "composition", "multi"], "tasks to run (default: all)")
+    methods: list[str] = option([m.name for m in default_methods()], "methods to run (default: all)")
+    seeds: list[int] = option([0, 1, 2], "seeds of every unit")
+    rounds: int = option(16, "rounds per trained unit")
+    samples_per_round: int = option(16, "samples (reward queries) per round")
+    num_steps: int = option(20, "DDIM steps")
+    guidance_scale: float = option(5.0, "guidance scale")
+    eval_images: int = option(32, "images per prompt in the evaluation of single-prompt tasks")
+    multi_eval_images: int = option(8, "images per prompt in the evaluation of the multi-prompt task")
+    checkpoint_every: int = option(4, "rounds between a unit's checkpoints")
+    overopt_prompt: str = option("two white triangles", "prompt of the over-optimisation study")
+    overopt_betas: list[float] = option([0.0, 0.01], "DPOK betas of the over-optimisation study")
+    overopt_rounds: int = option(60, "rounds of each over-optimisation run (0: skip the study)")
+    overopt_eval_every: int = option(15, "rounds between the over-optimisation run's evaluations")
+    overopt_samples_per_round: int = option(32, "samples per round of the over-optimisation runs")
+    overopt_eval_images: int = option(32, "images per evaluation of the over-optimisation runs")
+    overopt_learning_rate: float = option(1e-3, "learning rate of the over-optimisation runs (higher than the "
+                                                "default to reach over-optimisation sooner)")
+    train_overrides: dict[str, Any] = option({}, "extra dpok train settings for every method (flat option names)")
+    device: str = option("auto", "'auto', 'cpu' or 'cuda[:N]'")
     # your own prompts instead of the ShapeWorld tasks: one task named "custom" (unseen ones optional)
-    custom_seen: list[str] = field(default_factory=list)
-    custom_unseen: list[str] = field(default_factory=list)
+    custom_seen: list[str] = option([], "your own training prompts (one task named 'custom')")
+    custom_unseen: list[str] = option([], "your own held-out prompts of the custom task")
+
+    def domain(self) -> Domain | None:
+        """The model's domain, else the reward's (see :mod:`dpok.domains`)."""
+        return domain_for(self.model, self.reward.name)
 
     def all_tasks(self) -> list[Task]:
         """The tasks this experiment can run: the custom one if prompts are given, else the paper's."""
         if self.custom_seen:
             return [Task("custom", "custom prompts", tuple(self.custom_seen), tuple(self.custom_unseen))]
-        return default_tasks()
+        return default_tasks(self.domain())
 
     def validate(self) -> None:
         if self.custom_seen and self.tasks != ["custom"]:
@@ -150,6 +160,7 @@ class ExperimentConfig:
             errors.append(f"overopt_rounds must be >= 0 (got {self.overopt_rounds})")
         if not self.seeds:
             errors.append("give at least one seed")
+        errors += option_errors(self) + self.reward.validate()
         if errors:
             raise ValueError("invalid experiment settings:\n  " + "\n  ".join(errors))
 
@@ -197,10 +208,7 @@ class Experiment:
     # ------------------------------------------------------------------------------- helpers
     def reward(self):  # noqa: ANN201
         if self._reward is None:
-            from .rewards import make_reward
-
-            options = {"alignment_model": self.cfg.alignment_model, "model": self.cfg.reward_model}
-            self._reward = make_reward(self.cfg.reward, **{k: v for k, v in options.items() if v})
+            self._reward = self.cfg.reward.build()
         return self._reward
 
     def unit_dir(self, task: str, method: str, seed: int) -> Path:
@@ -208,24 +216,23 @@ class Experiment:
 
     def train_config(self, task: Task, method: Method, seed: int, run_dir: Path, rounds: int,
                      extra: dict[str, Any] | None = None):  # noqa: ANN201
-        from .config import SAMPLE_MINIBATCHES, build_config
+        from .config import build_config
 
         c = self.cfg
         samples = (extra or {}).get("samples_per_round", c.samples_per_round)
+        sample_minibatches = ALGORITHMS.get(method.algorithm).sample_minibatches
         # batch sizes that divide the round (DDPO's minibatches split the round's samples)
         fit = {"sample_batch_size": math.gcd(32, samples)}
-        if method.algorithm in SAMPLE_MINIBATCHES:
+        if sample_minibatches:
             fit["minibatch_size"] = math.gcd(32, samples)
-        settings = {"model": c.model, "reward": c.reward, "prompt": list(task.seen), "algorithm": method.algorithm,
+        reward = {k: v for k, v in to_options(c.reward).items() if v}
+        settings = {"model": c.model, **reward, "prompt": list(task.seen), "algorithm": method.algorithm,
                     "rounds": rounds, "samples_per_round": samples, "seed": seed, **fit,
                     "num_steps": c.num_steps, "guidance_scale": c.guidance_scale, "output_dir": str(run_dir),
                     "eval_images": 1, "checkpoint_every": c.checkpoint_every, "keep_checkpoints": 1, "device": c.device,
                     **dict(method.overrides), **c.train_overrides, **(extra or {})}
-        if method.algorithm in SAMPLE_MINIBATCHES:  # a method's own minibatch, fitted to a smaller round
+        if sample_minibatches:  # a method's own minibatch, fitted to a smaller round
             settings["minibatch_size"] = math.gcd(settings["minibatch_size"], samples)
-        for name in ("alignment_model", "reward_model"):
-            if getattr(c, name):
-                settings[name] = getattr(c, name)
         if (run_dir / "config.json").is_file():
             from .checkpoint import latest_checkpoint
 
@@ -240,7 +247,7 @@ class Experiment:
         c = self.cfg
         n = c.multi_eval_images if task.unseen else c.eval_images
         settings = SampleSettings(n, c.num_steps, c.guidance_scale, 1.0)
-        shapeworld = c.model == "shapeworld" or c.reward.startswith("shapeworld")
+        domain = c.domain()
         splits: dict[str, Any] = {}
         for split, prompts in (("seen", task.seen), ("unseen", task.unseen)):
             rows = {}
@@ -249,7 +256,7 @@ class Experiment:
                 images = None
                 if generate is not None:
                     images = generate([prompt] * n, torch.Generator().manual_seed(eval_seed))
-                rows[prompt], images = evaluate_prompt(adapter, self.reward(), prompt, settings, eval_seed, shapeworld,
+                rows[prompt], images = evaluate_prompt(adapter, self.reward(), prompt, settings, eval_seed, domain,
                                                        images)
                 _save_strip(images, folder / "images" / f"{split}_{i:02d}.png")
             if rows:
@@ -316,7 +323,7 @@ class Experiment:
         task = Task("overopt", "over-optimisation", (c.overopt_prompt,))
         method = Method(f"dpok-beta{beta:g}", f"DPOK beta = {beta:g}", "dpok", (("beta", beta),))
         settings = SampleSettings(c.overopt_eval_images, c.num_steps, c.guidance_scale, 1.0)
-        shapeworld = c.model == "shapeworld" or c.reward.startswith("shapeworld")
+        domain = c.domain()
         for end in range(0, c.overopt_rounds + 1, c.overopt_eval_every):
             if end in done:
                 continue
@@ -331,7 +338,7 @@ class Experiment:
                 trainer = Trainer(cfg)
                 trainer.run()
                 adapter = trainer.adapter
-            row, images = evaluate_prompt(adapter, self.reward(), c.overopt_prompt, settings, 777_000, shapeworld)
+            row, images = evaluate_prompt(adapter, self.reward(), c.overopt_prompt, settings, 777_000, domain)
             _save_strip(images, folder / "images" / f"round{end:04d}.png")
             train = read_metrics(folder / "run" / "metrics.jsonl") if end else []
             point = {"round": end, "queries": end * c.overopt_samples_per_round, **row,
@@ -366,7 +373,7 @@ class Experiment:
         return set(range(0, self.cfg.overopt_rounds + 1, self.cfg.overopt_eval_every)) <= rounds
 
     def write_meta(self) -> None:
-        config = {**asdict(self.cfg), "output_dir": portable_path(self.cfg.output_dir)}
+        config = {**to_options(self.cfg), "output_dir": portable_path(self.cfg.output_dir)}
         _write_json(self.out / "experiment.json", {"config": config, "budget": self.cfg.budget})
 
     def run(self) -> int:

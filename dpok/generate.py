@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from .adapter import DiffusionAdapter
-from .config import option
+from .domains import model_domain
+from .options import option, option_errors
 
 _f = option
 
@@ -32,6 +33,21 @@ class SampleConfig:
     batch_size: int = _f(16, "images per forward batch")
     device: str = _f("auto", "'auto', 'cpu' or 'cuda[:N]'")
 
+    def validate(self) -> None:
+        """Check every value before any model loads; raise ValueError naming the option."""
+        errors = option_errors(self)
+        if not self.prompt:
+            errors.append("give at least one --prompt")
+        if not self.output_dir:
+            errors.append("give --output-dir, the folder for the PNGs and index.json")
+        for name in ("num_images", "num_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                errors.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.eta < 0:
+            errors.append(f"--eta must be >= 0 (got {self.eta})")
+        if errors:
+            raise ValueError("invalid settings:\n  " + "\n  ".join(errors))
+
 
 def load_model(model: str, lora: str = "", device: str = "auto") -> DiffusionAdapter:
     from .trainer import select_device
@@ -43,14 +59,14 @@ def load_model(model: str, lora: str = "", device: str = "auto") -> DiffusionAda
 
 
 def validate_prompts_for(model: str, prompts: list[str]) -> None:
-    """On the embedded model, prompts must be in the ShapeWorld grammar (checked before loading)."""
+    """Prompts must be in the grammar of the model's domain, if it has one (e.g. the embedded
+    model's ShapeWorld grammar); checked before the model loads."""
     if not prompts:
         raise ValueError("give at least one --prompt")
-    if model == "shapeworld":
-        from .shapeworld import parse_prompt
-
+    domain = model_domain(model)
+    if domain is not None:
         for p in prompts:
-            parse_prompt(p)
+            domain.check_prompt(p)
 
 
 def generate_images(adapter: DiffusionAdapter, prompt: str, num_images: int, seed: int, num_steps: int,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .adapter import DiffusionAdapter
+from .domains import Domain
 from .evaluate import MEASURES, SampleSettings, evaluate_prompt, prompt_label
 from .rewards import Reward
 from .runlog import read_metrics
@@ -42,20 +43,20 @@ class EvalPlan:
     splits: dict[str, list[str]]
     settings: SampleSettings
     seed: int
-    shapeworld: bool
+    domain: Domain | None
 
     def prompt_seed(self, split: int, index: int) -> int:
         return SEED_BASE + self.seed * 100 + 50 * split + index
 
 
 def make_plan(seen: list[str], unseen: list[str], images: int, num_steps: int, guidance_scale: float, eta: float,
-              seed: int, shapeworld: bool, batch_size: int = 32) -> EvalPlan:
+              seed: int, domain: Domain | None, batch_size: int = 32) -> EvalPlan:
     """The plan of a run: its first :data:`MAX_PROMPTS` training prompts, and as many unseen ones."""
     splits = {"seen": list(seen[:MAX_PROMPTS])}
     if unseen:
         splits["unseen"] = list(unseen[:MAX_PROMPTS])
     settings = SampleSettings(images, num_steps, guidance_scale, eta, batch_size=min(batch_size, images))
-    return EvalPlan(splits, settings, seed, shapeworld)
+    return EvalPlan(splits, settings, seed, domain)
 
 
 def evaluate_policy(adapter: DiffusionAdapter, reward: Reward, plan: EvalPlan
@@ -67,7 +68,7 @@ def evaluate_policy(adapter: DiffusionAdapter, reward: Reward, plan: EvalPlan
         per_prompt = {}
         for i, prompt in enumerate(prompts):
             row, images = evaluate_prompt(adapter, reward, prompt, plan.settings, plan.prompt_seed(s, i),
-                                          plan.shapeworld)
+                                          plan.domain)
             per_prompt[prompt] = row
             rows.append(images[:GRID_IMAGES].permute(0, 2, 3, 1).cpu().numpy())
             labels.append(f"{split}: {prompt_label(prompt, row)}")

@@ -17,29 +17,25 @@ from typing import Any
 
 import numpy as np
 
-from .shapeworld import parse_prompt, prompt_sets
-from .shapeworld.grammar import PromptError
-
-GRAMMARS = ("shapeworld",)
-"""Prompt grammars that can be checked; None means "any text"."""
+from .domains import Domain
 
 
 class PromptFileError(ValueError):
     """A prompt file that is missing, unreadable, empty or has a line outside the grammar."""
 
 
-def _check_grammar(grammar: str | None) -> None:
-    if grammar is not None and grammar not in GRAMMARS:
-        raise ValueError(f"unknown prompt grammar {grammar!r}; use None or one of {', '.join(GRAMMARS)}")
+def _check_domain(domain: Domain | None) -> None:
+    if domain is not None and not isinstance(domain, Domain):
+        raise ValueError(f"domain must be a dpok Domain or None (any text), not {domain!r}")
 
 
-def load_prompt_file(path: str | os.PathLike[str], grammar: str | None = None) -> list[str]:
+def load_prompt_file(path: str | os.PathLike[str], domain: Domain | None = None) -> list[str]:
     """The prompts of a prompt file, in file order (duplicates kept).
 
-    ``path`` may use ``~``. With ``grammar="shapeworld"`` every prompt must parse. Raises
+    ``path`` may use ``~``. With a ``domain`` every prompt must be in its grammar. Raises
     :class:`PromptFileError` naming the file (and line) for every problem.
     """
-    return [prompt for prompt, _ in load_prompt_records(path, grammar)]
+    return [prompt for prompt, _ in load_prompt_records(path, domain)]
 
 
 def is_jsonl(path: str | os.PathLike[str]) -> bool:
@@ -47,10 +43,10 @@ def is_jsonl(path: str | os.PathLike[str]) -> bool:
     return Path(os.fspath(path)).suffix.lower() == ".jsonl"
 
 
-def load_prompt_records(path: str | os.PathLike[str], grammar: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+def load_prompt_records(path: str | os.PathLike[str], domain: Domain | None = None) -> list[tuple[str, dict[str, Any]]]:
     """``(prompt, metadata)`` of every prompt of a prompt file, in file order; the metadata of a
     text file's prompts is ``{}``, of a ``.jsonl`` file's the line's other fields."""
-    _check_grammar(grammar)
+    _check_domain(domain)
     file = Path(os.path.expanduser(os.fspath(path)))
     if not file.exists():
         raise PromptFileError(
@@ -82,8 +78,8 @@ def load_prompt_records(path: str | os.PathLike[str], grammar: str | None = None
             f"prompt file {file} has no prompts (blank lines and lines starting with '#' are skipped); "
             "write one prompt per line"
         )
-    if grammar == "shapeworld":
-        _check_file_grammar(file, [(n, p) for n, p, _ in records])
+    if domain is not None:
+        _check_file_grammar(file, [(n, p) for n, p, _ in records], domain)
     return [(p, m) for _, p, m in records]
 
 
@@ -103,13 +99,13 @@ def _json_lines(file: Path, lines: list[tuple[int, str]]) -> list[tuple[int, str
     return records
 
 
-def prompt_metadata(path: str | os.PathLike[str], grammar: str | None = None) -> dict[str, dict[str, Any]]:
+def prompt_metadata(path: str | os.PathLike[str], domain: Domain | None = None) -> dict[str, dict[str, Any]]:
     """prompt -> metadata of a ``.jsonl`` prompt file (``{}`` for a text file). A prompt given on
     two lines with different metadata is an error (prompts are used once each, by text)."""
     if not is_jsonl(path):
         return {}
     table: dict[str, dict[str, Any]] = {}
-    for prompt, meta in load_prompt_records(path, grammar):
+    for prompt, meta in load_prompt_records(path, domain):
         if prompt in table and table[prompt] != meta:
             raise PromptFileError(f"prompt file {path}: {prompt!r} appears twice with different metadata; "
                                   "give each prompt once")
@@ -117,12 +113,12 @@ def prompt_metadata(path: str | os.PathLike[str], grammar: str | None = None) ->
     return table
 
 
-def _check_file_grammar(file: Path, prompts: list[tuple[int, str]]) -> None:
-    bad: list[tuple[int, PromptError]] = []
+def _check_file_grammar(file: Path, prompts: list[tuple[int, str]], domain: Domain) -> None:
+    bad: list[tuple[int, ValueError]] = []
     for n, prompt in prompts:
         try:
-            parse_prompt(prompt)
-        except PromptError as e:
+            domain.check_prompt(prompt)
+        except domain.prompt_error as e:
             bad.append((n, e))
     if bad:
         first_line, first_error = bad[0]
@@ -136,34 +132,35 @@ def resolve_prompts(
     prompts: Sequence[str] | None,
     prompt_file: str | os.PathLike[str] | None,
     prompt_set: str | None,
-    grammar: str | None = None,
+    domain: Domain | None = None,
 ) -> list[str]:
     """The training prompts: CLI prompts, then the file's, then the named set's, each once, first-seen order.
 
-    Raises ValueError when nothing is given or the set name is unknown, :class:`PromptFileError`
-    for a bad file and :class:`~dpok.shapeworld.PromptError` for a CLI prompt outside ``grammar``.
+    Named sets are the ``domain``'s, and with a domain every prompt must be in its grammar. Raises
+    ValueError when nothing is given or the set name is unknown, :class:`PromptFileError` for a bad
+    file and the domain's error (a ValueError naming the prompt) for a CLI prompt outside its grammar.
     """
-    _check_grammar(grammar)
+    _check_domain(domain)
+    sets = domain.prompt_sets() if domain is not None else {}
     collected: list[str] = []
     for prompt in prompts or []:
         text = prompt.strip()
         if not text:
             raise ValueError("empty prompt given; every --prompt needs text")
-        if grammar == "shapeworld":
-            parse_prompt(text)  # its PromptError names the prompt and the grammar
+        if domain is not None:
+            domain.check_prompt(text)  # its error names the prompt and the grammar
         collected.append(text)
     if prompt_file is not None:
-        collected.extend(load_prompt_file(prompt_file, grammar))
+        collected.extend(load_prompt_file(prompt_file, domain))
     if prompt_set is not None:
-        sets = prompt_sets()
         if prompt_set not in sets:
-            raise ValueError(f"unknown prompt set {prompt_set!r}; valid sets: {', '.join(sets)}")
+            valid = (f"valid sets: {', '.join(sets)}" if sets
+                     else "this model has no named prompt sets (they come from its domain)")
+            raise ValueError(f"unknown prompt set {prompt_set!r}; {valid}")
         collected.extend(sets[prompt_set])
     if not collected:
-        raise ValueError(
-            "no prompts given: use --prompt TEXT, --prompt-file FILE or --prompt-set NAME "
-            f"(sets: {', '.join(prompt_sets())})"
-        )
+        named = f" (sets: {', '.join(sets)})" if sets else ""
+        raise ValueError(f"no prompts given: use --prompt TEXT, --prompt-file FILE or --prompt-set NAME{named}")
     return list(dict.fromkeys(collected))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .domains import domain_for
 from .experiment import Task, default_methods, default_tasks, load_results
 
 # (key in a split's means, column title, higher is better)
@@ -236,7 +237,7 @@ def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str |
     fig_dir.mkdir(parents=True, exist_ok=True)
     custom = cfg.get("custom_seen") or []
     all_tasks = [Task("custom", "custom prompts", tuple(custom), tuple(cfg.get("custom_unseen") or []))] if custom \
-        else default_tasks()
+        else default_tasks(domain_for(cfg["model"], cfg.get("reward", "")))
     tasks = [t for t in all_tasks if t.name in cfg["tasks"]]
     methods = [m for m in default_methods() if m.name in cfg["methods"]]
     summary = Summary(units)

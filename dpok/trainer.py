@@ -35,10 +35,11 @@ from .checkpoint import checkpoint_path, latest_checkpoint, latest_complete, wri
 from .config import TrainConfig
 from .configfile import write_run_config
 from .core import lr_factor
+from .domains import Domain, model_domain, reward_domain
 from .ema import PolicyEMA
 from .export import export_kohya, write_model_card
 from .prompts import FunctionPromptSampler, PromptFunction, PromptSampler, prompt_metadata, resolve_prompts
-from .rewards import Reward, RewardError, RewardOutput, make_reward
+from .rewards import Reward, RewardError, RewardOutput
 from .rewards.base import PromptMetadataReward
 from .runlog import RunLog, plot_curves, read_metrics
 from .sampling import Trajectory, sample_in_batches
@@ -79,30 +80,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _grammar(cfg: TrainConfig) -> str | None:
-    return "shapeworld" if cfg.model == "shapeworld" or cfg.reward.startswith("shapeworld") else None
-
-
-def prepare_prompts(cfg: TrainConfig) -> list[str]:
-    """Training prompts (default on the embedded model: ``two white triangles``, a rare pair with a
-    count, which the base model gets right about half the time)."""
+def prepare_prompts(cfg: TrainConfig, domain: Domain | None, defaults: tuple[str, ...] = ()) -> list[str]:
+    """Training prompts: the ones given (checked by ``domain``), else ``defaults``, the model's
+    domain's (on the embedded model ``two white triangles``)."""
     if not (cfg.prompt or cfg.prompt_file or cfg.prompt_set):
-        if cfg.model != "shapeworld":
+        if not defaults:
             raise ValueError("give training prompts with --prompt, --prompt-file or --prompt-set")
-        return ["two white triangles"]
-    return resolve_prompts(cfg.prompt or None, cfg.prompt_file or None, cfg.prompt_set or None, _grammar(cfg))
-
-
-def build_reward(cfg: TrainConfig, device: torch.device) -> Reward:
-    return make_reward(cfg.reward, device=device, **reward_options(cfg))
-
-
-def reward_options(cfg: object) -> dict[str, str]:
-    """The reward settings a config (train, eval) gives, as ``make_reward`` options; unset ones left out."""
-    names = {"alignment_model": "alignment_model", "reward_model": "model", "reward_head": "head",
-             "reward_processor": "processor", "reward_url": "url", "reward_token": "token",
-             "reward_ca_file": "ca_file"}
-    return {option: getattr(cfg, field) for field, option in names.items() if getattr(cfg, field, "")}
+        return list(defaults)
+    return resolve_prompts(cfg.prompt or None, cfg.prompt_file or None, cfg.prompt_set or None, domain)
 
 
 def default_output_dir(cfg: TrainConfig) -> Path:
@@ -134,19 +119,22 @@ class Trainer:
             tqdm.write("batch sizes (auto): " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in auto))
         self.cfg = cfg
         # prompt -> metadata (a .jsonl prompt file's fields, or what prompt_fn returns), for the rewards that take it
-        self.prompt_metadata: dict[str, dict[str, Any]] = (prompt_metadata(cfg.prompt_file, _grammar(cfg))
+        # the model's domain gives default prompts; a domain reward's checks the prompts on any model
+        own = model_domain(cfg.model)
+        self.domain = own or reward_domain(cfg.reward.name)
+        self.prompt_metadata: dict[str, dict[str, Any]] = (prompt_metadata(cfg.prompt_file, self.domain)
                                                            if cfg.prompt_file else {})
         self.prompt_fn = prompt_fn
         if prompt_fn is None:
-            self.prompts = prepare_prompts(cfg)
+            self.prompts = prepare_prompts(cfg, self.domain, own.default_prompts if own else ())
         else:  # the fixed prompts of the grids and evaluations, drawn once from their own stream
             self.prompts = FunctionPromptSampler(prompt_fn, cfg.seed, self.prompt_metadata).preview(GRID_PROMPTS)
-        self.eval_unseen = (resolve_prompts(cfg.eval_prompt or None, None, cfg.eval_prompt_set or None, _grammar(cfg))
+        self.eval_unseen = (resolve_prompts(cfg.eval_prompt or None, None, cfg.eval_prompt_set or None, self.domain)
                             if cfg.eval_prompt or cfg.eval_prompt_set else [])
         self.device = select_device(cfg.device)
         if state is not None and self.device.type == "cuda":
             self.device = state.device  # one GPU per process: cuda:<local rank>
-        self.reward = reward.to(self.device) if reward is not None else build_reward(cfg, self.device)
+        self.reward = reward.to(self.device) if reward is not None else cfg.reward.build(self.device)
         if self.reward.uses_metadata:  # handed each prompt's metadata wherever it is called
             self.reward = PromptMetadataReward(self.reward, self.prompt_metadata)
         self.reward.validate_prompts(self.prompts + self.eval_unseen)
@@ -190,6 +178,7 @@ class Trainer:
         self.before: dict[str, float] | None = None
         self.stop_signal: int | None = None
         self.bad_rounds = 0
+        self.update_skipped = False
         if cfg.resume:
             self._resume()
         self.log: RunLog | None = RunLog(self.out, cfg.report_to, cfg.to_dict()) if self.is_main else None
@@ -343,14 +332,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.adapter.train(True)
-        stats = self.algorithm.update(Rollout(traj, scored.scores, scored.valid))
+        update = self.algorithm.update(Rollout(traj, scored.scores, scored.valid))
         self.adapter.train(False)
         t3 = time.perf_counter()
         # reward statistics over every process's samples (one process: its own)
         _, scores, _ = distributed.gather_batch(traj.prompts, scored.scores)
         _, valid_mask, _ = distributed.gather_batch(traj.prompts, scored.valid)
         valid = scores[valid_mask]
-        metrics = {f"train/{k}": v for k, v in stats.items()}
+        metrics = {f"train/{k}": v for k, v in update.metrics().items()}
         metrics.update({
             "reward/mean": float(valid.mean()) if len(valid) else float("nan"),
             "reward/std": float(valid.std()) if len(valid) > 1 else 0.0,
@@ -359,6 +348,8 @@ class Trainer:
             "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
             "charts/reward_queries": float(self.reward_queries),
         })
+        # any process's skipped update makes the round a bad one on every process
+        self.update_skipped = bool(distributed.all_max(int(update.skipped)))
         # the same dict on every process, so that every process takes the same stop decisions
         return distributed.merge_metrics(metrics)
 
@@ -384,8 +375,7 @@ class Trainer:
 
     def _check_bad_round(self, metrics: dict[str, float]) -> None:
         """Count rounds in a row whose update was skipped; stop at ``max_bad_rounds``."""
-        skipped = metrics.get("train/skipped_steps", 0) > 0 or metrics.get("train/skipped_updates", 0) > 0
-        self.bad_rounds = self.bad_rounds + 1 if skipped else 0
+        self.bad_rounds = self.bad_rounds + 1 if self.update_skipped else 0
         if self.bad_rounds >= self.cfg.max_bad_rounds:
             last = latest_checkpoint(self.out)
             where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written before"
@@ -410,7 +400,7 @@ class Trainer:
         if self.is_main:
             plan = periodic_eval.make_plan(self.prompts, self.eval_unseen, self.cfg.eval_every_images,
                                            self.cfg.num_steps, self.cfg.guidance_scale, self.cfg.eta, self.cfg.seed,
-                                           _grammar(self.cfg) == "shapeworld", self.cfg.sample_batch_size)
+                                           self.domain, self.cfg.sample_batch_size)
             with self.evaluated_weights():
                 metrics, rows, labels = periodic_eval.evaluate_policy(self.adapter, self.reward, plan)
             grid = periodic_eval.record(self.out, self.round, metrics, rows, labels)
@@ -449,7 +439,7 @@ class Trainer:
         shown = self.prompts[:GRID_PROMPTS]
         if main:
             procs = f" on {self.num_processes} processes" if self.num_processes > 1 else ""
-            tqdm.write(f"{cfg.algorithm} on {cfg.model} with reward {cfg.reward}: {len(self.prompts)} prompt(s), "
+            tqdm.write(f"{cfg.algorithm} on {cfg.model} with reward {cfg.reward.name}: {len(self.prompts)} prompt(s), "
                        f"{cfg.rounds} rounds x {cfg.samples_per_round} samples{procs}; run folder {self.out}")
         if self.before is None:
             if main:  # evaluation and grids: the main process only, the others wait for its result

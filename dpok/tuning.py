@@ -93,9 +93,9 @@ class Sweep:
 
     def reward(self):  # noqa: ANN201
         if self._reward is None:
-            from .rewards import make_reward
+            from .rewards.config import RewardConfig
 
-            self._reward = make_reward("shapeworld-alignment", device=torch.device("cpu"))
+            self._reward = RewardConfig().build(torch.device("cpu"))  # the default reward, the sweep's
         return self._reward
 
     def trial_dir(self, stage: str, method: str, candidate: str, prompt: str, seed: int) -> Path:
@@ -173,7 +173,8 @@ class Sweep:
         rows = read_metrics(run_dir / "metrics.jsonl")
         rewards = [r["reward/mean"] for r in rows]
         eval_settings = SampleSettings(c.eval_images, trainer.cfg.num_steps, trainer.cfg.guidance_scale, 1.0)
-        row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, eval_settings, 555_000 + seed, True)
+        row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, eval_settings, 555_000 + seed,
+                                      trainer.domain)
         _save_strip(images, folder / "samples.png")
         result = {"method": method, "candidate": cand.name, "overrides": dict(cand.overrides), "prompt": prompt,
                   "seed": seed, "queries": trainer.reward_queries, "train_s": train_s, "machine": cpu_description(),
@@ -205,7 +206,8 @@ class Sweep:
         images = None
         if method == "rejection-sampling":
             images = trainer.algorithm.generate([prompt] * c.eval_images, torch.Generator().manual_seed(555_000 + seed))
-        row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, settings, 555_000 + seed, True, images)
+        row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, settings, 555_000 + seed, trainer.domain,
+                                      images)
         _save_strip(images, folder / "samples.png")
         result = {"method": method, "candidate": "none", "overrides": {}, "prompt": prompt, "seed": seed,
                   "queries": 0, "train_s": time.perf_counter() - t0, "seconds_per_round": 0.0, "machine": cpu_description(),

@@ -69,7 +69,7 @@ def main() -> None:
     distributed.init_processes(cpu=True)
     rank, n = distributed.rank(), distributed.world_size()
     share = len(PROMPTS) // n
-    cfg = TrainConfig(algorithm="ddpo-is", num_steps=3, samples_per_round=len(PROMPTS), sample_batch_size=share,
+    cfg = TrainConfig.from_options(algorithm="ddpo-is", num_steps=3, samples_per_round=len(PROMPTS), sample_batch_size=share,
                       minibatch_size=share, inner_epochs=1, timestep_fraction=1.0, learning_rate=1e-2, clip_range=0.2)
     cfg.validate(num_processes=n)
     torch.manual_seed(0)

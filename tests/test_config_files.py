@@ -115,9 +115,10 @@ def test_command_line_options_override_the_file_and_the_file_overrides_the_prese
                                         "model: shapeworld\nreward: shapeworld-alignment\n")
     cfg, fmt = _train_cfg(["--config", str(path), "--rounds", "9"])
     assert fmt == "yaml" and cfg.rounds == 9 and cfg.learning_rate == 3e-5 and cfg.prompt == ["a red circle"]
-    assert cfg.alpha == PRESETS["dpok-paper"]()["alpha"] and cfg.kl_form == "epsilon"  # the preset's, not the defaults
+    assert cfg.dpok.alpha == PRESETS["dpok-paper"]()["alpha"]
+    assert cfg.policy_gradient.kl_form == "epsilon"  # the preset's, not the defaults
     cfg, fmt = _train_cfg(["--config", str(path), "--preset", "ddpo-paper", "--reward", "jpeg-compressibility"])
-    assert cfg.algorithm == "ddpo-is" and cfg.rounds == 7 and cfg.reward == "jpeg-compressibility"
+    assert cfg.algorithm == "ddpo-is" and cfg.rounds == 7 and cfg.reward.name == "jpeg-compressibility"
 
 
 def test_other_commands_read_their_own_settings(tmp_path: Path) -> None:

@@ -35,9 +35,9 @@ def test_the_default_run_lifts_the_judge_and_keeps_learning(tmp_path: Path) -> N
     judge = make_reward("shapeworld-alignment", device=torch.device("cpu"))
     settings = SampleSettings(32, trainer.cfg.num_steps, trainer.cfg.guidance_scale, 1.0)
     with trainer.adapter.reference():
-        before, _ = evaluate_prompt(trainer.adapter, judge, prompt, settings, 777, True)
+        before, _ = evaluate_prompt(trainer.adapter, judge, prompt, settings, 777, trainer.domain)
     trainer.run()
-    after, _ = evaluate_prompt(trainer.adapter, judge, prompt, settings, 777, True)
+    after, _ = evaluate_prompt(trainer.adapter, judge, prompt, settings, 777, trainer.domain)
     rewards = [r["reward/mean"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert after["judge_aligned"] >= MIN_JUDGE and after["judge_aligned"] > before["judge_aligned"], (before, after)
     assert after["clean_share"] >= MIN_CLEAN, after

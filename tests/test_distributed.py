@@ -138,13 +138,14 @@ def test_two_processes_update_like_one_process_with_the_same_total_batch(tiny_pi
 
 
 def test_samples_per_round_is_the_total_over_processes() -> None:
-    cfg = TrainConfig(samples_per_round=4, sample_batch_size=4)
+    cfg = TrainConfig.from_options(samples_per_round=4, sample_batch_size=4)
     cfg.validate()
     with pytest.raises(ValueError, match=r"multiple of 2 x --sample-batch-size \(4\).*total over the 2 processes"):
         cfg.validate(num_processes=2)
-    TrainConfig(samples_per_round=4, sample_batch_size=2).validate(num_processes=2)
+    TrainConfig.from_options(samples_per_round=4, sample_batch_size=2).validate(num_processes=2)
     with pytest.raises(ValueError, match=r"2 x --minibatch-size \(4\) for ddpo-is"):
-        TrainConfig(algorithm="ddpo-is", samples_per_round=4, sample_batch_size=2, minibatch_size=4).validate(num_processes=2)
+        cfg = TrainConfig.from_options(algorithm="ddpo-is", samples_per_round=4, sample_batch_size=2, minibatch_size=4)
+        cfg.validate(num_processes=2)
 
 
 def test_one_process_helpers_are_no_ops_and_process_seeds_differ(monkeypatch: pytest.MonkeyPatch) -> None:

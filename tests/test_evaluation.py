@@ -10,6 +10,7 @@ import torch
 from dpok.adapter import DiffusionAdapter
 from dpok.evaluate import SampleSettings, evaluate_prompt, sample_prompt, split_means, trajectory_kl
 from dpok.rewards import make_reward
+from dpok.shapeworld.domain import DOMAIN as SHAPEWORLD
 
 SETTINGS = SampleSettings(num_images=3, num_steps=3, guidance_scale=3.0, eta=1.0)
 
@@ -59,14 +60,14 @@ def test_kl_matches_a_direct_sum_over_steps(tiny_pipeline_dir: Path) -> None:
 def test_evaluate_prompt_reports_every_measure(tiny_pipeline_dir: Path, tiny_reward_dir: Path) -> None:
     adapter = DiffusionAdapter.from_pretrained(str(tiny_pipeline_dir))
     reward = make_reward("shapeworld-alignment", alignment_model=str(tiny_reward_dir))
-    row, images = evaluate_prompt(adapter, reward, "a red circle", SETTINGS, seed=0, shapeworld=True)
+    row, images = evaluate_prompt(adapter, reward, "a red circle", SETTINGS, seed=0, domain=SHAPEWORLD)
     assert images.shape[0] == 3
     for key in ("reward_mean", "reward_std", "invalid", "diversity", "kl_to_base", "judge_aligned", "clean_share",
                 "frechet"):
         assert key in row
     assert row["kl_to_base"] == 0.0
     # images from elsewhere (e.g. best-of-n): KL is not measured, everything else is
-    row2, _ = evaluate_prompt(adapter, reward, "a red circle", SETTINGS, 0, True, images=images)
+    row2, _ = evaluate_prompt(adapter, reward, "a red circle", SETTINGS, 0, SHAPEWORLD, images=images)
     assert row2["reward_mean"] == pytest.approx(row["reward_mean"])
     assert row2["kl_to_base"] != row2["kl_to_base"]  # NaN
     means = split_means({"a": row, "b": {**row, "reward_mean": row["reward_mean"] + 1}})

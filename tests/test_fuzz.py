@@ -15,6 +15,7 @@ import json
 import os
 import string
 import tempfile
+import typing
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +26,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpok.config import ALGORITHM_NAMES, TrainConfig, build_config
+from dpok.algorithms import ALGORITHMS
+from dpok.config import TrainConfig, build_config
 from dpok.configfile import ConfigFile, ConfigFileError, read_config_file
+from dpok.domains import Domain
+from dpok.options import option_fields
 from dpok.prompts import PromptFileError, load_prompt_file, resolve_prompts
 from dpok.rewards.server import RequestError, ServerLimits, encode_images, parse_score_request
+from dpok.shapeworld.domain import DOMAIN as SHAPEWORLD
 from dpok.shapeworld.grammar import COLORS, SHAPES, Group, PromptError, format_prompt, parse_prompt, vocabulary
 
 TRIED: Counter[str] = Counter()
@@ -112,9 +117,9 @@ def test_fuzz_any_text_parses_or_is_a_prompt_error(prompt: str) -> None:
 
 
 @fuzz(200)
-@given(st.lists(any_prompt, max_size=5), st.sampled_from([None, "shapeworld"]),
+@given(st.lists(any_prompt, max_size=5), st.sampled_from([None, SHAPEWORLD]),
        st.sampled_from([None, "hard", "seen", "no-such-set"]))
-def test_fuzz_prompt_resolution(prompts: list[str], grammar: str | None, prompt_set: str | None) -> None:
+def test_fuzz_prompt_resolution(prompts: list[str], grammar: Domain | None, prompt_set: str | None) -> None:
     TRIED["prompt lists (--prompt, --prompt-set)"] += 1
     try:
         out = resolve_prompts(prompts, None, prompt_set, grammar)
@@ -151,8 +156,8 @@ def prompt_file_bytes(draw: st.DrawFn) -> bytes:
 
 
 @fuzz(300)
-@given(prompt_file_bytes(), st.sampled_from([None, "shapeworld"]))
-def test_fuzz_prompt_files(data: bytes, grammar: str | None) -> None:
+@given(prompt_file_bytes(), st.sampled_from([None, SHAPEWORLD]))
+def test_fuzz_prompt_files(data: bytes, grammar: Domain | None) -> None:
     TRIED["prompt files"] += 1
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "prompts.txt"
@@ -172,10 +177,16 @@ def test_fuzz_prompt_files(data: bytes, grammar: str | None) -> None:
 
 # ------------------------------------------------------------------------------------------ config values
 
-FIELD_TYPES = {name: kind for name, kind in TrainConfig.__annotations__.items()}
-CHOICES = {"algorithm": list(ALGORITHM_NAMES), "advantage": ["value", "group", "tracker"], "surrogate": ["clamp", "ppo"],
-           "logprob_reduce": ["sum", "mean"], "kl_form": ["closed-form", "epsilon"], "finetune": ["lora", "full"],
-           "mixed_precision": ["no", "fp16", "bf16"], "supervised_target": ["guided", "conditional"]}
+def _kind_name(kind: object) -> str:
+    if typing.get_origin(kind) is typing.Literal:
+        return "str"
+    return kind.__name__ if isinstance(kind, type) else str(kind)
+
+
+FIELD_TYPES = {o.name: _kind_name(o.kind) for o in option_fields(TrainConfig)}
+CHOICES = {"algorithm": ALGORITHMS.names(),
+           **{o.name: list(typing.get_args(o.kind)) for o in option_fields(TrainConfig)
+              if typing.get_origin(o.kind) is typing.Literal}}
 NUMBERS = st.one_of(st.integers(-3, 40), st.sampled_from([0, 1, 2, 1000, 2**31, -2**31]))
 FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 1e-4, 0.5, 1.0, 5.0, -1.0]))
 PATHS_NOT_USED = {"resume", "output_dir", "model", "prompt_file", "alignment_model", "reward_model", "reward_head",
@@ -184,7 +195,7 @@ PATHS_NOT_USED = {"resume", "output_dir", "model", "prompt_file", "alignment_mod
 
 def value_for(name: str) -> st.SearchStrategy:
     """Values of field ``name``'s type (as the CLI or a config file delivers them), valid and not."""
-    kind = str(FIELD_TYPES[name])
+    kind = FIELD_TYPES[name]
     if name in CHOICES:
         return st.one_of(st.sampled_from(CHOICES[name]), st.text(max_size=8))
     if kind == "int":
@@ -213,13 +224,14 @@ def test_fuzz_config_values(values: dict, preset: str | None) -> None:
         return
     resolved = cfg.resolved(1)  # an accepted config is one a run can use
     assert resolved.sample_batch_size >= 1 and resolved.samples_per_round % resolved.sample_batch_size == 0
+    options = cfg.to_dict()
     for name, kind in FIELD_TYPES.items():
-        value = getattr(cfg, name)
-        if str(kind) == "float":
+        value = options[name]
+        if kind == "float":
             assert value == value and abs(value) != float("inf"), f"{name} = {value} accepted"
 
 
-FLOAT_FIELDS = sorted(n for n, k in FIELD_TYPES.items() if str(k) == "float")
+FLOAT_FIELDS = sorted(n for n, k in FIELD_TYPES.items() if k == "float")
 
 
 @fuzz(100)
@@ -408,7 +420,7 @@ OPTION_VALUES = {
     "--sample-batch-size": st.integers(-1, 9).map(str),
     "--learning-rate": st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(str), st.just("fast")),
     "--eta": st.sampled_from(["0", "1", "-1", "nan", "0.5"]),
-    "--algorithm": st.sampled_from([*ALGORITHM_NAMES, "ppo", ""]),
+    "--algorithm": st.sampled_from([*ALGORITHMS.names(), "ppo", ""]),
     "--advantage": st.sampled_from(["value", "group", "tracker", "best"]),
     "--step-window-end": st.sampled_from(["0", "0.5", "1", "2", "inf"]),
     "--prompt": any_prompt,

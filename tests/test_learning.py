@@ -190,13 +190,13 @@ def test_presets_match_their_sources() -> None:
 
 
 def test_group_advantages_need_groups_in_the_round() -> None:
-    cfg = TrainConfig(samples_per_round=32)
+    cfg = TrainConfig.from_options(samples_per_round=32)
     assert cfg.group_size() == 8 and cfg.group_size(num_processes=2) == 8
-    assert TrainConfig(samples_per_round=12, sample_batch_size=12).group_size() == 4
+    assert TrainConfig.from_options(samples_per_round=12, sample_batch_size=12).group_size() == 4
     with pytest.raises(ValueError, match="samples-per-prompt"):
-        TrainConfig(samples_per_round=32, samples_per_prompt=5).validate()
+        TrainConfig.from_options(samples_per_round=32, samples_per_prompt=5).validate()
     with pytest.raises(ValueError, match="advantage value"):
-        TrainConfig(algorithm="ddpo-is", advantage="value").validate()
+        TrainConfig.from_options(algorithm="ddpo-is", advantage="value").validate()
 
 
 def test_prompt_sampler_draws_groups() -> None:

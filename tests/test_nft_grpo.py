@@ -21,7 +21,7 @@ def test_nft_samples_with_the_old_policy_and_moves_it_by_the_decay(tiny_pipeline
     cfg = small_cfg(algorithm="diffusion-nft", gradient_steps=2, nft_decay_rate=0.25, nft_decay_max=0.4)
     nft = ALGORITHMS.create("diffusion-nft", _context(adapter, cfg))
     theta0 = [p.detach().clone() for p in adapter.trainable_parameters()]
-    stats = nft.update(_rollout(adapter, cfg))
+    stats = nft.update(_rollout(adapter, cfg)).metrics()
     theta1 = [p.detach().clone() for p in adapter.trainable_parameters()]
     assert stats["old_policy_decay"] == pytest.approx(0.4)  # min(0.25 x 2 steps, 0.4)
     assert any(not torch.equal(a, b) for a, b in zip(theta0, theta1))
@@ -39,7 +39,7 @@ def test_nft_with_equal_rewards_does_not_move_at_the_first_step(tiny_pipeline_di
     nft = ALGORITHMS.create("diffusion-nft", _context(adapter, cfg))
     rollout = _rollout(adapter, cfg)
     rollout.rewards = torch.tensor([0.3, 0.3])
-    stats = nft.update(rollout)
+    stats = nft.update(rollout).metrics()
     # (Adam would still step on rounding noise of this size: the gradient is the claim)
     assert stats["optimality_mean"] == 0.5 and stats["grad_norm"] < 1e-6
 
@@ -84,7 +84,7 @@ def test_grpo_adds_the_reference_kl_and_equals_ddpo_is_without_it(tiny_pipeline_
                 p.copy_(0.1 * torch.randn_like(p))
         cfg = small_cfg(algorithm=name, beta=beta, advantage="group")
         algo = ALGORITHMS.create(name, _context(adapter, cfg))
-        stats = algo.update(_rollout(adapter, cfg))
+        stats = algo.update(_rollout(adapter, cfg)).metrics()
         results[(name, beta)] = (stats, [p.detach().clone() for p in adapter.trainable_parameters()])
     (s_ddpo, w_ddpo), (s_grpo, w_grpo), (s_kl, _) = results.values()
     assert all(torch.equal(a, b) for a, b in zip(w_ddpo, w_grpo))  # beta 0: the same update
@@ -93,10 +93,10 @@ def test_grpo_adds_the_reference_kl_and_equals_ddpo_is_without_it(tiny_pipeline_
 
 def test_settings_of_one_algorithm_are_refused_for_another() -> None:
     with pytest.raises(ValueError, match="rollout-steps and --rollout-eta are DiffusionNFT's"):
-        TrainConfig(algorithm="dpok", rollout_steps=5).validate()
-    with pytest.raises(ValueError, match="grpo standardises rewards"):
-        TrainConfig(algorithm="grpo", advantage="tracker").validate()
+        TrainConfig.from_options(algorithm="dpok", rollout_steps=5).validate()
+    with pytest.raises(ValueError, match="not one --algorithm grpo takes"):
+        TrainConfig.from_options(algorithm="grpo", advantage="tracker").validate()
     with pytest.raises(ValueError, match="nft-beta"):
-        TrainConfig(algorithm="diffusion-nft", nft_beta=0.0).validate()
-    TrainConfig(algorithm="diffusion-nft", rollout_eta=0.0, rollout_steps=5).validate()
-    assert math.isfinite(TrainConfig().nft_beta)
+        TrainConfig.from_options(algorithm="diffusion-nft", nft_beta=0.0).validate()
+    TrainConfig.from_options(algorithm="diffusion-nft", rollout_eta=0.0, rollout_steps=5).validate()
+    assert math.isfinite(TrainConfig().nft.nft_beta)

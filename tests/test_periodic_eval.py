@@ -15,6 +15,7 @@ from dpok.adapter import DiffusionAdapter
 from dpok.config import build_config
 from dpok.periodic_eval import evaluate_policy, make_plan
 from dpok.rewards import make_reward
+from dpok.shapeworld.domain import DOMAIN as SHAPEWORLD
 from dpok.trainer import Trainer
 
 SEEN = ["a red circle", "two blue squares"]
@@ -65,12 +66,12 @@ def test_eval_every_logs_fixed_noise_curves_and_leaves_training_unchanged(tiny_p
 def test_the_same_weights_score_the_same_at_every_evaluation(tiny_pipeline_dir: Path, tiny_reward_dir: Path) -> None:
     adapter = DiffusionAdapter.from_pretrained(str(tiny_pipeline_dir))
     reward = make_reward(REWARD, alignment_model=str(tiny_reward_dir))
-    plan = make_plan(SEEN, UNSEEN, images=2, num_steps=2, guidance_scale=5.0, eta=1.0, seed=0, shapeworld=True)
+    plan = make_plan(SEEN, UNSEEN, images=2, num_steps=2, guidance_scale=5.0, eta=1.0, seed=0, domain=SHAPEWORLD)
     first, rows, labels = evaluate_policy(adapter, reward, plan)
     again, rows_again, _ = evaluate_policy(adapter, reward, plan)
     assert first == again and all((x == y).all() for x, y in zip(rows, rows_again))  # fixed noise
     assert len(rows) == len(labels) == 3 and labels[-1].startswith("unseen: a green triangle")
-    other, _, _ = evaluate_policy(adapter, reward, make_plan(SEEN, UNSEEN, 2, 2, 5.0, 1.0, seed=1, shapeworld=True))
+    other, _, _ = evaluate_policy(adapter, reward, make_plan(SEEN, UNSEEN, 2, 2, 5.0, 1.0, seed=1, domain=SHAPEWORLD))
     assert other != first  # the seed sets the noise
 
 

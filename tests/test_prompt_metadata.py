@@ -13,6 +13,7 @@ from dpok.cli import main
 from dpok.prompts import PromptFileError, load_prompt_file, load_prompt_records, prompt_metadata
 from dpok.rewards.base import PromptMetadataReward, RewardError, WeightedSum
 from dpok.rewards.custom import CustomReward
+from dpok.shapeworld.domain import DOMAIN as SHAPEWORLD
 
 LINES = [{"prompt": "a red circle", "colour": "red", "count": 1},
          {"prompt": "two blue squares", "colour": "blue", "count": 2, "tags": ["count"]}]
@@ -27,7 +28,7 @@ def test_jsonl_prompt_files_give_prompts_and_their_metadata(tmp_path: Path) -> N
     path = _jsonl(tmp_path / "p.jsonl", LINES)
     assert load_prompt_records(path) == [("a red circle", {"colour": "red", "count": 1}),
                                          ("two blue squares", {"colour": "blue", "count": 2, "tags": ["count"]})]
-    assert load_prompt_file(path, grammar="shapeworld") == ["a red circle", "two blue squares"]
+    assert load_prompt_file(path, SHAPEWORLD) == ["a red circle", "two blue squares"]
     assert prompt_metadata(path)["two blue squares"]["count"] == 2
     text = tmp_path / "p.txt"
     text.write_text("a red circle\n")
@@ -45,7 +46,7 @@ def test_bad_jsonl_lines_name_the_file_and_line(tmp_path: Path, rows: list[objec
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
     with pytest.raises(PromptFileError) as e:
-        prompt_metadata(path, grammar="shapeworld")
+        prompt_metadata(path, SHAPEWORLD)
     assert str(path) in str(e.value) and expected in str(e.value)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from dpok.prompts import PromptFileError, PromptSampler, load_prompt_file, resolve_prompts
 from dpok.shapeworld import PromptError, prompt_sets
+from dpok.shapeworld.domain import DOMAIN as SHAPEWORLD
 
 # --- load_prompt_file ---------------------------------------------------------------------------
 
@@ -15,7 +16,7 @@ from dpok.shapeworld import PromptError, prompt_sets
 def test_comments_blanks_whitespace_and_crlf(tmp_path) -> None:
     f = tmp_path / "p.txt"
     f.write_bytes(b"# a comment\r\n\r\n  a red circle  \r\n\t# indented comment\r\ntwo blue squares\r\n   \r\n")
-    assert load_prompt_file(f, grammar="shapeworld") == ["a red circle", "two blue squares"]
+    assert load_prompt_file(f, SHAPEWORLD) == ["a red circle", "two blue squares"]
 
 
 def test_bom_and_unicode_text_without_grammar(tmp_path) -> None:
@@ -65,7 +66,7 @@ def test_grammar_error_names_file_and_line(tmp_path) -> None:
     f = tmp_path / "bad prompts.txt"
     f.write_text("# header\na red circle\na red dog\nfive cats\n")
     with pytest.raises(PromptFileError) as info:
-        load_prompt_file(f, grammar="shapeworld")
+        load_prompt_file(f, SHAPEWORLD)
     message = str(info.value)
     assert str(f) in message and "line 3" in message and "'a red dog'" in message
     assert "lines 4" in message  # the other bad line is reported too
@@ -73,11 +74,11 @@ def test_grammar_error_names_file_and_line(tmp_path) -> None:
     assert load_prompt_file(f) == ["a red circle", "a red dog", "five cats"]  # no grammar: any text
 
 
-def test_unknown_grammar(tmp_path) -> None:
+def test_a_domain_must_be_a_domain(tmp_path) -> None:
     f = tmp_path / "p.txt"
     f.write_text("x\n")
-    with pytest.raises(ValueError, match="unknown prompt grammar"):
-        load_prompt_file(f, grammar="english")
+    with pytest.raises(ValueError, match="must be a dpok Domain"):
+        load_prompt_file(f, "english")
 
 
 # --- resolve_prompts ----------------------------------------------------------------------------
@@ -86,7 +87,7 @@ def test_unknown_grammar(tmp_path) -> None:
 def test_resolve_union_order_and_dedup(tmp_path) -> None:
     f = tmp_path / "p.txt"
     f.write_text("two blue squares\na red circle\na green triangle\n")
-    got = resolve_prompts(["a red circle"], str(f), "hard", grammar="shapeworld")
+    got = resolve_prompts(["a red circle"], str(f), "hard", SHAPEWORLD)
     hard = prompt_sets()["hard"]
     assert got[:3] == ["a red circle", "two blue squares", "a green triangle"]
     assert got == list(dict.fromkeys(["a red circle", "two blue squares", "a red circle", "a green triangle", *hard]))
@@ -101,7 +102,7 @@ def test_resolve_errors() -> None:
     with pytest.raises(ValueError, match="unknown prompt set 'nope'.*common.*hard"):
         resolve_prompts(None, None, "nope")
     with pytest.raises(PromptError, match="'a red dog'"):
-        resolve_prompts(["a red circle", "a red dog"], None, None, grammar="shapeworld")
+        resolve_prompts(["a red circle", "a red dog"], None, None, SHAPEWORLD)
     assert resolve_prompts(["a red dog"], None, None) == ["a red dog"]  # no grammar check
 
 

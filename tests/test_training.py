@@ -30,7 +30,7 @@ def small_cfg(**kw: object) -> TrainConfig:
     base = dict(num_steps=4, samples_per_round=2, sample_batch_size=2, minibatch_size=2, gradient_steps=1,
                 learning_rate=1e-2, eval_images=1, best_of=2, clip_range=0.2, stat_min_count=1, stat_buffer=4)
     base.update(kw)
-    return TrainConfig(**base)  # type: ignore[arg-type]
+    return TrainConfig.from_options(base)
 
 
 def test_sampler_matches_the_plain_diffusers_pipeline(tiny_pipeline_dir: Path) -> None:
@@ -83,7 +83,7 @@ def test_one_dpok_round_changes_only_lora_weights(tiny_pipeline_dir: Path) -> No
     algo = ALGORITHMS.create("dpok", _context(adapter, cfg))
     before = {k: v.clone() for k, v in adapter.unet.state_dict().items()}
     value_before = [p.clone() for p in algo.value.parameters()]
-    stats = algo.update(_rollout(adapter, cfg))
+    stats = algo.update(_rollout(adapter, cfg)).metrics()
     assert all(np.isfinite(v) for v in stats.values())
     after = adapter.unet.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -93,7 +93,8 @@ def test_one_dpok_round_changes_only_lora_weights(tiny_pipeline_dir: Path) -> No
     # only the trained window's steps enter the buffer (the defaults leave out the final quarter)
     from dpok.core import step_window
 
-    assert stats["buffer_size"] == 2 * len(step_window(cfg.num_steps, cfg.step_window_start, cfg.step_window_end)) == 6
+    pg = cfg.policy_gradient
+    assert stats["buffer_size"] == 2 * len(step_window(cfg.num_steps, pg.step_window_start, pg.step_window_end)) == 6
 
 
 @pytest.mark.parametrize("name", ["dpok", "ddpo-sf", "ddpo-is", "grpo", "diffusion-nft", "sft-kl", "rwr", "rwr-sparse"])
@@ -102,7 +103,7 @@ def test_every_algorithm_updates_the_policy(tiny_pipeline_dir: Path, name: str) 
     cfg = small_cfg(algorithm=name)
     algo = ALGORITHMS.create(name, _context(adapter, cfg))
     before = [p.clone() for p in adapter.trainable_parameters()]
-    stats = algo.update(_rollout(adapter, cfg))
+    stats = algo.update(_rollout(adapter, cfg)).metrics()
     assert stats and all(np.isfinite(v) for v in stats.values()), stats
     assert any(not torch.equal(a, b) for a, b in zip(before, adapter.trainable_parameters()))
     state = algo.state_dict()
@@ -116,12 +117,12 @@ def test_invalid_samples_are_left_out_of_the_update(tiny_pipeline_dir: Path) -> 
     algo = ALGORITHMS.create("dpok", _context(adapter, cfg))
     rollout = _rollout(adapter, cfg)
     before = [p.clone() for p in adapter.trainable_parameters()]
-    stats = algo.update(Rollout(rollout.trajectory, rollout.rewards, torch.tensor([False, False])))
+    result = algo.update(Rollout(rollout.trajectory, rollout.rewards, torch.tensor([False, False])))
     bad = sample_trajectories(adapter, PROMPTS, cfg.num_steps, cfg.eta, cfg.guidance_scale, torch.Generator(),
                               logprob_reduce="sum")
     with pytest.raises(ValueError, match="logprob_reduce"):
         algo.update(Rollout(bad, rollout.rewards, rollout.valid))
-    assert stats == {"skipped_updates": 1.0}
+    assert result.skipped and result.metrics() == {"skipped_updates": 1.0}
     assert all(torch.equal(a, b) for a, b in zip(before, adapter.trainable_parameters()))
     assert len(algo.buffer) == 0
 
@@ -204,11 +205,12 @@ def test_missing_or_broken_model_folders_name_the_problem(tmp_path: Path, tiny_p
 
 def test_presets_carry_the_published_settings() -> None:
     cfg = build_config("dpok-paper", {})
-    assert (cfg.alpha, cfg.beta, cfg.learning_rate, cfg.samples_per_round, cfg.clip_range) == (10.0, 0.01, 1e-5, 10, 1e-4)
-    assert (cfg.gradient_steps, cfg.grad_accum, cfg.minibatch_size, cfg.buffer_size) == (5, 12, 4, 1000)
-    assert build_config("dpok-paper-multi", {}).alpha == 1000.0
+    pg = cfg.policy_gradient
+    assert (cfg.dpok.alpha, pg.beta, cfg.learning_rate, cfg.samples_per_round, pg.clip_range) == (10.0, 0.01, 1e-5, 10, 1e-4)
+    assert (cfg.gradient_steps, cfg.grad_accum, cfg.minibatch_size, cfg.dpok.buffer_size) == (5, 12, 4, 1000)
+    assert build_config("dpok-paper-multi", {}).dpok.alpha == 1000.0
     assert build_config("ddpo-paper", {}).samples_per_round == 256
-    assert build_config("dpok-paper", {"beta": 0.5}).beta == 0.5  # user options win over the preset
+    assert build_config("dpok-paper", {"beta": 0.5}).policy_gradient.beta == 0.5  # user options win over the preset
     assert dataclasses.asdict(build_config(None, {}))["algorithm"] == "dpok"
 
 
@@ -223,9 +225,9 @@ def test_batch_sizes_default_to_the_largest_fitting_divisor() -> None:
             r = cfg.resolved()
             assert samples % r.sample_batch_size == 0 and r.sample_batch_size <= 32
             assert r.minibatch_size == (min(samples, 32) if samples != 48 else 24) if algorithm == "ddpo-is" else 32
-    two = TrainConfig(algorithm="ddpo-is", samples_per_round=12).resolved(num_processes=2)
+    two = TrainConfig.from_options(algorithm="ddpo-is", samples_per_round=12).resolved(num_processes=2)
     assert (two.sample_batch_size, two.minibatch_size) == (6, 6)  # each process's share is 6
-    explicit = TrainConfig(samples_per_round=8, sample_batch_size=4, minibatch_size=3).resolved()
+    explicit = TrainConfig.from_options(samples_per_round=8, sample_batch_size=4, minibatch_size=3).resolved()
     assert (explicit.sample_batch_size, explicit.minibatch_size) == (4, 3)
     with pytest.raises(ValueError, match="sample-batch-size must be >= 0"):
         build_config(None, {"sample_batch_size": -1})

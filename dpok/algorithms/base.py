@@ -5,17 +5,78 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from ..adapter import DiffusionAdapter
-from ..config import TrainConfig
 from ..core import PerPromptStatTracker, clip_advantages, group_advantages
 from ..distributed import gather_batch, sync_gradients
+from ..options import option
 from ..sampling import Trajectory, sample_in_batches
+
+if TYPE_CHECKING:  # the config nests every algorithm's settings: it imports this package
+    from ..config import TrainConfig
+
+Advantage = Literal["value", "group", "tracker"]
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest d <= limit that divides n (n >= 1)."""
+    return next(d for d in range(min(n, limit), 0, -1) if n % d == 0)
+
+
+@dataclass
+class PolicyGradientSettings:
+    """Settings of the policy-gradient methods (their KL, ratio clip, advantages and trained steps)."""
+
+    title: ClassVar[str] = "policy gradient (dpok, ddpo-sf, ddpo-is, grpo; advantages and beta also diffusion-nft)"
+
+    beta: float = option(0.01, "KL weight beta of DPOK, GRPO (per-step KL, --kl-form) and DiffusionNFT (eps-form KL "
+                               "to the pretrained model); 0 turns KL regularisation off")
+    kl_form: Literal["closed-form", "epsilon"] = option(
+        "closed-form", "'closed-form' ||mu-mu_pre||^2/(2 sigma^2) (paper) or 'epsilon' (official code)")
+    clip_range: float = option(1e-3, "ratio clip epsilon (DPOK clamp, DDPO-IS and GRPO PPO clip)")
+    advantage: Advantage = option(
+        "group", "advantage estimator: 'value' (DPOK: r - V_phi(x_t, z, t)), 'group' (GRPO: reward standardised within "
+                 "its prompt's group of this round), 'tracker' (DDPO: per-prompt history of --stat-buffer rewards)")
+    adv_clip: float = option(5.0, "advantage clip (DDPO, GRPO; DiffusionNFT maps [-clip, clip] onto its optimality "
+                                  "[0, 1])")
+    stat_buffer: int = option(16, "per-prompt reward history length (DDPO stat tracking)")
+    stat_min_count: int = option(16, "rewards of a prompt needed before its own statistics are used")
+    step_window_start: float = option(0.0, "first trained step, as a fraction of the trajectory (0 = the noisiest "
+                                           "step)")
+    step_window_end: float = option(0.75, "end of the trained steps, as a fraction (0.75 leaves out the final, "
+                                          "low-noise quarter of the steps)")
+
+    def validate(self) -> list[str]:
+        errors = []
+        if not 0 <= self.step_window_start < self.step_window_end <= 1:
+            errors.append(f"--step-window-start ({self.step_window_start}) and --step-window-end "
+                          f"({self.step_window_end}) must satisfy 0 <= start < end <= 1")
+        if self.stat_min_count > self.stat_buffer:
+            errors.append(f"--stat-min-count ({self.stat_min_count}) must be <= --stat-buffer ({self.stat_buffer})")
+        errors += positive(self, ("clip_range", "adv_clip"), strict=True)
+        errors += positive(self, ("stat_buffer", "stat_min_count"), least=1)
+        errors += positive(self, ("beta",))
+        return errors
+
+
+def positive(settings: Any, names: tuple[str, ...], *, strict: bool = False, least: int | None = None) -> list[str]:
+    """Errors for the named settings that are not > 0 (``strict``), >= ``least``, or else >= 0."""
+    errors = []
+    for name in names:
+        value = getattr(settings, name)
+        flag = "--" + name.replace("_", "-")
+        if least is not None and value < least:
+            errors.append(f"{flag} must be >= {least} (got {value})")
+        elif least is None and strict and not value > 0:
+            errors.append(f"{flag} must be > 0 (got {value})")
+        elif least is None and not strict and not value >= 0:
+            errors.append(f"{flag} must be >= 0 (got {value})")
+    return errors
 
 
 @dataclass
@@ -47,19 +108,85 @@ class AlgorithmContext:
     reward: Callable[..., Any] | None = None
 
 
+@dataclass
+class UpdateResult:
+    """What one round's update did: its statistics (the ``train/*`` metrics) and what it skipped.
+
+    ``skipped_steps``: optimizer steps left out for a non-finite gradient (None: the update takes
+    no optimizer steps); ``skipped_updates``: 1 when the whole update was left out (no valid sample
+    on any process)."""
+
+    stats: dict[str, float] = field(default_factory=dict)
+    skipped_steps: int | None = None
+    skipped_updates: int = 0
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.skipped_steps or self.skipped_updates)
+
+    def metrics(self) -> dict[str, float]:
+        """The stats with the skip counters, as logged."""
+        out = dict(self.stats)
+        if self.skipped_steps is not None:
+            out["skipped_steps"] = float(self.skipped_steps)
+        if self.skipped_updates:
+            out["skipped_updates"] = float(self.skipped_updates)
+        return out
+
+    @classmethod
+    def of(cls, stats: dict[str, float]) -> UpdateResult:
+        """From a stats dict holding the counters of :func:`guarded_step` / :func:`mean_stats`."""
+        rest = {k: v for k, v in stats.items() if k not in ("skipped_steps", "skipped_updates")}
+        steps = int(stats["skipped_steps"]) if "skipped_steps" in stats else None
+        return cls(rest, steps, int(stats.get("skipped_updates", 0)))
+
+
 class Algorithm:
-    """Base class. Subclasses set ``name`` and implement :meth:`update`."""
+    """Base class. Subclasses set ``name`` and implement :meth:`update`.
+
+    Class attributes the settings are checked against before any model loads (:meth:`check`):
+    ``advantages``, the estimators it takes; ``sample_minibatches``, whether its minibatches are
+    whole samples (all their trained steps) rather than transitions; ``families``, the model
+    families it is defined for."""
 
     name: ClassVar[str] = ""
     trains: ClassVar[bool] = True
     samples_from_reference: ClassVar[bool] = False  # SFT-KL learns from the pretrained model's samples
+    advantages: ClassVar[tuple[str, ...]] = ("group", "tracker")
+    sample_minibatches: ClassVar[bool] = False
+    families: ClassVar[tuple[str, ...]] = ("ddpm",)
+    own_rollout_sampler: ClassVar[bool] = False  # samples its rounds with --rollout-steps / --rollout-eta
+
+    @classmethod
+    def check(cls, cfg: TrainConfig, num_processes: int) -> list[str]:
+        """Errors of ``cfg`` for this algorithm (each names the option), before any model loads."""
+        errors = []
+        advantage = cfg.policy_gradient.advantage
+        if advantage not in cls.advantages:
+            errors.append(f"--advantage {advantage} is not one --algorithm {cls.name} takes (valid: "
+                          f"{', '.join(cls.advantages)})")
+        if not cls.own_rollout_sampler and (cfg.nft.rollout_steps, cfg.nft.rollout_eta) != (0, -1.0):
+            errors.append(f"--rollout-steps and --rollout-eta are DiffusionNFT's; {cls.name} trains on the steps it "
+                          "samples (set --num-steps and --eta)")
+        minibatch = cfg.minibatch_size
+        if cls.sample_minibatches and minibatch >= 1 and cfg.samples_per_round % (num_processes * minibatch):
+            times = f"{num_processes} x " if num_processes > 1 else ""
+            total = f" (it is the total over the {num_processes} processes)" if num_processes > 1 else ""
+            errors.append(f"--samples-per-round ({cfg.samples_per_round}) must be a multiple of {times}--minibatch-size "
+                          f"({minibatch}) for {cls.name}{total}")
+        return errors
+
+    @classmethod
+    def minibatch_default(cls, share: int) -> int:
+        """The automatic --minibatch-size for a process's ``share`` of the round's samples."""
+        return largest_divisor_at_most(share, 32) if cls.sample_minibatches else 32
 
     def __init__(self, ctx: AlgorithmContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.adapter = ctx.adapter
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
+    def update(self, rollout: Rollout) -> UpdateResult:
         raise NotImplementedError
 
     def sampling_policy(self) -> contextlib.AbstractContextManager[None]:
@@ -106,10 +233,13 @@ class AlgorithmRegistry:
     def names(self) -> list[str]:
         return sorted(self._classes)
 
-    def create(self, name: str, ctx: AlgorithmContext) -> Algorithm:
+    def get(self, name: str) -> type[Algorithm]:
         if name not in self._classes:
             raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(self.names())}")
-        return self._classes[name](ctx)
+        return self._classes[name]
+
+    def create(self, name: str, ctx: AlgorithmContext) -> Algorithm:
+        return self.get(name)(ctx)
 
 
 ALGORITHMS = AlgorithmRegistry()

@@ -15,14 +15,42 @@ gradients averaged before each step, and the per-prompt statistics see every pro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .. import distributed
 from ..core import PerPromptStatTracker, ddpo_is_loss, ddpo_sf_loss, step_window
+from ..options import option
 from ..sampling import evaluate_log_probs
-from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats, trajectory_advantages
+from .base import (
+    ALGORITHMS,
+    Algorithm,
+    AlgorithmContext,
+    Rollout,
+    UpdateResult,
+    guarded_step,
+    mean_stats,
+    positive,
+    trajectory_advantages,
+)
+
+
+@dataclass
+class DDPOSettings:
+    """DDPO's own settings, shared by GRPO: passes over a round's samples and the steps trained."""
+
+    title: ClassVar[str] = "DDPO-IS and GRPO (--algorithm ddpo-is, grpo)"
+
+    inner_epochs: int = option(1, "DDPO-IS and GRPO passes over each round's samples")
+    timestep_fraction: float = option(1.0, "share of the window's steps trained on, drawn per sample and round "
+                                           "(DDPO, GRPO)")
+
+    def validate(self) -> list[str]:
+        errors = positive(self, ("inner_epochs",), least=1)
+        if not 0 < self.timestep_fraction <= 1:
+            errors.append(f"--timestep-fraction must be in (0, 1] (got {self.timestep_fraction})")
+        return errors
 
 
 @dataclass
@@ -39,26 +67,28 @@ class StepContext:
 
 class _DDPO(Algorithm):
     importance_sampling = True
+    sample_minibatches = True  # a minibatch is whole samples, each with its trained steps
 
     def __init__(self, ctx: AlgorithmContext) -> None:
         super().__init__(ctx)
-        self.tracker = PerPromptStatTracker(self.cfg.stat_buffer, self.cfg.stat_min_count)
+        pg = self.cfg.policy_gradient
+        self.tracker = PerPromptStatTracker(pg.stat_buffer, pg.stat_min_count)
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
-        cfg, traj = self.cfg, rollout.trajectory
+    def update(self, rollout: Rollout) -> UpdateResult:
+        cfg, pg, traj = self.cfg, self.cfg.policy_gradient, rollout.trajectory
         traj.check_reduce(cfg.logprob_reduce)
         # per-prompt statistics over the whole round, i.e. the rewards of every process
-        advantages = trajectory_advantages(cfg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
-                                           cfg.adv_clip)
+        advantages = trajectory_advantages(pg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
+                                           pg.adv_clip)
         keep = rollout.valid.nonzero().flatten()
         # each optimizer step is a collective in a multi-process run: every process makes as many
         # as the process with the most valid samples needs (one process: len(keep))
         most = distributed.all_max(len(keep))
         if most == 0:
-            return {"skipped_updates": 1.0}
-        window = step_window(traj.num_steps, cfg.step_window_start, cfg.step_window_end)
-        n_train = max(1, round(len(window) * cfg.timestep_fraction))
-        epochs = cfg.inner_epochs if self.importance_sampling else 1
+            return UpdateResult(skipped_updates=1)
+        window = step_window(traj.num_steps, pg.step_window_start, pg.step_window_end)
+        n_train = max(1, round(len(window) * cfg.ddpo.timestep_fraction))
+        epochs = cfg.ddpo.inner_epochs if self.importance_sampling else 1
         n_minibatches = -(-most // cfg.minibatch_size)
         accum = n_minibatches if not self.importance_sampling else cfg.grad_accum
         stats: list[dict[str, float]] = []
@@ -73,7 +103,7 @@ class _DDPO(Algorithm):
                                               cfg.max_grad_norm))
         out = mean_stats(stats)
         out["advantage_abs_mean"] = float(advantages[keep].abs().mean()) if len(keep) else 0.0
-        return out
+        return UpdateResult.of(out)
 
     def _accumulate(self, traj, mb: torch.Tensor, advantages: torch.Tensor, window: torch.Tensor,  # noqa: ANN001
                     n_train: int, accum: int) -> dict[str, float]:
@@ -102,7 +132,7 @@ class _DDPO(Algorithm):
         """The per-transition loss of one minibatch of steps (N,): the PPO clipped surrogate (IS) or
         the score-function estimator (SF). ``step`` holds what a loss with a KL term needs."""
         if self.importance_sampling:
-            return ddpo_is_loss(log_probs, old_log_probs, advantages, self.cfg.clip_range)
+            return ddpo_is_loss(log_probs, old_log_probs, advantages, self.cfg.policy_gradient.clip_range)
         return ddpo_sf_loss(log_probs, advantages)
 
     def state_dict(self) -> dict[str, Any]:

@@ -25,15 +25,56 @@ processes' minibatches (the minibatch of that step).
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from .. import distributed
 from ..core import PerPromptStatTracker, dpok_loss, gaussian_kl_same_std, step_window, value_loss
+from ..options import option
 from ..sampling import evaluate_log_probs, policy_step
-from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats, trajectory_advantages
+from .base import (
+    ALGORITHMS,
+    Algorithm,
+    AlgorithmContext,
+    Rollout,
+    UpdateResult,
+    guarded_step,
+    mean_stats,
+    positive,
+    trajectory_advantages,
+)
+
+if TYPE_CHECKING:
+    pass
+
+
+@dataclass
+class DPOKSettings:
+    """DPOK's own settings: the reward weight, the replay buffer and the value function."""
+
+    title: ClassVar[str] = "DPOK (--algorithm dpok)"
+
+    alpha: float = option(10.0, "DPOK reward weight alpha")
+    buffer_size: int = option(1000, "DPOK replay buffer capacity in transitions")
+    value_lr: float = option(1e-3, "DPOK value-function learning rate")
+    value_steps: int = option(1, "value-function steps per policy step")
+    normalize_advantages: bool = option(False, "DPOK with --advantage value: standardise r - V over the minibatch")
+    surrogate: Literal["clamp", "ppo"] = option(
+        "ppo", "DPOK policy term: 'clamp' (official code: clamp(rho) A, no gradient outside the band) or 'ppo' "
+               "(PPO's max(-A rho, -A clamp(rho)), as DDPO-IS and GRPO)")
+    value_minibatch_size: int = option(0, "DPOK: transitions per value-function step (0: --minibatch-size)")
+    value_first: bool = option(False, "DPOK: train the value function before the round's policy steps (official "
+                                      "code) instead of after each policy step")
+    value_warmup_steps: int = option(0, "DPOK: extra value-function steps on the first round, before any policy "
+                                        "step")
+
+    def validate(self) -> list[str]:
+        return (positive(self, ("alpha", "value_minibatch_size", "value_warmup_steps"))
+                + positive(self, ("buffer_size", "value_steps"), least=1)
+                + positive(self, ("value_lr",), strict=True))
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -146,15 +187,17 @@ def step_kl(kl_form: str, dist, ref_dist, model_output: torch.Tensor, ref_output
 @ALGORITHMS.register
 class DPOK(Algorithm):
     name = "dpok"
+    advantages = ("value", "group", "tracker")
 
     def __init__(self, ctx: AlgorithmContext) -> None:
         super().__init__(ctx)
         c, _, _ = self.adapter.latent_shape
         text_dim = self.adapter.text_encoder.config.hidden_size
         self.value = ValueFunction(c, text_dim).to(self.adapter.device)
-        self.value_optimizer = torch.optim.AdamW(self.value.parameters(), lr=self.cfg.value_lr)
-        self.buffer = ReplayBuffer(self.cfg.buffer_size)
-        self.tracker = PerPromptStatTracker(self.cfg.stat_buffer, self.cfg.stat_min_count)
+        self.value_optimizer = torch.optim.AdamW(self.value.parameters(), lr=self.cfg.dpok.value_lr)
+        self.buffer = ReplayBuffer(self.cfg.dpok.buffer_size)
+        self.tracker = PerPromptStatTracker(self.cfg.policy_gradient.stat_buffer,
+                                            self.cfg.policy_gradient.stat_min_count)
         self.rounds_done = 0
         self._embeds: dict[str, Any] = {}
 
@@ -169,16 +212,16 @@ class DPOK(Algorithm):
                 self._embeds[p] = e[i : i + 1]
         return PromptEmbeds.cat([self._embeds[p] for p in prompts])
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
-        cfg, traj = self.cfg, rollout.trajectory
+    def update(self, rollout: Rollout) -> UpdateResult:
+        cfg, pg, own, traj = self.cfg, self.cfg.policy_gradient, self.cfg.dpok, rollout.trajectory
         traj.check_reduce(cfg.logprob_reduce)
-        advantages = trajectory_advantages(cfg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
-                                           cfg.adv_clip)
+        advantages = trajectory_advantages(pg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
+                                           pg.adv_clip)
         keep = rollout.valid.nonzero().flatten()
         # skip only when no process has a valid sample: the steps below are collectives
         if distributed.all_sum(len(keep)) == 0:
-            return {"skipped_updates": 1.0}
-        steps = step_window(traj.num_steps, cfg.step_window_start, cfg.step_window_end)
+            return UpdateResult(skipped_updates=1)
+        steps = step_window(traj.num_steps, pg.step_window_start, pg.step_window_end)
         t = len(steps)
         if len(keep):
             self.buffer.add(
@@ -189,19 +232,19 @@ class DPOK(Algorithm):
                 advantages=advantages[keep].repeat_interleave(t),
             )
         stats = []
-        uses_value = cfg.advantage == "value"
+        uses_value = pg.advantage == "value"
         if uses_value and self.rounds_done == 0:
-            stats += [self._value_step() for _ in range(cfg.value_warmup_steps)]
-        if uses_value and cfg.value_first:
-            stats += [self._value_step() for _ in range(cfg.value_steps)]
+            stats += [self._value_step() for _ in range(own.value_warmup_steps)]
+        if uses_value and own.value_first:
+            stats += [self._value_step() for _ in range(own.value_steps)]
         for _ in range(cfg.gradient_steps):
             stats.append(self._policy_step())
-            if uses_value and not cfg.value_first:
-                stats += [self._value_step() for _ in range(cfg.value_steps)]
+            if uses_value and not own.value_first:
+                stats += [self._value_step() for _ in range(own.value_steps)]
         self.rounds_done += 1
         out = mean_stats(stats)
         out["buffer_size"] = float(len(self.buffer))
-        return out
+        return UpdateResult.of(out)
 
     def _batch(self, size: int = 0) -> dict[str, torch.Tensor]:
         mb = self.buffer.sample(size or self.cfg.minibatch_size, self.ctx.generator)
@@ -221,22 +264,22 @@ class DPOK(Algorithm):
         return (advantages - mean) / (std + 1e-6) if count > 1 else advantages
 
     def _policy_step(self) -> dict[str, float]:
-        cfg, adapter = self.cfg, self.adapter
+        cfg, pg, own, adapter = self.cfg, self.cfg.policy_gradient, self.cfg.dpok, self.adapter
         stats = []
         for _ in range(cfg.grad_accum):
             if not len(self.buffer):
                 # a process whose samples were all invalid so far (several processes only) adds no
                 # gradient but still takes part in the collectives of this step
-                if cfg.normalize_advantages and cfg.advantage == "value":
+                if own.normalize_advantages and pg.advantage == "value":
                     self._normalize(torch.zeros(0, device=adapter.device))
                 continue
             mb = self._batch()
             embeds = self._embed(mb["prompt_ids"])
-            if cfg.advantage == "value":
+            if pg.advantage == "value":
                 with torch.no_grad():
                     values = self.value(mb["latents"], mb["timesteps"], embeds.cond)
                 advantages = mb["rewards"] - values
-                if cfg.normalize_advantages:
+                if own.normalize_advantages:
                     advantages = self._normalize(advantages)
             else:
                 advantages = mb["advantages"]
@@ -246,9 +289,9 @@ class DPOK(Algorithm):
             with torch.no_grad():
                 ref_dist, ref_output = policy_step(adapter, mb["latents"], mb["timesteps"], embeds,
                                                    cfg.guidance_scale, cfg.eta, cfg.num_steps, reference=True)
-            kl = step_kl(cfg.kl_form, dist, ref_dist, output, ref_output, cfg.logprob_reduce)
-            loss, s = dpok_loss(log_probs, mb["old_log_probs"], advantages, kl, cfg.alpha, cfg.beta, cfg.clip_range,
-                                cfg.surrogate)
+            kl = step_kl(pg.kl_form, dist, ref_dist, output, ref_output, cfg.logprob_reduce)
+            loss, s = dpok_loss(log_probs, mb["old_log_probs"], advantages, kl, own.alpha, pg.beta, pg.clip_range,
+                                own.surrogate)
             (loss / cfg.grad_accum).backward()
             stats.append({**s, "loss": loss.item(), "advantage_mean": float(advantages.mean())})
         out = mean_stats(stats)
@@ -259,7 +302,7 @@ class DPOK(Algorithm):
         stats: dict[str, float] = {}
         self.value_optimizer.zero_grad(set_to_none=True)
         if len(self.buffer):  # see _policy_step: an empty buffer contributes no gradient
-            mb = self._batch(self.cfg.value_minibatch_size)
+            mb = self._batch(self.cfg.dpok.value_minibatch_size)
             embeds = self._embed(mb["prompt_ids"])
             values = self.value(mb["latents"], mb["timesteps"], embeds.cond)
             loss, stats = value_loss(values, mb["rewards"])

@@ -30,18 +30,19 @@ def step_kl_to_reference(adapter, step: StepContext, cfg) -> torch.Tensor:  # no
     with torch.no_grad():
         ref_dist, ref_output = policy_step(adapter, step.latents, step.timesteps, step.embeds, cfg.guidance_scale,
                                            cfg.eta, cfg.num_steps, reference=True)
-    return step_kl(cfg.kl_form, step.dist, ref_dist, step.output, ref_output, cfg.logprob_reduce)
+    return step_kl(cfg.policy_gradient.kl_form, step.dist, ref_dist, step.output, ref_output, cfg.logprob_reduce)
 
 
 @ALGORITHMS.register
 class GRPO(DDPOIS):
     name = "grpo"
+    advantages = ("group",)  # rewards standardised within each prompt's group: the method itself
 
     def loss(self, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
              step: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.cfg
-        if cfg.beta == 0:  # no reference forward pass when nothing weighs the KL
+        cfg, pg = self.cfg, self.cfg.policy_gradient
+        if pg.beta == 0:  # no reference forward pass when nothing weighs the KL
             kl = torch.zeros_like(log_probs)
         else:
             kl = step_kl_to_reference(self.adapter, step, cfg)
-        return grpo_loss(log_probs, old_log_probs, advantages, kl, cfg.beta, cfg.clip_range)
+        return grpo_loss(log_probs, old_log_probs, advantages, kl, pg.beta, pg.clip_range)

@@ -20,24 +20,55 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from ..core import PerPromptStatTracker, nft_loss, nft_optimality, old_policy_decay, predict_x0_and_eps
-from .base import ALGORITHMS, AlgorithmContext, Rollout, trajectory_advantages
+from ..options import option
+from .base import ALGORITHMS, AlgorithmContext, Rollout, UpdateResult, positive, trajectory_advantages
 from .supervised import RWR
+
+
+@dataclass
+class NFTSettings:
+    """DiffusionNFT's own settings: its implicit policies, the sampling policy's decay and its sampler."""
+
+    title: ClassVar[str] = "DiffusionNFT (--algorithm diffusion-nft)"
+
+    nft_beta: float = option(1.0, "DiffusionNFT beta: strength of the implicit positive/negative policies "
+                                  "beta v_theta + (1 - beta) v_old and (1 + beta) v_old - beta v_theta")
+    nft_decay_rate: float = option(0.001, "DiffusionNFT: the sampling policy theta_old <- d theta_old + (1 - d) "
+                                          "theta after each round, d = min(rate x optimizer steps so far, "
+                                          "--nft-decay-max)")
+    nft_decay_max: float = option(0.5, "DiffusionNFT: the largest decay d of the sampling policy")
+    rollout_steps: int = option(0, "DiffusionNFT: denoising steps of the rollout sampler (0: --num-steps, which the "
+                                   "evaluations use)")
+    rollout_eta: float = option(-1.0, "DiffusionNFT: eta of the rollout sampler, 0 for deterministic DDIM (-1: "
+                                      "--eta)")
+
+    def validate(self) -> list[str]:
+        errors = positive(self, ("nft_beta",), strict=True) + positive(self, ("rollout_steps",))
+        if not (self.nft_decay_rate >= 0 and 0 <= self.nft_decay_max < 1):
+            errors.append(f"--nft-decay-rate must be >= 0 and --nft-decay-max in [0, 1) (got {self.nft_decay_rate}, "
+                          f"{self.nft_decay_max})")
+        if not (self.rollout_eta == -1.0 or self.rollout_eta >= 0):
+            errors.append(f"--rollout-eta must be >= 0, or -1 for --eta (got {self.rollout_eta})")
+        return errors
 
 
 @ALGORITHMS.register
 class DiffusionNFT(RWR):
     name = "diffusion-nft"
+    own_rollout_sampler = True
 
     def __init__(self, ctx: AlgorithmContext) -> None:
         super().__init__(ctx)
         self.old = [p.detach().clone() for p in self.adapter.trainable_parameters()]
         self.optimizer_steps = 0
-        self.tracker = PerPromptStatTracker(self.cfg.stat_buffer, self.cfg.stat_min_count)
+        pg = self.cfg.policy_gradient
+        self.tracker = PerPromptStatTracker(pg.stat_buffer, pg.stat_min_count)
         self._r: torch.Tensor | None = None
 
     @contextlib.contextmanager
@@ -63,25 +94,25 @@ class DiffusionNFT(RWR):
         return self.old_policy()
 
     def rollout_sampler(self) -> tuple[int, float]:
-        cfg = self.cfg
-        return cfg.rollout_steps or cfg.num_steps, cfg.eta if cfg.rollout_eta < 0 else cfg.rollout_eta
+        cfg, own = self.cfg, self.cfg.nft
+        return own.rollout_steps or cfg.num_steps, cfg.eta if own.rollout_eta < 0 else own.rollout_eta
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
-        cfg = self.cfg
-        advantages = trajectory_advantages(cfg.advantage, self.tracker, rollout.prompts, rollout.rewards,
-                                           rollout.valid, cfg.adv_clip)
-        self._r = nft_optimality(advantages, cfg.adv_clip)[rollout.valid]
-        out = super().update(rollout)
-        if out.get("skipped_updates"):  # nothing was trained: the sampling policy stays where it is
-            return out
+    def update(self, rollout: Rollout) -> UpdateResult:
+        cfg, pg = self.cfg, self.cfg.policy_gradient
+        advantages = trajectory_advantages(pg.advantage, self.tracker, rollout.prompts, rollout.rewards,
+                                           rollout.valid, pg.adv_clip)
+        self._r = nft_optimality(advantages, pg.adv_clip)[rollout.valid]
+        result = super().update(rollout)
+        if result.skipped_updates:  # nothing was trained: the sampling policy stays where it is
+            return result
         self.optimizer_steps += cfg.gradient_steps
-        decay = old_policy_decay(self.optimizer_steps, cfg.nft_decay_rate, cfg.nft_decay_max)
+        decay = old_policy_decay(self.optimizer_steps, cfg.nft.nft_decay_rate, cfg.nft.nft_decay_max)
         with torch.no_grad():
             for old, p in zip(self.old, self.adapter.trainable_parameters()):
                 old.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
-        out["old_policy_decay"] = decay
-        out["optimality_mean"] = float(self._r.mean()) if len(self._r) else float("nan")
-        return out
+        result.stats["old_policy_decay"] = decay
+        result.stats["optimality_mean"] = float(self._r.mean()) if len(self._r) else float("nan")
+        return result
 
     def _sample_weights(self, rewards: torch.Tensor) -> torch.Tensor:
         # r of this process's valid samples, in the order they were stored (group statistics over
@@ -97,12 +128,13 @@ class DiffusionNFT(RWR):
         pred = self._prediction(latents, timesteps, embeds).float()
         x0_theta, _ = predict_x0_and_eps(pred, latents.float(), abar, a.prediction_type)
         x0_old, _ = predict_x0_and_eps(old_pred, latents.float(), abar, a.prediction_type)
-        loss, stats = nft_loss(x0_theta, x0_old, x0.float(), weights, self.cfg.nft_beta, scale=self.cfg.adv_clip)
-        if self.cfg.beta > 0:  # the eps-form KL to the pretrained model, as the authors' code
+        pg = self.cfg.policy_gradient
+        loss, stats = nft_loss(x0_theta, x0_old, x0.float(), weights, self.cfg.nft.nft_beta, scale=pg.adv_clip)
+        if pg.beta > 0:  # the eps-form KL to the pretrained model, as the authors' code
             with torch.no_grad():
                 ref = self._prediction(latents, timesteps, embeds, reference=True).float()
             kl = (pred - ref).pow(2).flatten(1).mean(1).mean()
-            loss = loss + self.cfg.beta * kl
+            loss = loss + pg.beta * kl
             stats["kl"] = kl.item()
         return loss, stats
 

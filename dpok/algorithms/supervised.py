@@ -24,14 +24,37 @@ With several processes each keeps its own samples and draws its own minibatches;
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from .. import distributed
 from ..adapter import PromptEmbeds
 from ..core import rwr_loss, rwr_sparse_weights, rwr_weights, sft_kl_loss, sft_weights
-from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, guarded_step, mean_stats
+from ..options import option
+from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, UpdateResult, guarded_step, mean_stats, positive
+
+
+@dataclass
+class SupervisedSettings:
+    """Settings of the reward-weighted denoising methods."""
+
+    title: ClassVar[str] = "supervised baselines (sft-kl, rwr, rwr-sparse; --supervised-target also diffusion-nft)"
+
+    gamma: float = option(2.0, "SFT-KL weight gamma of the KL bound")
+    supervised_target: Literal["guided", "conditional"] = option(
+        "guided", "SFT-KL / RWR: which prediction is trained on the (guided) samples: 'guided' (eps_u + w (eps_c - "
+                  "eps_u), the one that samples; no compounding of guidance) or 'conditional' (eps_c alone, as the "
+                  "DPOK/DDPO baselines)")
+    rwr_temperature: float = option(0.2, "RWR temperature (weights ~ exp(r / T))")
+    rwr_percentile: float = option(50.0, "sparse RWR keeps samples at or above this reward percentile")
+
+    def validate(self) -> list[str]:
+        errors = positive(self, ("gamma",)) + positive(self, ("rwr_temperature",), strict=True)
+        if not 0 <= self.rwr_percentile < 100:
+            errors.append(f"--rwr-percentile must be in [0, 100) (got {self.rwr_percentile})")
+        return errors
 
 
 def denoising_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor,
@@ -81,7 +104,7 @@ class _Supervised(Algorithm):
                     reference: bool = False) -> torch.Tensor:
         """The trained prediction (``supervised_target``) of the policy, or of the pretrained model."""
         a = self.adapter
-        if self.cfg.supervised_target == "guided":
+        if self.cfg.supervised.supervised_target == "guided":
             fn = a.reference_noise_pred if reference else a.noise_pred
             return fn(latents, timesteps, embeds, self.cfg.guidance_scale)
         fn = a.reference_conditional_noise_pred if reference else a.conditional_noise_pred
@@ -103,12 +126,12 @@ class _Supervised(Algorithm):
                                   self.adapter.alphas_cumprod[timesteps])
         return self._loss(pred, target, latents, timesteps, embeds, weights)
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
+    def update(self, rollout: Rollout) -> UpdateResult:
         self._append(rollout)
         x0_all, cond_all, rewards_all = self._tensors()
         # skip only when no process has data: the optimizer steps below are collectives
         if distributed.all_sum(len(x0_all)) == 0:
-            return {"skipped_updates": 1.0}
+            return UpdateResult(skipped_updates=1)
         weights_all = self._sample_weights(rewards_all)
         cfg, adapter, gen = self.cfg, self.adapter, self.ctx.generator
         device = adapter.device
@@ -132,7 +155,7 @@ class _Supervised(Algorithm):
             stats.append(guarded_step(self.ctx.optimizer, adapter.trainable_parameters(), cfg.max_grad_norm))
         out = mean_stats(stats)
         out["dataset_size"] = float(len(x0_all))
-        return out
+        return UpdateResult.of(out)
 
     def state_dict(self) -> dict[str, Any]:
         x0, cond, rewards = self._tensors() if self.data["x0"] else (torch.zeros(0),) * 3
@@ -158,7 +181,7 @@ class SFTKL(_Supervised):
 
     def _loss(self, pred, target, latents, timesteps, embeds, weights):  # noqa: ANN001, ANN202
         ref = self._prediction(latents, timesteps, embeds, reference=True).float()
-        return sft_kl_loss(pred, target, ref, weights, self.cfg.gamma)
+        return sft_kl_loss(pred, target, ref, weights, self.cfg.supervised.gamma)
 
 
 @ALGORITHMS.register
@@ -167,12 +190,12 @@ class RWR(_Supervised):
 
     name = "rwr"
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
+    def update(self, rollout: Rollout) -> UpdateResult:
         self.data = {"x0": [], "cond": [], "rewards": []}  # on-policy: this round only
         return super().update(rollout)
 
     def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
-        return rwr_weights(rewards, self.cfg.rwr_temperature)
+        return rwr_weights(rewards, self.cfg.supervised.rwr_temperature)
 
 
 @ALGORITHMS.register
@@ -182,4 +205,4 @@ class SparseRWR(RWR):
     name = "rwr-sparse"
 
     def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
-        return rwr_sparse_weights(rewards, self.cfg.rwr_percentile)
+        return rwr_sparse_weights(rewards, self.cfg.supervised.rwr_percentile)

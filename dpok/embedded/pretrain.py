@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..domains import write_domain_file
 from ..shapeworld import ALL_PAIRS, IMAGE_SIZE, parse_prompt, prompt_sets, render_prompt, render_scene
 from ..shapeworld.distribution import (
     misaligned_variant,
@@ -56,6 +57,9 @@ from .tokenizer import build_tokenizer
 STAGES = ("tokenizer", "text", "vae", "unet", "reward", "export", "report")
 _PAIR_INDEX = {p: i for i, p in enumerate(ALL_PAIRS)}
 TEXT_COUNT_CLASSES = 5  # captions count 0..4 of a type
+
+
+DOMAIN_MODULE = "dpok.shapeworld.domain"
 
 
 def default_model_dir() -> Path:
@@ -661,6 +665,7 @@ def stage_export(ctx: Context, argv: list[str] | None) -> None:
     for name in ("vocab.json", "merges.txt"):  # what older transformers versions load
         shutil.copy(ctx.stage_dir("tokenizer") / name, out / "tokenizer" / name)
     shutil.copytree(ctx.stage_dir("reward") / "model", reward_out)
+    write_domain_file(out, DOMAIN_MODULE)  # the model's prompts, grammar and judge are ShapeWorld's
     command = "dpok " + " ".join(argv) if argv else "dpok pretrain"  # argv starts with the subcommand
     settings = json.dumps(dataclasses.asdict(cfg), indent=2)
     for folder in (out, reward_out):

@@ -102,6 +102,7 @@ class JpegSizeReward(Reward):
     "shapeworld-alignment",
     "probability in [0, 1] that a ShapeWorld prompt is exactly true of the image (learned model; "
     "option alignment_model=FOLDER)",
+    domain="dpok.shapeworld.domain",
 )
 def shapeworld_alignment(
     alignment_model: str | Path | None = None, device: str | torch.device = "cpu"

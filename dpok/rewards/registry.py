@@ -42,6 +42,7 @@ class RewardEntry:
     name: str
     description: str
     factory: RewardFactory
+    domain: str = ""  # module of the domain whose prompts it scores (see dpok.domains), if any
 
 
 class RewardRegistry:
@@ -50,7 +51,7 @@ class RewardRegistry:
     def __init__(self) -> None:
         self._entries: dict[str, RewardEntry] = {}
 
-    def register(self, name: str, description: str, factory: RewardFactory) -> None:
+    def register(self, name: str, description: str, factory: RewardFactory, domain: str = "") -> None:
         """Add a reward; a name already taken by another factory is an error."""
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise RewardError(
@@ -61,7 +62,7 @@ class RewardRegistry:
         # Re-registering the same function (a module imported twice) is harmless; a different one is a clash.
         if old is not None and getattr(old.factory, "__qualname__", None) != getattr(factory, "__qualname__", None):
             raise RewardError(f"reward name {name!r} is already registered ({old.description})")
-        self._entries[name] = RewardEntry(name, description, factory)
+        self._entries[name] = RewardEntry(name, description, factory, domain)
 
     def get(self, name: str) -> RewardEntry:
         """The entry of ``name``, or a :class:`RewardError` listing the valid names."""
@@ -85,14 +86,26 @@ class RewardRegistry:
 REWARDS = RewardRegistry()
 
 
-def register_reward(name: str, description: str) -> Callable[[RewardFactory], RewardFactory]:
-    """Decorator registering ``factory(**options) -> Reward`` under ``name``; returns the factory unchanged."""
+def register_reward(name: str, description: str, domain: str = "") -> Callable[[RewardFactory], RewardFactory]:
+    """Decorator registering ``factory(**options) -> Reward`` under ``name``; returns the factory unchanged.
+
+    ``domain``: the module of the domain whose prompts the reward scores (see :mod:`dpok.domains`)."""
 
     def decorate(factory: RewardFactory) -> RewardFactory:
-        REWARDS.register(name, description, factory)
+        REWARDS.register(name, description, factory, domain)
         return factory
 
     return decorate
+
+
+def reward_domain_modules(spec: str) -> list[str]:
+    """The domain modules the registered rewards of ``spec`` name (a bad spec names none)."""
+    try:
+        terms = parse_reward_spec(spec)
+    except RewardError:
+        return []
+    entries = [REWARDS._entries.get(name) for _, name in terms]
+    return [e.domain for e in entries if e is not None and e.domain]
 
 
 def available_rewards() -> dict[str, str]:

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -42,7 +42,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..options import group, option, option_errors
 from .base import Reward, RewardError
+from .config import RewardConfig
 from .registry import make_reward
 
 logger = logging.getLogger(__name__)
@@ -81,23 +83,31 @@ class ServerLimits:
 class ServerConfig:
     """Settings of ``dpok reward-server`` (field help is the CLI help)."""
 
-    reward: str = field(default="", metadata={"help": "reward name or spec to serve (required)"})
-    host: str = field(default=DEFAULT_HOST, metadata={"help": "address to bind (127.0.0.1: loopback only)"})
-    port: int = field(default=DEFAULT_PORT, metadata={"help": "port"})
-    token: str = field(default="", metadata={"help": "shared token clients must send as 'Authorization: Bearer TOKEN'"})
-    max_body_mb: float = field(default=256.0, metadata={"help": "largest request body in MiB"})
-    max_images: int = field(default=1024, metadata={"help": "most images in one request"})
-    max_pixels: int = field(default=4096 * 4096, metadata={
-        "help": "most pixels (width x height) of one image, checked before decoding"})
-    request_timeout: float = field(default=60.0, metadata={
-        "help": "seconds a connection may stay silent before it is closed"})
-    certfile: str = field(default="", metadata={"help": "PEM certificate: serve HTTPS (with --keyfile unless it holds the key)"})
-    keyfile: str = field(default="", metadata={"help": "PEM private key of --certfile"})
-    alignment_model: str = field(default="", metadata={"help": "folder of the shapeworld-alignment weights"})
-    reward_model: str = field(default="", metadata={"help": "hub id or folder of the reward's model (see docs/rewards.md)"})
-    reward_head: str = field(default="", metadata={"help": "safetensors file of the aesthetic predictor's MLP head"})
-    reward_processor: str = field(default="", metadata={"help": "hub id or folder of the reward's tokenizer/processor"})
-    device: str = field(default="", metadata={"help": "device for the reward model (empty: the reward's choice)"})
+    reward: RewardConfig = group(RewardConfig, name="")
+    host: str = option(DEFAULT_HOST, "address to bind (127.0.0.1: loopback only)")
+    port: int = option(DEFAULT_PORT, "port")
+    token: str = option("", "shared token clients must send as 'Authorization: Bearer TOKEN'")
+    max_body_mb: float = option(256.0, "largest request body in MiB")
+    max_images: int = option(1024, "most images in one request")
+    max_pixels: int = option(4096 * 4096, "most pixels (width x height) of one image, checked before decoding")
+    request_timeout: float = option(60.0, "seconds a connection may stay silent before it is closed")
+    certfile: str = option("", "PEM certificate: serve HTTPS (with --keyfile unless it holds the key)")
+    keyfile: str = option("", "PEM private key of --certfile")
+    device: str = option("", "device for the reward model (empty: the reward's choice)")
+
+    def validate(self) -> None:
+        """Check every value before the reward loads; raise ValueError naming the option."""
+        errors = option_errors(self)
+        if not self.reward.name.strip():
+            errors.append("give --reward, the reward name or spec to serve")
+        if not 0 <= self.port < 65536:
+            errors.append(f"--port must be in [0, 65535] (got {self.port})")
+        try:
+            self.limits()
+        except RewardError as e:
+            errors.append(str(e))
+        if errors:
+            raise ValueError("invalid settings:\n  " + "\n  ".join(errors))
 
     def limits(self) -> ServerLimits:
         """The request limits these settings give."""
@@ -106,16 +116,13 @@ class ServerConfig:
 
     def reward_options(self) -> dict[str, str]:
         """The reward's own options (``make_reward`` keywords) that are set."""
-        pairs = (("alignment_model", self.alignment_model), ("model", self.reward_model), ("head", self.reward_head),
-                 ("processor", self.reward_processor), ("device", self.device))
-        return {k: v for k, v in pairs if v}
+        return {**self.reward.options(), **({"device": self.device} if self.device else {})}
 
 
 def serve_config(cfg: ServerConfig) -> None:
     """:func:`serve` with the settings of ``dpok reward-server``."""
-    if not cfg.reward:
-        raise ValueError("give --reward, the reward name or spec to serve")
-    serve(cfg.reward, host=cfg.host, port=cfg.port, token=cfg.token or None, limits=cfg.limits(),
+    cfg.validate()
+    serve(cfg.reward.name, host=cfg.host, port=cfg.port, token=cfg.token or None, limits=cfg.limits(),
           certfile=cfg.certfile or None, keyfile=cfg.keyfile or None, **cfg.reward_options())
 
 
