@@ -78,6 +78,26 @@ def pipeline_class_name(source: str) -> str:
         return ""
 
 
+# pipeline classes of the flow-matching family (rectified-flow transformers), by _class_name prefix
+FLOW_MATCHING_PIPELINES = ("StableDiffusion3", "Flux")
+
+
+def model_family(class_name: str) -> str:
+    """``flow-matching`` (SD3, SD3.5, FLUX) or ``diffusion`` (noise-prediction models: SD 1.x, 2.x, SDXL)."""
+    return "flow-matching" if class_name.startswith(FLOW_MATCHING_PIPELINES) else "diffusion"
+
+
+def local_model_family(model: str) -> str | None:
+    """The family of a model that is a local folder (or the embedded model), read from its
+    ``model_index.json`` without loading anything; None for a hub id or a folder that is not a pipeline."""
+    try:
+        source = resolve_model(model)
+    except ModelLoadError:
+        return None
+    index = Path(source) / "model_index.json"
+    return model_family(pipeline_class_name(source)) if index.is_file() else None
+
+
 @dataclass
 class PromptEmbeds:
     """Text conditioning for a batch of B prompts.
@@ -203,6 +223,9 @@ class DiffusionAdapter:
 
         source = resolve_model(model)
         class_name = pipeline_class_name(source)
+        if model_family(class_name) != "diffusion":
+            raise ModelLoadError(f"model {model!r} is a {class_name} (flow-matching family): this version trains "
+                                 "Stable Diffusion 1.x/2.x and SDXL pipelines only")
         try:
             # only a non-default dtype is passed: the keyword's name changed across diffusers versions
             kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype != torch.float32 else {}

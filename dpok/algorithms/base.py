@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from ..adapter import DiffusionAdapter
+from ..adapter import DiffusionAdapter, local_model_family
 from ..core import PerPromptStatTracker, clip_advantages, group_advantages
 from ..distributed import gather_batch, sync_gradients
 from ..options import option
@@ -154,7 +154,7 @@ class Algorithm:
     samples_from_reference: ClassVar[bool] = False  # SFT-KL learns from the pretrained model's samples
     advantages: ClassVar[tuple[str, ...]] = ("group", "tracker")
     sample_minibatches: ClassVar[bool] = False
-    families: ClassVar[tuple[str, ...]] = ("ddpm",)
+    families: ClassVar[tuple[str, ...]] = ("diffusion",)  # see dpok.adapter.model_family
     own_rollout_sampler: ClassVar[bool] = False  # samples its rounds with --rollout-steps / --rollout-eta
 
     @classmethod
@@ -168,6 +168,10 @@ class Algorithm:
         if not cls.own_rollout_sampler and (cfg.nft.rollout_steps, cfg.nft.rollout_eta) != (0, -1.0):
             errors.append(f"--rollout-steps and --rollout-eta are DiffusionNFT's; {cls.name} trains on the steps it "
                           "samples (set --num-steps and --eta)")
+        family = local_model_family(cfg.model)
+        if family is not None and family not in cls.families:
+            errors.append(f"--algorithm {cls.name} is not defined for {family} models (--model {cfg.model}); it "
+                          f"trains {', '.join(cls.families)} models")
         minibatch = cfg.minibatch_size
         if cls.sample_minibatches and minibatch >= 1 and cfg.samples_per_round % (num_processes * minibatch):
             times = f"{num_processes} x " if num_processes > 1 else ""

@@ -1,0 +1,163 @@
+"""Settings owned by their algorithms, seen as one flat list of options; the reward's settings; domains."""
+
+from __future__ import annotations
+
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpok.algorithms import ALGORITHMS
+from dpok.algorithms.base import UpdateResult
+from dpok.cli import build_parser
+from dpok.config import TrainConfig, build_config
+from dpok.configfile import ConfigFileError, check_settings
+from dpok.domains import DOMAIN_FILE, domain_for, folder_domain, model_domain, reward_domain, write_domain_file
+from dpok.evaluate import EvalConfig
+from dpok.options import from_options, group, option, option_fields, replace_options, to_options
+from dpok.rewards.config import RewardConfig
+from dpok.rewards.server import ServerConfig
+from dpok.shapeworld.domain import DOMAIN as SHAPEWORLD
+from dpok.trainer import prepare_prompts
+
+
+def test_every_option_has_one_flat_name_and_round_trips() -> None:
+    names = [o.name for o in option_fields(TrainConfig)]
+    assert len(names) == len(set(names))
+    # the algorithms' own settings and the reward's are nested, under the flat names users type
+    paths = {o.name: o.path for o in option_fields(TrainConfig)}
+    assert paths["alpha"] == ("dpok", "alpha") and paths["clip_range"] == ("policy_gradient", "clip_range")
+    assert paths["reward"] == ("reward", "name") and paths["reward_model"] == ("reward", "model")
+    assert paths["nft_beta"] == ("nft", "nft_beta") and paths["best_of"] == ("rejection", "best_of")
+    cfg = TrainConfig.from_options(alpha=3.0, clip_range=0.2, reward="jpeg-compressibility", prompt=["a"], rounds=4)
+    assert (cfg.dpok.alpha, cfg.policy_gradient.clip_range, cfg.reward.name, cfg.rounds) == (3.0, 0.2,
+                                                                                            "jpeg-compressibility", 4)
+    flat = cfg.to_dict()
+    assert TrainConfig.from_options(flat) == cfg and flat["alpha"] == 3.0 and "dpok" not in flat
+    assert replace_options(cfg, best_of=3).rejection.best_of == 3 and cfg.rejection.best_of == 8
+    with pytest.raises(ValueError, match="unknown setting.*nope"):
+        TrainConfig.from_options(nope=1)
+
+
+@dataclass
+class Inner:
+    a: int = option(1, "a")
+    b: str = option("x", "b", name="bee")
+
+
+@dataclass
+class Outer:
+    inner: Inner = group(Inner, a=5)
+    c: list[str] = option([], "c")
+
+
+def test_a_group_may_set_its_own_defaults_for_one_command() -> None:
+    assert Outer().inner.a == 5 and from_options(Outer, {"bee": "y"}) == Outer(Inner(5, "y"))
+    assert {o.name: o.default() for o in option_fields(Outer)} == {"a": 5, "bee": "x", "c": []}
+    assert to_options(Outer()) == {"a": 5, "bee": "x", "c": []}
+    assert ServerConfig().reward.name == "" and RewardConfig().name == "shapeworld-alignment"
+
+
+def test_each_settings_group_checks_its_own_values() -> None:
+    for flat, message in ((dict(alpha=-1.0), "--alpha must be >= 0"), (dict(buffer_size=0), "--buffer-size must be >= 1"),
+                          (dict(timestep_fraction=0.0), "--timestep-fraction"),
+                          (dict(rwr_percentile=100.0), "--rwr-percentile"), (dict(nft_beta=0.0), "--nft-beta"),
+                          (dict(best_of=0), "--best-of must be >= 1"), (dict(reward=" "), "--reward is empty"),
+                          (dict(stat_min_count=20, stat_buffer=16), "--stat-min-count")):
+        with pytest.raises(ValueError, match=message):
+            build_config(None, flat)
+
+
+def test_literal_options_give_choices_on_the_command_line_and_in_config_files() -> None:
+    kinds = {o.name: o.kind for o in option_fields(TrainConfig)}
+    assert typing.get_args(kinds["kl_form"]) == ("closed-form", "epsilon")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--kl-form", "nope"])
+    with pytest.raises(ValueError, match=r"--surrogate must be one of 'clamp', 'ppo' \(got 'nope'\)"):
+        TrainConfig.from_options(surrogate="nope").validate()
+    with pytest.raises(ConfigFileError, match="'kl_form' must be one of 'closed-form', 'epsilon'"):
+        check_settings({"kl_form": "nope"}, TrainConfig, "f.yaml")
+    assert check_settings({"kl-form": "epsilon"}, TrainConfig, "f.yaml") == {"kl_form": "epsilon"}
+
+
+def test_train_help_lists_each_algorithms_options_under_its_own_heading() -> None:
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()  # type: ignore[union-attr]
+    for heading in ("DPOK (--algorithm dpok):", "DiffusionNFT (--algorithm diffusion-nft):", "reward:",
+                    "policy gradient (dpok, ddpo-sf, ddpo-is, grpo"):
+        assert heading in text
+    dpok_part = text.split("DPOK (--algorithm dpok):")[1].split("\n\n")[0]
+    assert "--value-lr" in dpok_part and "--clip-range" not in dpok_part
+    assert "{closed-form,epsilon}" in text
+
+
+def test_algorithm_names_and_constraints_come_from_the_registry() -> None:
+    assert {"dpok", "ddpo-is", "grpo", "diffusion-nft", "rejection-sampling"} <= set(ALGORITHMS.names())
+    with pytest.raises(ValueError, match="unknown; valid: .*ddpo-is"):
+        build_config(None, {"algorithm": "ppo"})
+    with pytest.raises(ValueError, match=r"--advantage value is not one --algorithm ddpo-is takes \(valid: group, tracker\)"):
+        build_config(None, {"algorithm": "ddpo-is", "advantage": "value"})
+    build_config(None, {"algorithm": "dpok", "advantage": "value"})
+    assert ALGORITHMS.get("grpo").sample_minibatches and not ALGORITHMS.get("dpok").sample_minibatches
+    assert build_config(None, {"algorithm": "grpo", "samples_per_round": 24}).resolved().minibatch_size == 24
+    assert build_config(None, {"samples_per_round": 24}).resolved().minibatch_size == 32
+
+
+def test_an_algorithm_refuses_a_model_family_it_is_not_defined_for_before_loading(tmp_path: Path) -> None:
+    folder = tmp_path / "sd3"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(ValueError, match=r"--algorithm dpok is not defined for flow-matching models"):
+        build_config(None, {"model": str(folder), "prompt": ["a cat"]})
+
+
+def test_update_results_are_typed() -> None:
+    result = UpdateResult.of({"loss": 1.0, "grad_norm": 2.0, "skipped_steps": 1.0})
+    assert result.skipped_steps == 1 and result.skipped and result.stats == {"loss": 1.0, "grad_norm": 2.0}
+    assert result.metrics() == {"loss": 1.0, "grad_norm": 2.0, "skipped_steps": 1.0}
+    assert not UpdateResult().skipped and UpdateResult().metrics() == {}
+    assert UpdateResult(skipped_updates=1).metrics() == {"skipped_updates": 1.0}
+
+
+def test_the_reward_is_built_from_its_settings_in_one_place() -> None:
+    reward = RewardConfig(name="jpeg-compressibility").build()
+    assert reward.name == "jpeg-compressibility"
+    assert RewardConfig(model="m", head="h", token="").options() == {"model": "m", "head": "h"}
+    with pytest.raises(Exception, match="not accepted by reward"):
+        RewardConfig(name="jpeg-compressibility", model="somewhere").build()
+    assert EvalConfig.__dataclass_fields__["reward"].metadata["group"]
+    with pytest.raises(ValueError, match="give --reward"):
+        ServerConfig().validate()
+
+
+def test_the_embedded_model_names_its_domain_and_others_have_none(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    assert model_domain("shapeworld") is SHAPEWORLD
+    assert model_domain(str(tiny_pipeline_dir)) is None and model_domain("org/hub-model") is None
+    assert reward_domain("shapeworld-alignment+0.1*jpeg-compressibility") is SHAPEWORLD
+    assert reward_domain("jpeg-compressibility") is None
+    assert domain_for(str(tiny_pipeline_dir), "jpeg-compressibility") is None
+    assert domain_for(str(tiny_pipeline_dir), "shapeworld-alignment") is SHAPEWORLD
+    folder = tmp_path / "marked"
+    folder.mkdir()
+    write_domain_file(folder, "dpok.shapeworld.domain")
+    assert folder_domain(folder) is SHAPEWORLD
+    (folder / DOMAIN_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="is not a domain file"):
+        folder_domain(folder)
+    (folder / DOMAIN_FILE).write_text(json.dumps({"module": "json"}))
+    with pytest.raises(ValueError, match="must define DOMAIN"):
+        folder_domain(folder)
+
+
+def test_default_prompts_and_checks_come_from_the_domain() -> None:
+    cfg = TrainConfig()
+    assert prepare_prompts(cfg, SHAPEWORLD, SHAPEWORLD.default_prompts) == ["two white triangles"]
+    with pytest.raises(ValueError, match="give training prompts"):
+        prepare_prompts(cfg, None)
+    with pytest.raises(ValueError, match="a red dog"):
+        prepare_prompts(TrainConfig.from_options(prompt=["a red dog"]), SHAPEWORLD)
+    assert prepare_prompts(TrainConfig.from_options(prompt=["a red dog"]), None) == ["a red dog"]
+    images = torch.rand(2, 3, 64, 64)
+    assert set(SHAPEWORLD.measures(images, "a red circle", 0)) == {"judge_aligned", "clean_share", "frechet"}
