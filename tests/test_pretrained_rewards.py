@@ -387,14 +387,13 @@ def test_training_and_eval_settings_reach_the_reward(clip_dir: Path, head_file: 
     no part of the spec takes is an error, not silently ignored."""
     from dpok.config import build_config
     from dpok.rewards import RewardError
-    from dpok.trainer import build_reward
 
     cfg = build_config(None, {"model": str(clip_dir), "reward": "aesthetic", "reward_model": str(clip_dir),
                               "reward_head": str(head_file), "prompt": ["a red circle"]})
-    reward = build_reward(cfg, torch.device("cpu"))
+    reward = cfg.reward.build(torch.device("cpu"))
     expected = make_reward("aesthetic", model=str(clip_dir), head=str(head_file))(_images(), ["x"] * 3).scores
     torch.testing.assert_close(reward(_images(), ["x"] * 3).scores, expected)
     cfg = build_config(None, {"model": str(clip_dir), "reward": "jpeg-compressibility", "reward_head": str(head_file),
                               "prompt": ["a red circle"]})
     with pytest.raises(RewardError, match="head"):
-        build_reward(cfg, torch.device("cpu"))
+        cfg.reward.build(torch.device("cpu"))

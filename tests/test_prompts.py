@@ -100,6 +100,8 @@ def test_resolve_errors() -> None:
     with pytest.raises(ValueError, match="no prompts given"):
         resolve_prompts([], None, None)
     with pytest.raises(ValueError, match="unknown prompt set 'nope'.*common.*hard"):
+        resolve_prompts(None, None, "nope", SHAPEWORLD)
+    with pytest.raises(ValueError, match="unknown prompt set 'nope'.*no named prompt sets"):
         resolve_prompts(None, None, "nope")
     with pytest.raises(PromptError, match="'a red dog'"):
         resolve_prompts(["a red circle", "a red dog"], None, None, SHAPEWORLD)
