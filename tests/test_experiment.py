@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from dpok.experiment import Experiment, ExperimentConfig, claim, load_results, release
-from dpok.report import write_report
 from dpok.options import to_options
+from dpok.report import write_report
 from dpok.rewards.config import RewardConfig
 
 
@@ -93,7 +93,8 @@ def test_bad_experiment_settings_are_named(tmp_path: Path) -> None:
 def test_your_own_model_and_prompts(tmp_path: Path, tiny_pipeline_dir: Path) -> None:
     """The experiment on another model with a reward that needs no weights and the user's own
     seen / unseen prompts: one task named 'custom'; the report names the model."""
-    cfg = ExperimentConfig(output_dir=str(tmp_path / "out"), model=str(tiny_pipeline_dir), reward=RewardConfig("jpeg-compressibility"),
+    cfg = ExperimentConfig(output_dir=str(tmp_path / "out"), model=str(tiny_pipeline_dir),
+                           reward=RewardConfig("jpeg-compressibility"),
                            methods=["base", "ddpo-is"], seeds=[0], rounds=1, samples_per_round=2, num_steps=2,
                            eval_images=2, multi_eval_images=2, overopt_rounds=0, device="cpu",
                            custom_seen=["a photo of a cat"], custom_unseen=["a photo of a dog"],
