@@ -1,0 +1,179 @@
+"""dpok against TRL's ``DDPOTrainer`` side by side, at equal work, on the embedded pipeline.
+
+TRL 0.23.1 is the last release with ``DDPOTrainer``; it goes into a separate cached virtual
+environment (torch pinned to the same CPU build, diffusers / transformers / peft / accelerate at the
+versions dpok runs with, and dpok itself so that both score with the same reward code). Then, in
+one run and alternating which goes first, each repeat runs
+
+* ``benchmarks/_trl_ddpo.py``: TRL's ``DDPOTrainer.train()``;
+* ``dpok train --algorithm ddpo-is`` with the same work: rounds = epochs, samples per round,
+  sampling and training batches, DDIM steps, guidance, eta, LoRA rank 4 on the attention
+  projections (TRL's fixed LoRA), all timesteps, one inner epoch, per-prompt statistics.
+
+It prints and writes (``docs/vs_trl.md``, raw runs in ``docs/vs_trl/data.json``) the samples per
+second of the training phases (sampling, reward, update: TRL's ``train()``, dpok's per-round
+``time/*`` metrics) and of the whole process, for each tool, and dpok's ratio to TRL.
+
+    python benchmarks/vs_trl.py [--repeats 3] [--venv DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_VERSION = "0.23.1"
+SHARED_PACKAGES = ("diffusers", "transformers", "peft", "accelerate")
+ATTENTION = "to_q,to_k,to_v,to_out.0"  # the layers TRL's DDPO pipeline puts its rank-4 LoRA on
+
+
+def ensure_trl_env(venv: Path, log: Any = print) -> Path:
+    """The TRL environment's Python, built on first use (a few minutes; then cached)."""
+    python = venv / "bin" / "python"
+    stamp = venv / "dpok-vs-trl.json"
+    wanted = {"trl": TRL_VERSION, **{p: importlib.metadata.version(p) for p in SHARED_PACKAGES},
+              "torch": importlib.metadata.version("torch").split("+")[0]}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and python.is_file():
+        return python
+    log(f"building the TRL {TRL_VERSION} environment in {venv} (once) ...")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    # torch first and pinned, so nothing after it pulls another (e.g. CUDA) build
+    subprocess.run([*pip, f"torch=={wanted['torch']}"], check=True)
+    subprocess.run([*pip, f"trl=={TRL_VERSION}", "ftfy", *(f"{p}=={wanted[p]}" for p in SHARED_PACKAGES)], check=True)
+    subprocess.run([*pip, "-e", str(ROOT)], check=True)
+    stamp.write_text(json.dumps(wanted))
+    return python
+
+
+def work_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"epochs": args.rounds, "samples": args.samples, "batch": args.batch, "steps": args.steps,
+            "guidance": args.guidance, "eta": 1.0, "learning_rate": args.learning_rate,
+            "stat_buffer": args.samples, "stat_min_count": args.samples}
+
+
+def run_trl(python: Path, model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    w = work_options(args)
+    cmd = [str(python), str(ROOT / "benchmarks" / "_trl_ddpo.py"), "--model", str(model), "--prompt", args.prompt,
+           *[x for k, v in w.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"tool": "trl", "train_s": result["train_s"], "process_s": wall, "samples": result["samples"]}
+
+
+def run_dpok(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "dpok", "train", "--algorithm", "ddpo-is", "--prompt", args.prompt,
+           "--output-dir", str(out_dir), "--rounds", str(args.rounds), "--samples-per-round", str(args.samples),
+           "--sample-batch-size", str(args.batch), "--minibatch-size", str(args.batch),
+           "--num-steps", str(args.steps), "--guidance-scale", str(args.guidance), "--eta", "1",
+           "--lora-rank", "4", "--lora-alpha", "4", "--lora-targets", ATTENTION, "--inner-epochs", "1",
+           "--timestep-fraction", "1", "--advantage", "tracker", "--stat-buffer", str(args.samples),
+           "--stat-min-count", str(args.samples), "--learning-rate", str(args.learning_rate),
+           "--eval-images", str(args.eval_images), "--device", "cpu"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rounds = [r for r in rows if "time/sample_s" in r]
+    train_s = sum(r["time/sample_s"] + r["time/reward_s"] + r["time/update_s"] for r in rounds)
+    return {"tool": "dpok", "train_s": train_s, "process_s": wall, "samples": args.rounds * args.samples,
+            "rounds_logged": len(rounds)}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for tool in ("trl", "dpok"):
+        mine = [r for r in runs if r["tool"] == tool]
+        out[tool] = {key: statistics.median(r["samples"] / r[f"{key}_s"] for r in mine)
+                     for key in ("train", "process")}
+    out["ratio"] = {key: out["dpok"][key] / out["trl"][key] for key in ("train", "process")}
+    return out
+
+
+def write_report(data: dict[str, Any], path: Path) -> None:
+    s, a = data["summary"], data["settings"]
+    lines = [
+        "# dpok against TRL's DDPOTrainer",
+        "",
+        f"Written by `benchmarks/vs_trl.py` on {data['cpu']}, {data['threads']} threads, torch {data['torch']}, "
+        f"TRL {TRL_VERSION}; {a['repeats']} repeats, alternating which tool goes first.",
+        "",
+        f"Equal work: {a['rounds']} rounds (epochs) x {a['samples']} samples of `{a['prompt']}`, sampling and "
+        f"training batches of {a['batch']}, {a['steps']} DDIM steps, guidance {a['guidance']}, eta 1, LoRA rank 4 "
+        f"on {ATTENTION}, all timesteps, one inner epoch, per-prompt statistics; dpok's before/after evaluation "
+        f"draws {a['eval_images']} images per prompt (TRL has none).",
+        "",
+        "| | TRL samples/s | dpok samples/s | dpok / TRL |",
+        "|---|---:|---:|---:|",
+        f"| training phases (sample, reward, update) | {s['trl']['train']:.3f} | {s['dpok']['train']:.3f} "
+        f"| {s['ratio']['train']:.2f}x |",
+        f"| whole process | {s['trl']['process']:.3f} | {s['dpok']['process']:.3f} | {s['ratio']['process']:.2f}x |",
+        "",
+        "Medians over the repeats; every run's seconds are in `docs/vs_trl/data.json`.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "dpok" / f"trl-{TRL_VERSION}",
+                   help="where the TRL environment is built and cached")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--learning-rate", type=float, default=3e-4)
+    p.add_argument("--eval-images", type=int, default=4, help="dpok's before/after evaluation images per prompt")
+    p.add_argument("--prompt", default="two white triangles")
+    p.add_argument("--report", type=Path, default=ROOT / "docs" / "vs_trl.md")
+    args = p.parse_args()
+    if args.samples % args.batch:
+        p.error("--samples must be a multiple of --batch (TRL draws whole sampling batches)")
+
+    import torch
+
+    from dpok.embedded.pretrain import default_model_dir
+    from dpok.utils.machine import cpu_description
+
+    python = ensure_trl_env(args.venv)
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            order = ("trl", "dpok") if repeat % 2 == 0 else ("dpok", "trl")
+            for tool in order:
+                run = (run_trl(python, default_model_dir(), args) if tool == "trl"
+                       else run_dpok(args, Path(tmp) / f"dpok{repeat}"))
+                run["repeat"] = repeat
+                runs.append(run)
+                print(f"repeat {repeat} {tool:>4}: training phases {run['train_s']:.1f} s, "
+                      f"whole process {run['process_s']:.1f} s", flush=True)
+    data = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "settings": {**vars(args), "venv": None, "report": None}, "runs": runs, "summary": summarise(runs)}
+    raw = args.report.parent / args.report.stem / "data.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(data, indent=1) + "\n")
+    write_report(data, args.report)
+    s = data["summary"]
+    print(f"dpok / TRL samples/s: training phases {s['ratio']['train']:.2f}x, whole process {s['ratio']['process']:.2f}x"
+          f"  ({data['cpu']})")
+    print(f"wrote {args.report}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
