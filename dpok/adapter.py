@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 
+from .assets import default_model_dir
+from .runtime import select_device
+
 MODEL_FILES = ("model_index.json",)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -32,8 +35,6 @@ class ModelLoadError(RuntimeError):
 def resolve_model(model: str) -> str:
     """``shapeworld`` -> the packaged embedded model folder; a folder must hold a pipeline."""
     if model == "shapeworld":
-        from .embedded.pretrain import default_model_dir
-
         folder = default_model_dir()
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(
@@ -187,6 +188,20 @@ def use_sdpa(model: torch.nn.Module) -> None:
                               for name, p in processors.items()})
 
 
+def ema_average(params: list[torch.nn.Parameter], decay: float) -> Any:
+    """diffusers' ``EMAModel`` over ``params`` (its default decay warm-up), for :mod:`dpok.ema`."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=decay)
+
+
+def peft_to_kohya(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """UNet LoRA weights in peft naming -> kohya's, with diffusers' own converter (for :mod:`dpok.export`)."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    return convert_state_dict_to_kohya(weights)
+
+
 class DiffusionAdapter:
     """A Stable-Diffusion-style pipeline (SD 1.x, 2.x or SDXL) seen as a policy over denoising steps."""
 
@@ -259,6 +274,15 @@ class DiffusionAdapter:
                                  "Stable Diffusion 1.x/2.x or SDXL pipeline")
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         return cls(pipe, device, dtype)
+
+    @classmethod
+    def load(cls, model: str = "shapeworld", lora: str = "", device: str = "auto") -> DiffusionAdapter:
+        """``model`` (a folder, hub id or ``shapeworld``) on ``device`` (``auto``, ``cpu``, ``cuda[:N]``),
+        in float32, with the LoRA of folder ``lora`` loaded when one is given (a run's ``lora/``)."""
+        adapter = cls.from_pretrained(model, select_device(device))
+        if lora:
+            adapter.load_lora(lora)
+        return adapter
 
     # ----------------------------------------------------------------------------------- prompts
     @torch.no_grad()

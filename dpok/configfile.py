@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from .assets import preset_dir
 from .options import option_fields, to_options
 from .utils.diskwrite import write_text_atomic
 
@@ -295,7 +296,7 @@ def write_run_config(cfg: Any, folder: str | Path, fmt: str = "yaml") -> Path:
     return write_config_file(run_config_values(cfg), Path(folder) / f"config.{fmt}", header)
 
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESET_DIR = preset_dir()
 
 
 def preset_file(name: str) -> Path:

@@ -33,11 +33,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS
 from .domains import Domain, domain_for
 from .evaluate import SampleSettings, evaluate_prompt, split_means
 from .options import group, option, option_errors, to_options
 from .rewards.config import RewardConfig
+from .runtime import seed_everything
 from .utils.diskwrite import write_text_atomic
 
 GRID_IMAGES = 8  # images per prompt kept for the before/after figures
@@ -265,9 +267,8 @@ class Experiment:
 
     # --------------------------------------------------------------------------------- units
     def run_unit(self, task: Task, method: Method, seed: int) -> dict[str, Any]:
-        from .generate import load_model
         from .runlog import read_metrics
-        from .trainer import Trainer, seed_everything
+        from .trainer import Trainer
 
         folder = self.unit_dir(task.name, method.name, seed)
         t0 = time.perf_counter()
@@ -275,7 +276,7 @@ class Experiment:
         queries, per_image = 0, 1
         if method.algorithm is None:
             seed_everything(seed)
-            adapter = load_model(self.cfg.model, "", self.cfg.device)
+            adapter = DiffusionAdapter.load(self.cfg.model, "", self.cfg.device)
             splits = self.evaluate(adapter, task, seed, folder)
         elif not method.trains:  # rejection sampling: best-of-n of the base model, nothing trained
             cfg = self.train_config(task, method, seed, folder / "run", rounds=1)
@@ -328,9 +329,7 @@ class Experiment:
             if end in done:
                 continue
             if end == 0:
-                from .generate import load_model
-
-                adapter = load_model(c.model, "", c.device)
+                adapter = DiffusionAdapter.load(c.model, "", c.device)
             else:
                 extra = {"learning_rate": c.overopt_learning_rate, "checkpoint_every": c.overopt_eval_every,
                          "samples_per_round": c.overopt_samples_per_round}

@@ -42,7 +42,8 @@ from .prompts import FunctionPromptSampler, PromptFunction, PromptSampler, promp
 from .rewards import Reward, RewardError, RewardOutput
 from .rewards.base import PromptMetadataReward
 from .runlog import RunLog, plot_curves, read_metrics
-from .sampling import Trajectory, sample_in_batches
+from .runtime import seed_everything, select_device
+from .sampling import SampleSettings, Trajectory, sample_in_batches, trajectory_kl
 from .utils.diskwrite import run_folder_writes, write_text_atomic
 from .utils.state_io import CheckpointError, rng_state, set_rng_state
 from .viz import save_prompt_grid
@@ -62,22 +63,6 @@ class RunResult:
     reward_after: float
     files: dict[str, str] = field(default_factory=dict)
     main_process: bool = True  # False on the other processes of a multi-process run (they print nothing)
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def prepare_prompts(cfg: TrainConfig, domain: Domain | None, defaults: tuple[str, ...] = ()) -> list[str]:
@@ -306,8 +291,6 @@ class Trainer:
         """Sum over steps of the closed-form KL_t to the pretrained policy, summed over latent
         elements (nats) and averaged over (at most ``max_samples``) trajectories of this round,
         with the policy that sampled them: the DPOK bound on KL(p_theta(x_0|z) || p_pre(x_0|z))."""
-        from .evaluate import SampleSettings, trajectory_kl
-
         cfg, n = self.cfg, min(max_samples, traj.batch_size)
         steps, eta = self.algorithm.rollout_sampler()
         if eta == 0:  # deterministic rollouts: no step distributions, no KL bound

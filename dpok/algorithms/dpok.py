@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..core import PerPromptStatTracker, dpok_loss, gaussian_kl_same_std, step_window, value_loss
+from ..core import PerPromptStatTracker, dpok_loss, step_kl, step_window, value_loss
 from ..options import option
 from ..sampling import evaluate_log_probs, policy_step
 from .base import (
@@ -174,14 +174,6 @@ class ReplayBuffer:
             self.data["advantages"] = torch.zeros_like(self.data["rewards"])
         self.prompts = list(state["prompts"])
         self.size, self.cursor = int(state["size"]), int(state["cursor"])
-
-
-def step_kl(kl_form: str, dist, ref_dist, model_output: torch.Tensor, ref_output: torch.Tensor,  # noqa: ANN001
-            reduce: str) -> torch.Tensor:
-    """Per-transition KL_t (N,): closed form on the means, or the official code's eps form."""
-    if kl_form == "closed-form":
-        return gaussian_kl_same_std(dist.mean, ref_dist.mean, dist.std, reduce=reduce)
-    return (model_output.float() - ref_output.float()).pow(2).flatten(1).mean(1)
 
 
 @ALGORITHMS.register

@@ -15,6 +15,7 @@ from dpok.core.ddim import (
     previous_timestep,
 )
 from dpok.core.gaussian import gaussian_kl_same_std, gaussian_log_prob
+from dpok.core.kl import step_kl
 from dpok.core.losses import (
     SURROGATES,
     ddpo_is_loss,
@@ -65,5 +66,6 @@ __all__ = [
     "rwr_weights",
     "sft_kl_loss",
     "sft_weights",
+    "step_kl",
     "value_loss",
 ]
