@@ -338,36 +338,26 @@ class DiffusionAdapter:
 
     # ---------------------------------------------------------------------------------- denoiser
     def noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
-                   guidance_scale: float) -> torch.Tensor:
-        """Guided model output eps_u + w (eps_c - eps_u), (B, C, h, w); timesteps (B,).
+                   guidance_scale: float = 1.0, reference: bool = False) -> torch.Tensor:
+        """The denoiser's output (B, C, h, w) at latents (B, C, h, w), timesteps (B,).
+
+        ``guidance_scale`` w: eps_u + w (eps_c - eps_u), one batched UNet call for both branches;
+        1.0 is the unguided conditional eps_theta(x_t, t, z) in a single call (the supervised
+        losses). ``reference=True``: the pretrained weights (LoRA disabled, or the frozen copy),
+        without gradients.
 
         The one denoiser evaluation shared by sampling and training, so log-probs at sampling
         time and at update time come from the same computation (ratio exactly 1 before updates).
         DDIM's ``scale_model_input`` is the identity, so it is not called.
         """
-        return self._guided(self.unet, latents, timesteps, embeds, guidance_scale)
-
-    def reference_noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
-                             guidance_scale: float) -> torch.Tensor:
-        """The same with the pretrained weights (LoRA disabled, or the frozen copy); no grad."""
-        with torch.no_grad(), self.reference():
-            unet = self.reference_unet if self.reference_unet is not None else self.unet
-            return self._guided(unet, latents, timesteps, embeds, guidance_scale)
-
-    def conditional_noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor,
-                               embeds: PromptEmbeds) -> torch.Tensor:
-        """Unguided conditional eps_theta(x_t, t, z) (B, C, h, w) for supervised losses (SFT, RWR)."""
         if self.is_sdxl and embeds.time_ids is None:
             raise ValueError("SDXL needs the pooled text embeddings and time ids: build the PromptEmbeds with "
                              "encode_prompts (or index one from it), not from the encoder states alone")
-        return self.unet(latents, timesteps, embeds.cond, added_cond_kwargs=embeds.added_cond_kwargs()).sample
-
-    def reference_conditional_noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor,
-                                         embeds: PromptEmbeds) -> torch.Tensor:
-        """The pretrained model's unguided eps_pre(x_t, t, z) (B, C, h, w); no grad (SFT-KL's KL term)."""
+        if not reference:
+            return self._guided(self.unet, latents, timesteps, embeds, guidance_scale)
         with torch.no_grad(), self.reference():
             unet = self.reference_unet if self.reference_unet is not None else self.unet
-            return unet(latents, timesteps, embeds.cond, added_cond_kwargs=embeds.added_cond_kwargs()).sample
+            return self._guided(unet, latents, timesteps, embeds, guidance_scale)
 
     @staticmethod
     def _guided(unet, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,  # noqa: ANN001
@@ -460,8 +450,10 @@ class DiffusionAdapter:
         self.scheduler.set_timesteps(num_steps, device=self.device)
         return self.scheduler.timesteps.clone()
 
-    def step_size(self, num_steps: int) -> int:
-        return self.scheduler.config.num_train_timesteps // num_steps
+    @property
+    def num_train_timesteps(self) -> int:
+        """The length of the training noise schedule (1000 for Stable Diffusion)."""
+        return self.scheduler.config.num_train_timesteps
 
     # ----------------------------------------------------------------------------- parameters
     def add_lora(self, rank: int, alpha: float, target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS) -> None:

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import DiffusionAdapter, PromptEmbeds
-from .core import StepDistribution, ddim_log_prob, ddim_step_distribution, step_kl
+from .core import (
+    StepDistribution,
+    ddim_log_prob,
+    ddim_sample_next,
+    ddim_step_distribution,
+    previous_timestep,
+    step_kl,
+)
 
 
 @dataclass
@@ -72,9 +79,8 @@ def policy_step(adapter: DiffusionAdapter, latents: torch.Tensor, timesteps: tor
 
     ``reference=True`` evaluates the pretrained policy (LoRA disabled / frozen copy), no grad.
     """
-    fn = adapter.reference_noise_pred if reference else adapter.noise_pred
-    model_output = fn(latents, timesteps, embeds, guidance_scale)
-    prev = timesteps - adapter.step_size(num_steps)
+    model_output = adapter.noise_pred(latents, timesteps, embeds, guidance_scale, reference=reference)
+    prev = previous_timestep(timesteps, adapter.num_train_timesteps, num_steps)
     dist = ddim_step_distribution(model_output, latents, timesteps, prev, adapter.alphas_cumprod, eta,
                                   adapter.final_alpha_cumprod, adapter.prediction_type)
     return dist, model_output
@@ -113,7 +119,7 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
         t_batch = t.expand(len(prompts))
         dist = step_distribution(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
         noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
-        x_next = (dist.mean + dist.std * noise).to(x.dtype)
+        x_next = ddim_sample_next(dist, noise).to(x.dtype)
         latents.append(x)
         next_latents.append(x_next)
         log_probs.append(ddim_log_prob(x_next.float(), dist, reduce=logprob_reduce) if with_log_probs

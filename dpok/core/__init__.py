@@ -3,14 +3,13 @@
 Nothing in this package imports diffusers, so it can be tested and reused without a pipeline.
 """
 
-from dpok.core.advantages import PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages
+from dpok.core.advantages import PerPromptStatTracker, clip_advantages, group_advantages
 from dpok.core.ddim import (
     PREDICTION_TYPES,
     StepDistribution,
     ddim_log_prob,
     ddim_sample_next,
     ddim_step_distribution,
-    ddpm_step_distribution,
     predict_x0_and_eps,
     previous_timestep,
 )
@@ -48,12 +47,10 @@ __all__ = [
     "PREDICTION_TYPES",
     "PerPromptStatTracker",
     "StepDistribution",
-    "batch_advantages",
     "clip_advantages",
     "ddim_log_prob",
     "ddim_sample_next",
     "ddim_step_distribution",
-    "ddpm_step_distribution",
     "ddpo_is_loss",
     "ddpo_sf_loss",
     "dpok_loss",
