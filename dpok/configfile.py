@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .assets import preset_dir
+from .config import PRESETS
 from .options import option_fields, to_options
 from .utils.diskwrite import write_text_atomic
 
@@ -308,7 +309,6 @@ def preset_text(name: str) -> str:
     """The text of preset ``name``'s config file: its documentation as comments, then its values."""
     import inspect
 
-    from .config import PRESETS
 
     if name not in PRESETS:
         raise ConfigFileError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
@@ -321,7 +321,6 @@ def preset_text(name: str) -> str:
 
 def write_preset_files(folder: str | Path) -> list[Path]:
     """Write every preset's config file into ``folder``; returns the paths."""
-    from .config import PRESETS
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -35,11 +35,15 @@ from PIL import Image
 
 from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS
+from .checkpoint import latest_checkpoint
+from .config import build_config
 from .domains import Domain, domain_for
 from .evaluate import SampleSettings, evaluate_prompt, split_means
 from .options import group, option, option_errors, to_options
 from .rewards.config import RewardConfig
+from .runlog import read_metrics
 from .runtime import seed_everything
+from .trainer import Trainer
 from .utils.diskwrite import write_text_atomic
 
 GRID_IMAGES = 8  # images per prompt kept for the before/after figures
@@ -218,7 +222,6 @@ class Experiment:
 
     def train_config(self, task: Task, method: Method, seed: int, run_dir: Path, rounds: int,
                      extra: dict[str, Any] | None = None):  # noqa: ANN201
-        from .config import build_config
 
         c = self.cfg
         samples = (extra or {}).get("samples_per_round", c.samples_per_round)
@@ -236,7 +239,6 @@ class Experiment:
         if sample_minibatches:  # a method's own minibatch, fitted to a smaller round
             settings["minibatch_size"] = math.gcd(settings["minibatch_size"], samples)
         if (run_dir / "config.json").is_file():
-            from .checkpoint import latest_checkpoint
 
             if latest_checkpoint(run_dir) is not None:
                 settings["resume"] = str(run_dir)
@@ -267,8 +269,6 @@ class Experiment:
 
     # --------------------------------------------------------------------------------- units
     def run_unit(self, task: Task, method: Method, seed: int) -> dict[str, Any]:
-        from .runlog import read_metrics
-        from .trainer import Trainer
 
         folder = self.unit_dir(task.name, method.name, seed)
         t0 = time.perf_counter()
@@ -314,8 +314,6 @@ class Experiment:
     def run_overopt(self, beta: float) -> None:
         """Train one prompt for ``overopt_rounds`` with KL weight ``beta``, evaluating every
         ``overopt_eval_every`` rounds (round 0 is the base model). Each segment resumes the last."""
-        from .runlog import read_metrics
-        from .trainer import Trainer
 
         c = self.cfg
         folder = self.overopt_dir(beta)

@@ -23,6 +23,7 @@ import torch
 
 from ._version import __version__
 from .adapter import peft_to_kohya
+from .runlog import read_metrics
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"  # not *pytorch_lora_weights.safetensors: diffusers' folder loading ignores it
@@ -188,7 +189,6 @@ The run's settings are in `config.yaml` (or `config.toml`): `dpok train --config
 def write_model_card(run_dir: str | Path) -> Path:
     """Write ``RUN/lora/README.md`` from the run's ``config.json`` and ``summary.json``, with the sample
     grids and the config file copied beside it; returns the card's path."""
-    from .runlog import read_metrics
 
     run = Path(run_dir)
     folder = lora_folder(run)

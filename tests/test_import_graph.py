@@ -76,3 +76,13 @@ def test_relative_imports_resolve_from_packages_and_modules():
     # "from pkg import name" of a name that is not a module: the package's __init__
     assert imported_modules("pkg.sub.x", "from .. import VERSION\n", False, known) == {"pkg": 1}
     assert find_cycles({"a": ["a"]}) == [["a"]]
+
+
+def test_importing_a_submodule_from_outside_runs_its_package_first():
+    # pkg.sub/__init__ imports pkg.a, and pkg.a imports pkg.sub.x: a cycle through the package's __init__
+    sources = {"pkg": "", "pkg.sub": "from ..a import f\n", "pkg.sub.x": "X = 1\n",
+               "pkg.a": "def f():\n    from .sub.x import X\n    return X\n"}
+    graph = import_graph(sources)
+    assert graph["pkg.a"] == {"pkg.sub.x": 2, "pkg.sub": 2}
+    assert graph["pkg.sub.x"] == {}  # from inside the package: no edge back to its __init__
+    assert find_cycles(graph) == [["pkg.a", "pkg.sub"]]

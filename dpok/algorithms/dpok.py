@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..adapter import PromptEmbeds
 from ..core import PerPromptStatTracker, dpok_loss, step_kl, step_window, value_loss
 from ..options import option
 from ..sampling import evaluate_log_probs, policy_step
@@ -194,7 +195,6 @@ class DPOK(Algorithm):
         self._embeds: dict[str, Any] = {}
 
     def _embed(self, prompt_ids: torch.Tensor):  # noqa: ANN202
-        from ..adapter import PromptEmbeds
 
         prompts = [self.buffer.prompts[i] for i in prompt_ids.tolist()]
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]

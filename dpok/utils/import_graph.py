@@ -6,8 +6,9 @@ only those under ``if TYPE_CHECKING:`` are left out, because they never run.
 
 Edges: ``from pkg.mod import name`` and ``import pkg.mod`` go to ``pkg.mod``; ``from pkg import
 mod`` goes to ``pkg.mod`` when that module exists, else to the package ``pkg`` itself. Importing
-``pkg.mod`` also runs ``pkg/__init__.py``, but those implicit edges are not counted: a package's
-``__init__`` re-exporting its own submodules would otherwise make every package a cycle.
+``pkg.mod`` from outside ``pkg`` also runs ``pkg/__init__.py`` first: an edge to ``pkg`` too. From
+inside ``pkg`` that package is already being imported, so no such edge (a package's ``__init__``
+re-exporting its own submodules would otherwise make every package a cycle).
 """
 
 from __future__ import annotations
@@ -54,8 +55,15 @@ def imported_modules(name: str, source: str, is_package: bool, known: Iterable[s
     found: dict[str, int] = {}
 
     def add(target: str, line: int) -> None:
-        if target in known and target != name:
-            found.setdefault(target, line)
+        if target not in known or target == name:
+            return
+        found.setdefault(target, line)
+        # the packages around the target that the importer is not inside run their __init__ first
+        parts = target.split(".")
+        for depth in range(1, len(parts)):
+            package = ".".join(parts[:depth])
+            if package in known and package != name and not name.startswith(package + "."):
+                found.setdefault(package, line)
 
     for node in ast.walk(tree):
         if id(node) in skipped:
