@@ -128,7 +128,7 @@ PER_PROCESS = ("algorithm", "prompt_sampler", "rng", "generator")
 
 # a run's progress: rounds done, reward queries made, the base model's reward per prompt (None
 # until the first evaluation); read back by load_run_state as a tuple in this order
-Progress = tuple[int, int, "dict[str, float] | None"]
+Progress = tuple[int, int, dict[str, float] | None]
 
 
 def run_state(parts: RunParts, progress: Progress) -> dict[str, Any]:

@@ -222,7 +222,6 @@ class Experiment:
 
     def train_config(self, task: Task, method: Method, seed: int, run_dir: Path, rounds: int,
                      extra: dict[str, Any] | None = None):  # noqa: ANN201
-
         c = self.cfg
         samples = (extra or {}).get("samples_per_round", c.samples_per_round)
         sample_minibatches = ALGORITHMS.get(method.algorithm).sample_minibatches
@@ -239,7 +238,6 @@ class Experiment:
         if sample_minibatches:  # a method's own minibatch, fitted to a smaller round
             settings["minibatch_size"] = math.gcd(settings["minibatch_size"], samples)
         if (run_dir / "config.json").is_file():
-
             if latest_checkpoint(run_dir) is not None:
                 settings["resume"] = str(run_dir)
             else:  # interrupted before its first checkpoint: nothing worth keeping
@@ -269,7 +267,6 @@ class Experiment:
 
     # --------------------------------------------------------------------------------- units
     def run_unit(self, task: Task, method: Method, seed: int) -> dict[str, Any]:
-
         folder = self.unit_dir(task.name, method.name, seed)
         t0 = time.perf_counter()
         curve: list[dict[str, float]] = []
@@ -314,7 +311,6 @@ class Experiment:
     def run_overopt(self, beta: float) -> None:
         """Train one prompt for ``overopt_rounds`` with KL weight ``beta``, evaluating every
         ``overopt_eval_every`` rounds (round 0 is the base model). Each segment resumes the last."""
-
         c = self.cfg
         folder = self.overopt_dir(beta)
         points_path = folder / "points.jsonl"

@@ -195,7 +195,6 @@ class DPOK(Algorithm):
         self._embeds: dict[str, Any] = {}
 
     def _embed(self, prompt_ids: torch.Tensor):  # noqa: ANN202
-
         prompts = [self.buffer.prompts[i] for i in prompt_ids.tolist()]
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
         if missing:
