@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 
+from .assets import default_model_dir
+from .runtime import select_device
+
 MODEL_FILES = ("model_index.json",)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -32,8 +35,6 @@ class ModelLoadError(RuntimeError):
 def resolve_model(model: str) -> str:
     """``shapeworld`` -> the packaged embedded model folder; a folder must hold a pipeline."""
     if model == "shapeworld":
-        from .embedded.pretrain import default_model_dir
-
         folder = default_model_dir()
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(
@@ -187,6 +188,20 @@ def use_sdpa(model: torch.nn.Module) -> None:
                               for name, p in processors.items()})
 
 
+def ema_average(params: list[torch.nn.Parameter], decay: float) -> Any:
+    """diffusers' ``EMAModel`` over ``params`` (its default decay warm-up), for :mod:`dpok.ema`."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=decay)
+
+
+def peft_to_kohya(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """UNet LoRA weights in peft naming -> kohya's, with diffusers' own converter (for :mod:`dpok.export`)."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    return convert_state_dict_to_kohya(weights)
+
+
 class DiffusionAdapter:
     """A Stable-Diffusion-style pipeline (SD 1.x, 2.x or SDXL) seen as a policy over denoising steps."""
 
@@ -260,6 +275,15 @@ class DiffusionAdapter:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         return cls(pipe, device, dtype)
 
+    @classmethod
+    def load(cls, model: str = "shapeworld", lora: str = "", device: str = "auto") -> DiffusionAdapter:
+        """``model`` (a folder, hub id or ``shapeworld``) on ``device`` (``auto``, ``cpu``, ``cuda[:N]``),
+        in float32, with the LoRA of folder ``lora`` loaded when one is given (a run's ``lora/``)."""
+        adapter = cls.from_pretrained(model, select_device(device))
+        if lora:
+            adapter.load_lora(lora)
+        return adapter
+
     # ----------------------------------------------------------------------------------- prompts
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
@@ -314,36 +338,26 @@ class DiffusionAdapter:
 
     # ---------------------------------------------------------------------------------- denoiser
     def noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
-                   guidance_scale: float) -> torch.Tensor:
-        """Guided model output eps_u + w (eps_c - eps_u), (B, C, h, w); timesteps (B,).
+                   guidance_scale: float = 1.0, reference: bool = False) -> torch.Tensor:
+        """The denoiser's output (B, C, h, w) at latents (B, C, h, w), timesteps (B,).
+
+        ``guidance_scale`` w: eps_u + w (eps_c - eps_u), one batched UNet call for both branches;
+        1.0 is the unguided conditional eps_theta(x_t, t, z) in a single call (the supervised
+        losses). ``reference=True``: the pretrained weights (LoRA disabled, or the frozen copy),
+        without gradients.
 
         The one denoiser evaluation shared by sampling and training, so log-probs at sampling
         time and at update time come from the same computation (ratio exactly 1 before updates).
         DDIM's ``scale_model_input`` is the identity, so it is not called.
         """
-        return self._guided(self.unet, latents, timesteps, embeds, guidance_scale)
-
-    def reference_noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
-                             guidance_scale: float) -> torch.Tensor:
-        """The same with the pretrained weights (LoRA disabled, or the frozen copy); no grad."""
-        with torch.no_grad(), self.reference():
-            unet = self.reference_unet if self.reference_unet is not None else self.unet
-            return self._guided(unet, latents, timesteps, embeds, guidance_scale)
-
-    def conditional_noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor,
-                               embeds: PromptEmbeds) -> torch.Tensor:
-        """Unguided conditional eps_theta(x_t, t, z) (B, C, h, w) for supervised losses (SFT, RWR)."""
         if self.is_sdxl and embeds.time_ids is None:
             raise ValueError("SDXL needs the pooled text embeddings and time ids: build the PromptEmbeds with "
                              "encode_prompts (or index one from it), not from the encoder states alone")
-        return self.unet(latents, timesteps, embeds.cond, added_cond_kwargs=embeds.added_cond_kwargs()).sample
-
-    def reference_conditional_noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor,
-                                         embeds: PromptEmbeds) -> torch.Tensor:
-        """The pretrained model's unguided eps_pre(x_t, t, z) (B, C, h, w); no grad (SFT-KL's KL term)."""
+        if not reference:
+            return self._guided(self.unet, latents, timesteps, embeds, guidance_scale)
         with torch.no_grad(), self.reference():
             unet = self.reference_unet if self.reference_unet is not None else self.unet
-            return unet(latents, timesteps, embeds.cond, added_cond_kwargs=embeds.added_cond_kwargs()).sample
+            return self._guided(unet, latents, timesteps, embeds, guidance_scale)
 
     @staticmethod
     def _guided(unet, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,  # noqa: ANN001
@@ -436,8 +450,10 @@ class DiffusionAdapter:
         self.scheduler.set_timesteps(num_steps, device=self.device)
         return self.scheduler.timesteps.clone()
 
-    def step_size(self, num_steps: int) -> int:
-        return self.scheduler.config.num_train_timesteps // num_steps
+    @property
+    def num_train_timesteps(self) -> int:
+        """The length of the training noise schedule (1000 for Stable Diffusion)."""
+        return self.scheduler.config.num_train_timesteps
 
     # ----------------------------------------------------------------------------- parameters
     def add_lora(self, rank: int, alpha: float, target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS) -> None:

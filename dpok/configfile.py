@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from .assets import preset_dir
+from .config import PRESETS
 from .options import option_fields, to_options
 from .utils.diskwrite import write_text_atomic
 
@@ -295,7 +297,7 @@ def write_run_config(cfg: Any, folder: str | Path, fmt: str = "yaml") -> Path:
     return write_config_file(run_config_values(cfg), Path(folder) / f"config.{fmt}", header)
 
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESET_DIR = preset_dir()
 
 
 def preset_file(name: str) -> Path:
@@ -307,7 +309,6 @@ def preset_text(name: str) -> str:
     """The text of preset ``name``'s config file: its documentation as comments, then its values."""
     import inspect
 
-    from .config import PRESETS
 
     if name not in PRESETS:
         raise ConfigFileError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
@@ -320,7 +321,6 @@ def preset_text(name: str) -> str:
 
 def write_preset_files(folder: str | Path) -> list[Path]:
     """Write every preset's config file into ``folder``; returns the paths."""
-    from .config import PRESETS
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

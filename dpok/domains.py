@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from .adapter import ModelLoadError, resolve_model
+from .rewards.registry import reward_domain_modules
+
 DOMAIN_FILE = "dpok_domain.json"
 
 
@@ -76,7 +79,6 @@ def write_domain_file(folder: str | Path, module: str) -> Path:
 def model_domain(model: str) -> Domain | None:
     """The domain of a model (a folder, or a name the adapter resolves to one); None for a hub id or
     a folder without a domain file."""
-    from .adapter import ModelLoadError, resolve_model
 
     try:
         resolved = resolve_model(model)
@@ -87,7 +89,6 @@ def model_domain(model: str) -> Domain | None:
 
 def reward_domain(spec: str) -> Domain | None:
     """The domain named by a registered reward of ``spec`` (the first that names one), else None."""
-    from .rewards.registry import reward_domain_modules
 
     modules = reward_domain_modules(spec)
     return load_domain(modules[0]) if modules else None

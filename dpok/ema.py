@@ -16,17 +16,17 @@ from typing import Any
 
 import torch
 
+from .adapter import ema_average
+
 
 class PolicyEMA:
     """The EMA of ``params`` (the policy's trainable parameters), stepped with ``optimizer``."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float, optimizer: torch.optim.Optimizer) -> None:
-        from diffusers.training_utils import EMAModel
-
         if not 0.0 < decay < 1.0:
             raise ValueError(f"--ema-decay must be in (0, 1) (got {decay})")
         self.params = list(params)
-        self.average = EMAModel(self.params, decay=decay)
+        self.average = ema_average(self.params, decay)
         self._hook = optimizer.register_step_post_hook(lambda *_: self.average.step(self.params))
 
     @property

@@ -18,13 +18,12 @@ import torch
 
 from .adapter import DiffusionAdapter
 from .domains import Domain, domain_for
-from .generate import load_model
 from .options import group, option, option_errors, to_options
 from .prompts import prompt_metadata, resolve_prompts
 from .rewards import Reward
 from .rewards.base import PromptMetadataReward
 from .rewards.config import RewardConfig
-from .sampling import Trajectory, policy_step, sample_in_batches
+from .sampling import SampleSettings, Trajectory, sample_in_batches, trajectory_kl
 from .viz import save_prompt_grid
 
 _f = option
@@ -90,7 +89,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                  for prompt, meta in prompt_metadata(file, domain).items()}
         reward = PromptMetadataReward(reward, table)
     reward.validate_prompts([p for ps in splits.values() for p in ps])
-    adapter = load_model(cfg.model, cfg.lora, cfg.device)
+    adapter = DiffusionAdapter.load(cfg.model, cfg.lora, cfg.device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = SampleSettings(cfg.num_images, cfg.num_steps, cfg.guidance_scale, cfg.eta)
@@ -111,54 +110,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
-@dataclass(frozen=True)
-class SampleSettings:
-    """How evaluation images are sampled: ``num_images`` per prompt, DDIM ``num_steps``, ``eta`` > 0."""
-
-    num_images: int
-    num_steps: int = 20
-    guidance_scale: float = 5.0
-    eta: float = 1.0
-    batch_size: int = 32
-
-
 def sample_prompt(adapter: DiffusionAdapter, prompt: str, settings: SampleSettings, seed: int) -> Trajectory:
     """``num_images`` trajectories of one prompt from one seeded generator (the pipeline's own
     trajectories: the sampler is tested equal to the diffusers pipeline)."""
     gen = torch.Generator().manual_seed(seed)
     return sample_in_batches(adapter, [prompt] * settings.num_images, settings.batch_size, settings.num_steps,
                              settings.eta, settings.guidance_scale, gen)
-
-
-def trajectory_kl(adapter: DiffusionAdapter, traj: Trajectory, settings: SampleSettings,
-                  chunk: int = 8, reduce: str = "sum", limit: int | None = None) -> torch.Tensor:
-    """KL to the base model along each sampled trajectory, (B,) in nats.
-
-    sum_t KL(p_theta(x_{t-1} | x_t, z) || p_pre(x_{t-1} | x_t, z)) at the visited x_t, each term in
-    closed form ||mu_theta - mu_pre||^2 / (2 sigma_t^2) summed over latent elements: a single-sample
-    estimate of the DPOK upper bound on KL(p_theta(x_0 | z) || p_pre(x_0 | z)) (Lemma 4.2). Zero
-    for a model without LoRA or fine-tuned weights. ``reduce="mean"`` averages each term over latent
-    elements instead (on the scale of ``logprob_reduce="mean"``);
-    ``limit`` keeps only the first trajectories, (limit,).
-    """
-    from .algorithms.dpok import step_kl
-
-    n = traj.batch_size if limit is None else min(limit, traj.batch_size)
-    if adapter.lora_config is None and adapter.reference_unet is None:
-        return torch.zeros(n)
-    out = []
-    with torch.no_grad():
-        for start in range(0, n, chunk):
-            idx = torch.arange(start, min(start + chunk, n))
-            x = traj.latents[idx].flatten(0, 1)
-            t = traj.timesteps.repeat(len(idx))
-            embeds = traj.embeds[idx.repeat_interleave(traj.num_steps)]
-            args = (x, t, embeds, settings.guidance_scale, settings.eta, settings.num_steps)
-            dist, model_out = policy_step(adapter, *args)
-            ref, ref_out = policy_step(adapter, *args, reference=True)
-            kl = step_kl("closed-form", dist, ref, model_out, ref_out, reduce)
-            out.append(kl.view(len(idx), traj.num_steps).sum(1).cpu())
-    return torch.cat(out)
 
 
 def evaluate_prompt(adapter: DiffusionAdapter, reward: Reward, prompt: str, settings: SampleSettings, seed: int,

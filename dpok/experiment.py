@@ -33,11 +33,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS
+from .checkpoint import latest_checkpoint
+from .config import build_config
 from .domains import Domain, domain_for
 from .evaluate import SampleSettings, evaluate_prompt, split_means
 from .options import group, option, option_errors, to_options
 from .rewards.config import RewardConfig
+from .runlog import read_metrics
+from .runtime import seed_everything
+from .trainer import Trainer
 from .utils.diskwrite import write_text_atomic
 
 GRID_IMAGES = 8  # images per prompt kept for the before/after figures
@@ -216,8 +222,6 @@ class Experiment:
 
     def train_config(self, task: Task, method: Method, seed: int, run_dir: Path, rounds: int,
                      extra: dict[str, Any] | None = None):  # noqa: ANN201
-        from .config import build_config
-
         c = self.cfg
         samples = (extra or {}).get("samples_per_round", c.samples_per_round)
         sample_minibatches = ALGORITHMS.get(method.algorithm).sample_minibatches
@@ -234,8 +238,6 @@ class Experiment:
         if sample_minibatches:  # a method's own minibatch, fitted to a smaller round
             settings["minibatch_size"] = math.gcd(settings["minibatch_size"], samples)
         if (run_dir / "config.json").is_file():
-            from .checkpoint import latest_checkpoint
-
             if latest_checkpoint(run_dir) is not None:
                 settings["resume"] = str(run_dir)
             else:  # interrupted before its first checkpoint: nothing worth keeping
@@ -265,17 +267,13 @@ class Experiment:
 
     # --------------------------------------------------------------------------------- units
     def run_unit(self, task: Task, method: Method, seed: int) -> dict[str, Any]:
-        from .generate import load_model
-        from .runlog import read_metrics
-        from .trainer import Trainer, seed_everything
-
         folder = self.unit_dir(task.name, method.name, seed)
         t0 = time.perf_counter()
         curve: list[dict[str, float]] = []
         queries, per_image = 0, 1
         if method.algorithm is None:
             seed_everything(seed)
-            adapter = load_model(self.cfg.model, "", self.cfg.device)
+            adapter = DiffusionAdapter.load(self.cfg.model, "", self.cfg.device)
             splits = self.evaluate(adapter, task, seed, folder)
         elif not method.trains:  # rejection sampling: best-of-n of the base model, nothing trained
             cfg = self.train_config(task, method, seed, folder / "run", rounds=1)
@@ -313,9 +311,6 @@ class Experiment:
     def run_overopt(self, beta: float) -> None:
         """Train one prompt for ``overopt_rounds`` with KL weight ``beta``, evaluating every
         ``overopt_eval_every`` rounds (round 0 is the base model). Each segment resumes the last."""
-        from .runlog import read_metrics
-        from .trainer import Trainer
-
         c = self.cfg
         folder = self.overopt_dir(beta)
         points_path = folder / "points.jsonl"
@@ -328,9 +323,7 @@ class Experiment:
             if end in done:
                 continue
             if end == 0:
-                from .generate import load_model
-
-                adapter = load_model(c.model, "", c.device)
+                adapter = DiffusionAdapter.load(c.model, "", c.device)
             else:
                 extra = {"learning_rate": c.overopt_learning_rate, "checkpoint_every": c.overopt_eval_every,
                          "samples_per_round": c.overopt_samples_per_round}

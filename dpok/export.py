@@ -21,6 +21,10 @@ from typing import Any
 
 import torch
 
+from ._version import __version__
+from .adapter import peft_to_kohya
+from .runlog import read_metrics
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"  # not *pytorch_lora_weights.safetensors: diffusers' folder loading ignores it
 CARD_FILE = "README.md"
@@ -59,8 +63,6 @@ def read_lora(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 def to_kohya(weights: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """UNet LoRA weights in peft naming (``unet.….lora_A.weight``) -> kohya's (``lora_unet_….lora_down.weight``
     with ``….alpha``), through diffusers' converter; ``.alpha`` is the adapter's ``lora_alpha``."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-
     unsupported = [name for name in ("rank_pattern", "alpha_pattern") if config.get(name)]
     unsupported += [name for name in ("use_dora", "use_rslora") if config.get(name)]
     if unsupported:
@@ -69,7 +71,7 @@ def to_kohya(weights: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[s
     other = sorted({k.split(".", 1)[0] for k in weights if not k.startswith("unet.")})
     if other:
         raise ExportError(f"only UNet LoRA weights can be exported; the file also holds {', '.join(other)}")
-    kohya = convert_state_dict_to_kohya({k: v.float().contiguous() for k, v in weights.items()})
+    kohya = peft_to_kohya({k: v.float().contiguous() for k, v in weights.items()})
     alpha = torch.tensor(float(config["lora_alpha"]))
     return {k: alpha.clone() if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
 
@@ -108,7 +110,6 @@ def model_card(cfg: dict[str, Any], summary: dict[str, Any], images: list[str], 
     """The model card text (YAML metadata + Markdown) of a run from its settings and summary."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from . import __version__
 
     base = cfg.get("model", "shapeworld")
     prompts = list(cfg.get("prompt") or []) or list((summary.get("reward_after") or {}).keys())
@@ -188,7 +189,6 @@ The run's settings are in `config.yaml` (or `config.toml`): `dpok train --config
 def write_model_card(run_dir: str | Path) -> Path:
     """Write ``RUN/lora/README.md`` from the run's ``config.json`` and ``summary.json``, with the sample
     grids and the config file copied beside it; returns the card's path."""
-    from .runlog import read_metrics
 
     run = Path(run_dir)
     folder = lora_folder(run)

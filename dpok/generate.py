@@ -49,15 +49,6 @@ class SampleConfig:
             raise ValueError("invalid settings:\n  " + "\n  ".join(errors))
 
 
-def load_model(model: str, lora: str = "", device: str = "auto") -> DiffusionAdapter:
-    from .trainer import select_device
-
-    adapter = DiffusionAdapter.from_pretrained(model, select_device(device))
-    if lora:
-        adapter.load_lora(lora)
-    return adapter
-
-
 def validate_prompts_for(model: str, prompts: list[str]) -> None:
     """Prompts must be in the grammar of the model's domain, if it has one (e.g. the embedded
     model's ShapeWorld grammar); checked before the model loads."""
@@ -94,7 +85,7 @@ def write_samples(model: str, lora: str, prompts: list[str], num_images: int, se
             raise ValueError(f"{name} must be >= 1 (got {value})")
     if eta < 0:
         raise ValueError(f"--eta must be >= 0 (got {eta})")
-    adapter = load_model(model, lora, device)
+    adapter = DiffusionAdapter.load(model, lora, device)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     index: dict[str, str] = {}

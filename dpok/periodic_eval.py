@@ -18,16 +18,25 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
+from . import distributed
 from .adapter import DiffusionAdapter
 from .domains import Domain
 from .evaluate import MEASURES, SampleSettings, evaluate_prompt, prompt_label
 from .rewards import Reward
-from .runlog import read_metrics
+from .runlog import RunLog, read_metrics
+from .sampling import sample_in_batches
 from .viz import save_prompt_grid
 
+if TYPE_CHECKING:
+    from .run_parts import RunParts
+
+BEFORE_AFTER_SEED = 10_000  # the before/after evaluation's seeds: away from the training streams
 MAX_PROMPTS = 4  # per split: the cost of an evaluation stays bounded
 GRID_IMAGES = 8
 SEED_BASE = 20_000  # away from the training streams and the before/after evaluation's seeds
@@ -78,6 +87,48 @@ def evaluate_policy(adapter: DiffusionAdapter, reward: Reward, plan: EvalPlan
                 finite = [v for v in values if not math.isnan(v)]
                 metrics[f"eval/{split}/{measure}"] = float(np.mean(finite)) if finite else float("nan")
     return metrics, rows, labels
+
+
+def before_after_rewards(parts: RunParts, prompts: list[str], base: bool = False
+                         ) -> tuple[dict[str, float], list[np.ndarray]]:
+    """The before/after evaluation: mean reward per prompt over ``eval_images`` fixed-seed samples
+    (same seeds every call), and each prompt's first :data:`GRID_IMAGES` images (N, H, W, 3).
+
+    ``base=True`` samples the pretrained policy; otherwise the method's own output (for
+    rejection sampling, the best of ``best_of``)."""
+    cfg, per_prompt, rows = parts.cfg, {}, []
+    for i, prompt in enumerate(prompts):
+        gen = torch.Generator().manual_seed(BEFORE_AFTER_SEED + cfg.seed * 100 + i)
+        batch = [prompt] * cfg.eval_images
+        if base:
+            images = sample_in_batches(parts.adapter, batch, cfg.sample_batch_size, cfg.num_steps, cfg.eta,
+                                       cfg.guidance_scale, gen, reference=True).images
+        else:
+            images = parts.algorithm.generate(batch, gen)
+        out = parts.reward(images, [prompt] * len(images))
+        per_prompt[prompt] = float(out.scores[out.valid].mean()) if out.valid.any() else float("nan")
+        rows.append(images[:GRID_IMAGES].permute(0, 2, 3, 1).cpu().numpy())
+    return per_prompt, rows
+
+
+def evaluate_run(parts: RunParts, round_: int, log: RunLog | None) -> dict[str, float] | None:
+    """The ``--eval-every`` evaluation of the current weights (main process; the others wait and get
+    None): ``eval/*`` means to ``eval.jsonl`` and the trackers, a grid to ``eval/round-N.png``."""
+    cfg, metrics = parts.cfg, None
+    if parts.is_main:
+        plan = make_plan(parts.prompts, parts.eval_unseen, cfg.eval_every_images, cfg.num_steps, cfg.guidance_scale,
+                         cfg.eta, cfg.seed, parts.domain, cfg.sample_batch_size)
+        with parts.evaluated_weights():
+            metrics, rows, labels = evaluate_policy(parts.adapter, parts.reward, plan)
+        grid = record(parts.out, round_, metrics, rows, labels)
+        if log is not None:
+            log.log_scalars(metrics, round_)
+            log.log_png("eval/grid", grid, round_)
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items()
+                          if k.endswith(("reward_mean", "judge_aligned")))
+        tqdm.write(f"eval after round {round_}: {shown}")
+    distributed.barrier()
+    return metrics
 
 
 def grid_path(run_dir: Path, round_: int) -> Path:

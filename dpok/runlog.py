@@ -40,6 +40,13 @@ class RunLog:
         """An RGB image (H, W, 3) uint8 to the trackers."""
         self.trackers.log_image(key, image, step)
 
+    def log_png(self, key: str, path: Path, step: int) -> None:
+        """A saved image file (a grid PNG) to the trackers, as RGB."""
+        from PIL import Image  # only the main process, once per grid, needs PIL here
+
+        with Image.open(path) as image:
+            self.log_image(key, np.asarray(image.convert("RGB")), step)
+
     def close(self) -> None:
         self.trackers.finish()
 

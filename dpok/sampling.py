@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import DiffusionAdapter, PromptEmbeds
-from .core import StepDistribution, ddim_log_prob, ddim_step_distribution
+from .core import (
+    StepDistribution,
+    ddim_log_prob,
+    ddim_sample_next,
+    ddim_step_distribution,
+    previous_timestep,
+    step_kl,
+)
 
 
 @dataclass
@@ -72,9 +79,8 @@ def policy_step(adapter: DiffusionAdapter, latents: torch.Tensor, timesteps: tor
 
     ``reference=True`` evaluates the pretrained policy (LoRA disabled / frozen copy), no grad.
     """
-    fn = adapter.reference_noise_pred if reference else adapter.noise_pred
-    model_output = fn(latents, timesteps, embeds, guidance_scale)
-    prev = timesteps - adapter.step_size(num_steps)
+    model_output = adapter.noise_pred(latents, timesteps, embeds, guidance_scale, reference=reference)
+    prev = previous_timestep(timesteps, adapter.num_train_timesteps, num_steps)
     dist = ddim_step_distribution(model_output, latents, timesteps, prev, adapter.alphas_cumprod, eta,
                                   adapter.final_alpha_cumprod, adapter.prediction_type)
     return dist, model_output
@@ -113,7 +119,7 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
         t_batch = t.expand(len(prompts))
         dist = step_distribution(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
         noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
-        x_next = (dist.mean + dist.std * noise).to(x.dtype)
+        x_next = ddim_sample_next(dist, noise).to(x.dtype)
         latents.append(x)
         next_latents.append(x_next)
         log_probs.append(ddim_log_prob(x_next.float(), dist, reduce=logprob_reduce) if with_log_probs
@@ -144,3 +150,43 @@ def evaluate_log_probs(adapter: DiffusionAdapter, latents: torch.Tensor, next_la
     distribution and the guided model output."""
     dist, model_output = policy_step(adapter, latents, timesteps, embeds, guidance_scale, eta, num_steps)
     return ddim_log_prob(next_latents.float(), dist, reduce=logprob_reduce), dist, model_output
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How evaluation images are sampled: ``num_images`` per prompt, DDIM ``num_steps``, ``eta`` > 0."""
+
+    num_images: int
+    num_steps: int = 20
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    batch_size: int = 32
+
+
+def trajectory_kl(adapter: DiffusionAdapter, traj: Trajectory, settings: SampleSettings,
+                  chunk: int = 8, reduce: str = "sum", limit: int | None = None) -> torch.Tensor:
+    """KL to the base model along each sampled trajectory, (B,) in nats.
+
+    sum_t KL(p_theta(x_{t-1} | x_t, z) || p_pre(x_{t-1} | x_t, z)) at the visited x_t, each term in
+    closed form ||mu_theta - mu_pre||^2 / (2 sigma_t^2) summed over latent elements: a single-sample
+    estimate of the DPOK upper bound on KL(p_theta(x_0 | z) || p_pre(x_0 | z)) (Lemma 4.2). Zero
+    for a model without LoRA or fine-tuned weights. ``reduce="mean"`` averages each term over latent
+    elements instead (on the scale of ``logprob_reduce="mean"``);
+    ``limit`` keeps only the first trajectories, (limit,).
+    """
+    n = traj.batch_size if limit is None else min(limit, traj.batch_size)
+    if adapter.lora_config is None and adapter.reference_unet is None:
+        return torch.zeros(n)
+    out = []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(start + chunk, n))
+            x = traj.latents[idx].flatten(0, 1)
+            t = traj.timesteps.repeat(len(idx))
+            embeds = traj.embeds[idx.repeat_interleave(traj.num_steps)]
+            args = (x, t, embeds, settings.guidance_scale, settings.eta, settings.num_steps)
+            dist, model_out = policy_step(adapter, *args)
+            ref, ref_out = policy_step(adapter, *args, reference=True)
+            kl = step_kl("closed-form", dist, ref, model_out, ref_out, reduce)
+            out.append(kl.view(len(idx), traj.num_steps).sum(1).cpu())
+    return torch.cat(out)

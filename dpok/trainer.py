@@ -10,12 +10,15 @@ Several processes (``accelerate launch --multi_gpu --num_processes N -m dpok tra
 prompt and noise streams, gradients are averaged before every optimizer step (see
 :mod:`dpok.distributed`), rewards are gathered for the statistics and metrics, and only the main
 process evaluates and writes files while the others wait for it.
+
+The parts of a run are built by :func:`dpok.run_parts.build_run`; checkpoints are
+:mod:`dpok.checkpoint`'s, evaluations :mod:`dpok.periodic_eval`'s, the files of a finished run
+:mod:`dpok.outputs`'.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import time
@@ -25,34 +28,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from . import distributed, periodic_eval
-from .adapter import DiffusionAdapter
-from .algorithms import ALGORITHMS, Algorithm, AlgorithmContext, Rollout
-from .checkpoint import checkpoint_path, latest_checkpoint, latest_complete, write_checkpoint
+from .algorithms import Rollout
+from .checkpoint import latest_checkpoint, latest_complete, load_run_state, resume_run, run_state, save_run
 from .config import TrainConfig
-from .configfile import write_run_config
 from .core import lr_factor
-from .domains import Domain, model_domain, reward_domain
-from .ema import PolicyEMA
-from .export import export_kohya, write_model_card
-from .prompts import FunctionPromptSampler, PromptFunction, PromptSampler, prompt_metadata, resolve_prompts
+from .outputs import save_grid, save_outputs, write_config_files
+from .prompts import PromptFunction
 from .rewards import Reward, RewardError, RewardOutput
-from .rewards.base import PromptMetadataReward
-from .runlog import RunLog, plot_curves, read_metrics
-from .sampling import Trajectory, sample_in_batches
-from .utils.diskwrite import run_folder_writes, write_text_atomic
-from .utils.state_io import CheckpointError, rng_state, set_rng_state
-from .viz import save_prompt_grid
-
-GRID_PROMPTS = 4  # prompts shown in the before/after grids
-GRID_IMAGES = 8  # images per prompt in the grids
+from .run_parts import GRID_PROMPTS, RunParts, build_run
+from .run_parts import prepare_prompts as prepare_prompts  # where it lived before run_parts
+from .runlog import RunLog
+from .sampling import SampleSettings, Trajectory, sample_in_batches, trajectory_kl
+from .utils.diskwrite import run_folder_writes
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many skipped updates in a row."""
+    """Too many skipped updates in a row, or processes whose weights differ."""
 
 
 @dataclass
@@ -64,217 +58,61 @@ class RunResult:
     main_process: bool = True  # False on the other processes of a multi-process run (they print nothing)
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def prepare_prompts(cfg: TrainConfig, domain: Domain | None, defaults: tuple[str, ...] = ()) -> list[str]:
-    """Training prompts: the ones given (checked by ``domain``), else ``defaults``, the model's
-    domain's (on the embedded model ``two white triangles``)."""
-    if not (cfg.prompt or cfg.prompt_file or cfg.prompt_set):
-        if not defaults:
-            raise ValueError("give training prompts with --prompt, --prompt-file or --prompt-set")
-        return list(defaults)
-    return resolve_prompts(cfg.prompt or None, cfg.prompt_file or None, cfg.prompt_set or None, domain)
-
-
-def default_output_dir(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 class Trainer:
-    """Owns the model, reward, algorithm, optimizer and the run folder for one run."""
+    """Runs the loop over the parts of one run (:class:`~dpok.run_parts.RunParts`: model, reward,
+    algorithm, optimizer, run folder, ...), which read as its own attributes (``trainer.adapter``)."""
 
-    def __init__(self, cfg: TrainConfig, config_format: str = "yaml", *, pipeline: Any = None,
-                 reward: Reward | None = None, prompt_fn: PromptFunction | None = None) -> None:
+    def __init__(self, cfg: TrainConfig | None, config_format: str = "yaml", *, pipeline: Any = None,
+                 reward: Reward | None = None, prompt_fn: PromptFunction | None = None,
+                 parts: RunParts | None = None) -> None:
         """``config_format``: ``yaml`` or ``toml``, the format of the resolved ``config.<format>``
         written into the run folder beside ``config.json`` (the format of the run's ``--config`` file).
 
         From Python (see :func:`dpok.api.train`): ``pipeline``, a diffusers pipeline object to train
         instead of loading ``cfg.model`` (changed in place); ``reward``, a :class:`~dpok.rewards.Reward`
         instead of ``cfg.reward``; ``prompt_fn``, ``fn(rng) -> prompt or (prompt, metadata)`` drawing
-        the training prompts instead of ``cfg.prompt`` / ``prompt_file`` / ``prompt_set``."""
+        the training prompts instead of ``cfg.prompt`` / ``prompt_file`` / ``prompt_set``; ``parts``,
+        the run's parts already built by :func:`~dpok.run_parts.build_run` (then ``cfg`` is theirs)."""
         if config_format not in ("yaml", "toml"):
             raise ValueError(f"config_format must be 'yaml' or 'toml' (got {config_format!r})")
+        if parts is None and cfg is None:
+            raise ValueError("give a TrainConfig or the run's parts")
         self.config_format = config_format
-        state = distributed.init_processes(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
-        self.rank, self.num_processes = distributed.rank(), distributed.world_size()
-        self.is_main = self.rank == 0
-        cfg.validate(num_processes=self.num_processes)
-        auto = [n for n in ("sample_batch_size", "minibatch_size") if getattr(cfg, n) == 0]
-        cfg = cfg.resolved(self.num_processes)
-        if auto and self.is_main:
-            tqdm.write("batch sizes (auto): " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in auto))
-        self.cfg = cfg
-        # prompt -> metadata (a .jsonl prompt file's fields, or what prompt_fn returns), for the rewards that take it
-        # the model's domain gives default prompts; a domain reward's checks the prompts on any model
-        own = model_domain(cfg.model)
-        self.domain = own or reward_domain(cfg.reward.name)
-        self.prompt_metadata: dict[str, dict[str, Any]] = (prompt_metadata(cfg.prompt_file, self.domain)
-                                                           if cfg.prompt_file else {})
-        self.prompt_fn = prompt_fn
-        if prompt_fn is None:
-            self.prompts = prepare_prompts(cfg, self.domain, own.default_prompts if own else ())
-        else:  # the fixed prompts of the grids and evaluations, drawn once from their own stream
-            self.prompts = FunctionPromptSampler(prompt_fn, cfg.seed, self.prompt_metadata).preview(GRID_PROMPTS)
-        self.eval_unseen = (resolve_prompts(cfg.eval_prompt or None, None, cfg.eval_prompt_set or None, self.domain)
-                            if cfg.eval_prompt or cfg.eval_prompt_set else [])
-        self.device = select_device(cfg.device)
-        if state is not None and self.device.type == "cuda":
-            self.device = state.device  # one GPU per process: cuda:<local rank>
-        self.reward = reward.to(self.device) if reward is not None else cfg.reward.build(self.device)
-        if self.reward.uses_metadata:  # handed each prompt's metadata wherever it is called
-            self.reward = PromptMetadataReward(self.reward, self.prompt_metadata)
-        self.reward.validate_prompts(self.prompts + self.eval_unseen)
-        self.out = Path(cfg.resume or cfg.output_dir) if (cfg.resume or cfg.output_dir) else default_output_dir(cfg)
-        if not cfg.resume and (self.out / "config.json").exists():
-            raise ValueError(f"--output-dir {self.out} already holds a run (config.json); continue it with "
-                             f"--resume {self.out} or choose another --output-dir (nothing was changed)")
-        # every process has checked the folder before the main one writes config.json into it
-        distributed.barrier()
-        # the same seed everywhere first: every process builds identical LoRA / value-function weights
-        seed_everything(cfg.seed)
-        dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-        if dtype != torch.float32 and self.device.type == "cpu":
-            raise ValueError("--mixed-precision fp16/bf16 needs a GPU; use --mixed-precision no on the CPU")
-        self.adapter = (DiffusionAdapter.from_pipeline(pipeline, self.device, dtype) if pipeline is not None
-                        else DiffusionAdapter.from_pretrained(cfg.model, self.device, dtype))
-        if cfg.finetune == "lora":
-            self.adapter.add_lora(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
-        else:
-            self.adapter.enable_full_finetuning()
-        if cfg.gradient_checkpointing:
-            self.adapter.unet.enable_gradient_checkpointing()
-        params = self.adapter.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        # the EMA of the trainable weights, stepped after every optimizer step (--ema-decay)
-        self.ema = PolicyEMA(params, cfg.ema_decay, self.optimizer) if cfg.ema_decay else None
-        # each process its own prompt and noise streams (process 0: the run's seed, as with one process)
-        seed = distributed.rank_seed(cfg.seed, self.rank)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.rng = np.random.default_rng(seed)
-        ctx = AlgorithmContext(cfg, self.adapter, self.optimizer, self.rng, self.generator, self.reward)
-        self.algorithm: Algorithm = ALGORITHMS.create(cfg.algorithm, ctx)
-        self.sampler = (PromptSampler(self.prompts, seed) if prompt_fn is None
-                        else FunctionPromptSampler(prompt_fn, seed, self.prompt_metadata))
-        if self.rank > 0:
-            seed_everything(seed)  # the global RNGs too, now that the shared weights are built
-        distributed.broadcast_parameters(self._replicated_parameters())
-        self.out.mkdir(parents=True, exist_ok=True)  # only now: a model that fails to load leaves no empty run folder
+        self.parts = parts if parts is not None else build_run(cfg, pipeline=pipeline, reward=reward,
+                                                               prompt_fn=prompt_fn)
         self.round = 0
         self.reward_queries = 0
         self.before: dict[str, float] | None = None
         self.stop_signal: int | None = None
         self.bad_rounds = 0
         self.update_skipped = False
-        if cfg.resume:
-            self._resume()
-        self.log: RunLog | None = RunLog(self.out, cfg.report_to, cfg.to_dict()) if self.is_main else None
+        if self.cfg.resume:
+            progress = resume_run(self.parts)
+            if progress is not None:
+                self.round, self.reward_queries, self.before = progress
+        self.log: RunLog | None = RunLog(self.out, self.cfg.report_to, self.cfg.to_dict()) if self.is_main else None
 
-    def _replicated_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters every process holds the same copy of: the policy's trainable ones and the algorithm's."""
-        return self.adapter.trainable_parameters() + self.algorithm.replicated_parameters()
+    def __getattr__(self, name: str) -> Any:
+        # only reached for names the trainer does not hold itself: the run's parts
+        if name == "parts":
+            raise AttributeError(name)
+        return getattr(self.parts, name)
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        trainable = {n: p.detach().cpu() for n, p in self.adapter.unet.named_parameters() if p.requires_grad}
-        return {
-            "round": self.round, "reward_queries": self.reward_queries, "before": self.before,
-            "trainable": trainable, "optimizer": self.optimizer.state_dict(),
-            "algorithm": self.algorithm.state_dict(), "prompt_sampler": self.sampler.state_dict(),
-            "rng": rng_state(self.rng), "generator": self.generator.get_state(),
-            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
-        }
-
-    # what differs between the processes of a run; the rest (weights, optimizer, counters) is the same on all
-    PER_PROCESS = ("algorithm", "prompt_sampler", "rng", "generator")
+        return run_state(self.parts, (self.round, self.reward_queries, self.before))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`, or a checkpoint of a multi-process run: there each process
-        takes its own entry of ``state["processes"]`` (the main process's is the top level)."""
-        saved = int(state.get("num_processes", 1))
-        if saved != self.num_processes:
-            raise CheckpointError(f"the checkpoint was written by a run of {saved} process(es); resume it with "
-                                  f"{saved} (this run has {self.num_processes}) so that it continues identically")
-        mine = state if self.rank == 0 else state["processes"][self.rank]
-        params = dict(self.adapter.unet.named_parameters())
-        missing = [n for n in state["trainable"] if n not in params]
-        if missing:
-            raise CheckpointError(f"checkpoint weights {missing[:3]} do not match this model's trainable parameters; "
-                                  "resume with the same --model, --finetune and LoRA settings")
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None:
-            if "ema" not in state:
-                raise CheckpointError("the checkpoint holds no EMA weights; it was written without --ema-decay")
-            self.ema.load_state_dict(state["ema"])
-        self.algorithm.load_state_dict(mine["algorithm"])
-        self.sampler.load_state_dict(mine["prompt_sampler"])
-        set_rng_state(mine["rng"], self.rng)
-        self.generator.set_state(mine["generator"])
-        self.round, self.reward_queries, self.before = int(state["round"]), int(state["reward_queries"]), state["before"]
+        """Restore :meth:`state_dict` (see :func:`dpok.checkpoint.load_run_state`)."""
+        self.round, self.reward_queries, self.before = load_run_state(self.parts, state)
 
     def checkpoint(self) -> Path:
-        """Write a checkpoint (main process); with several processes every one must call this.
-
-        A multi-process checkpoint adds ``num_processes`` and ``processes``: for each process
-        r >= 1 its own algorithm state (replay buffer, SFT data), prompt sampler, RNG and
-        generator states, gathered to the main process. Each process's digest of the replicated
-        weights is compared first: a mismatch means the processes diverged, and no checkpoint
-        is written.
-        """
-        state = self.state_dict()
-        if self.num_processes == 1:
-            return write_checkpoint(self.out, self.round, state, self.cfg.keep_checkpoints)
-        own = {k: state[k] for k in self.PER_PROCESS}
-        own["weights_digest"] = distributed.parameters_digest(self._replicated_parameters())
-        gathered = distributed.gather_objects(distributed.to_cpu(own))
-        error = None
-        if gathered is not None:
-            digests = [g["weights_digest"] for g in gathered]
-            if len(set(digests)) > 1:
-                error = (f"the processes' weights differ after round {self.round} (digests {digests}): they must "
-                         "stay identical; no checkpoint was written")
-            else:
-                state.update(num_processes=self.num_processes, weights_digest=digests[0],
-                             processes={r: gathered[r] for r in range(1, self.num_processes)})
-                write_checkpoint(self.out, self.round, state, self.cfg.keep_checkpoints)
-        error = distributed.broadcast_object(error)  # also: nobody goes on before the checkpoint exists
+        """Write a checkpoint (main process); with several processes every one must call this
+        (see :func:`dpok.checkpoint.save_run`)."""
+        path, error = save_run(self.parts, (self.round, self.reward_queries, self.before))
         if error:
             raise TrainingDiverged(error)
-        return checkpoint_path(self.out, self.round)
-
-    def _resume(self) -> None:
-        found = latest_checkpoint(self.out)
-        if found is None:
-            # stopped before its first checkpoint: this run's start is what a fresh run does (same seed)
-            if self.is_main:
-                (self.out / "metrics.jsonl").unlink(missing_ok=True)
-                tqdm.write(f"{self.out} has no complete checkpoint yet: running it again from its start")
-            distributed.barrier()
-            return
-        path, state = found
-        self.load_state_dict(state)
-        if self.is_main:
-            # rounds logged after the checkpoint will be run again: drop their lines
-            rows = [r for r in read_metrics(self.out / "metrics.jsonl") if r["round"] <= self.round]
-            (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            tqdm.write(f"resumed {self.out} from {path.name} (round {self.round})")
-        distributed.barrier()  # every process has read the checkpoint before the main one may replace it
+        return path
 
     # ------------------------------------------------------------------------------- phases
     def sample(self, prompts: list[str]) -> Trajectory:
@@ -306,8 +144,6 @@ class Trainer:
         """Sum over steps of the closed-form KL_t to the pretrained policy, summed over latent
         elements (nats) and averaged over (at most ``max_samples``) trajectories of this round,
         with the policy that sampled them: the DPOK bound on KL(p_theta(x_0|z) || p_pre(x_0|z))."""
-        from .evaluate import SampleSettings, trajectory_kl
-
         cfg, n = self.cfg, min(max_samples, traj.batch_size)
         steps, eta = self.algorithm.rollout_sampler()
         if eta == 0:  # deterministic rollouts: no step distributions, no KL bound
@@ -355,23 +191,9 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- evaluation
     def evaluate(self, prompts: list[str], base: bool = False) -> tuple[dict[str, float], list[np.ndarray]]:
-        """Mean reward per prompt over ``eval_images`` fixed-seed samples (same seeds every call).
-
-        ``base=True`` samples the pretrained policy; otherwise the method's own output (for
-        rejection sampling, the best of ``best_of``)."""
-        cfg, per_prompt, rows = self.cfg, {}, []
-        for i, prompt in enumerate(prompts):
-            gen = torch.Generator().manual_seed(10_000 + cfg.seed * 100 + i)
-            batch = [prompt] * cfg.eval_images
-            if base:
-                images = sample_in_batches(self.adapter, batch, cfg.sample_batch_size, cfg.num_steps, cfg.eta,
-                                           cfg.guidance_scale, gen, reference=True).images
-            else:
-                images = self.algorithm.generate(batch, gen)
-            out = self.reward(images, [prompt] * len(images))
-            per_prompt[prompt] = float(out.scores[out.valid].mean()) if out.valid.any() else float("nan")
-            rows.append(images[:GRID_IMAGES].permute(0, 2, 3, 1).cpu().numpy())
-        return per_prompt, rows
+        """Mean reward per prompt over ``eval_images`` fixed-seed samples, and the grid rows (see
+        :func:`dpok.periodic_eval.before_after_rewards`)."""
+        return periodic_eval.before_after_rewards(self.parts, prompts, base)
 
     def _check_bad_round(self, metrics: dict[str, float]) -> None:
         """Count rounds in a row whose update was skipped; stop at ``max_bad_rounds``."""
@@ -384,10 +206,6 @@ class Trainer:
                 f"reward invalid; see reward/invalid and train/skipped_* in {self.out / 'metrics.jsonl'}); {where}. Lower "
                 "--learning-rate or check the reward, then --resume")
 
-    def evaluated_weights(self) -> contextlib.AbstractContextManager[None]:
-        """The weights evaluations use: the EMA ones with --ema-decay (within the block), else the raw ones."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-
     def _eval_due(self, rounds: int) -> bool:
         """Whether ``--eval-every`` evaluates after the round just finished (every N rounds and the last)."""
         every = self.cfg.eval_every
@@ -396,46 +214,16 @@ class Trainer:
     def periodic_eval(self) -> dict[str, float] | None:
         """The ``--eval-every`` evaluation of the current policy (main process; the others wait):
         ``eval/*`` means to ``eval.jsonl``, a grid to ``eval/round-N.png``, ``eval_curves.png``."""
-        metrics = None
-        if self.is_main:
-            plan = periodic_eval.make_plan(self.prompts, self.eval_unseen, self.cfg.eval_every_images,
-                                           self.cfg.num_steps, self.cfg.guidance_scale, self.cfg.eta, self.cfg.seed,
-                                           self.domain, self.cfg.sample_batch_size)
-            with self.evaluated_weights():
-                metrics, rows, labels = periodic_eval.evaluate_policy(self.adapter, self.reward, plan)
-            grid = periodic_eval.record(self.out, self.round, metrics, rows, labels)
-            if self.log is not None:
-                self.log.log_scalars(metrics, self.round)
-                self._log_grid("eval/grid", grid)
-            shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items()
-                              if k.endswith(("reward_mean", "judge_aligned")))
-            tqdm.write(f"eval after round {self.round}: {shown}")
-        distributed.barrier()
-        return metrics
+        return periodic_eval.evaluate_run(self.parts, self.round, self.log)
 
     def _grid(self, rows: list[np.ndarray], prompts: list[str], name: str, scores: dict[str, float]) -> Path:
-        labels = [f"{p}  (reward {scores[p]:.3f})" for p in prompts]
-        path = save_prompt_grid(rows, labels, self.out / name)
-        self._log_grid(f"samples/{Path(name).stem.removeprefix('samples_')}", path)
-        return path
-
-    def _log_grid(self, key: str, path: Path) -> None:
-        """A saved grid (PNG) to the trackers, at the current round."""
-        if self.log is not None:
-            from PIL import Image
-
-            with Image.open(path) as image:
-                self.log.log_image(key, np.asarray(image.convert("RGB")), self.round)
+        return save_grid(self.out, rows, prompts, name, scores, self.log, self.round)
 
     # ---------------------------------------------------------------------------------- run
     def run(self) -> RunResult:
         cfg, main = self.cfg, self.is_main
-        if main and not (cfg.resume and (self.out / f"config.{self.config_format}").exists()):
-            # config.yaml first: config.json marks a folder as holding a run, so a kill between the
-            # two leaves no run without its config file (a resume writes a missing one again)
-            write_run_config(cfg, self.out, self.config_format)
-        if main and not cfg.resume:
-            write_text_atomic(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if main:
+            write_config_files(cfg, self.out, self.config_format)
         shown = self.prompts[:GRID_PROMPTS]
         if main:
             procs = f" on {self.num_processes} processes" if self.num_processes > 1 else ""
@@ -482,60 +270,14 @@ class Trainer:
         after: dict[str, float] | None = None
         files: dict[str, str] = {}
         if main:
-            with self.evaluated_weights():
+            with self.parts.evaluated_weights():
                 after, rows = self.evaluate(shown)
             self._grid(rows, shown, "samples_after.png", after)
-            files = self._save_outputs(before, after)
+            files = save_outputs(self.parts, self.log, before, after, self.round, self.reward_queries,
+                                 self.config_format)
         after, files = distributed.broadcast_object((after, files))
         return RunResult(self.out, float(np.mean(list(before.values()))), float(np.mean(list(after.values()))), files,
                          main_process=main)
-
-    def _save_outputs(self, before: dict[str, float], after: dict[str, float]) -> dict[str, str]:
-        files = {"config": "config.json", "config_file": f"config.{self.config_format}", "metrics": "metrics.jsonl",
-                 "tensorboard": "tensorboard/",
-                 "samples_before": "samples_before.png", "samples_after": "samples_after.png"}
-        lora = self.algorithm.trains and self.cfg.finetune == "lora"
-        if lora:
-            self.adapter.save_lora(self.out / "lora")
-            files["lora"] = "lora/pytorch_lora_weights.safetensors"
-            if self.cfg.kohya_lora:
-                files["lora_kohya"] = str(export_kohya(self.out).relative_to(self.out))
-            files["model_card"] = "lora/README.md"
-        elif self.algorithm.trains:
-            self.adapter.unet.save_pretrained(self.out / "unet")
-            files["unet"] = "unet/"
-        if self.ema is not None and self.algorithm.trains:  # the EMA weights beside the raw ones
-            with self.ema.applied():
-                if lora:
-                    self.adapter.save_lora(self.out / "lora_ema")
-                    files["lora_ema"] = "lora_ema/pytorch_lora_weights.safetensors"
-                    if self.cfg.kohya_lora:
-                        files["lora_ema_kohya"] = str(export_kohya(self.out / "lora_ema").relative_to(self.out))
-                else:
-                    self.adapter.unet.save_pretrained(self.out / "unet_ema")
-                    files["unet_ema"] = "unet_ema/"
-        if plot_curves(self.log.path, self.out / "curves.png"):
-            files["curves"] = "curves.png"
-        evals = read_metrics(self.out / "eval.jsonl")
-        if evals:
-            files.update({"eval": "eval.jsonl", "eval_grids": "eval/"})
-            if periodic_eval.plot_eval_curves(self.out / "eval.jsonl", self.out / "eval_curves.png"):
-                files["eval_curves"] = "eval_curves.png"
-        summary = {"reward_before": before, "reward_after": after,
-                   "reward_before_mean": float(np.mean(list(before.values()))),
-                   "reward_after_mean": float(np.mean(list(after.values()))),
-                   "eval_images_per_prompt": self.cfg.eval_images, "rounds": self.round,
-                   "reward_queries": self.reward_queries,
-                   "reward_queries_per_eval_image": self.algorithm.reward_queries_per_image(),
-                   "eval_last": evals[-1] if evals else None,
-                   "evaluated_weights": "ema" if self.ema is not None else "raw", "files": files}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        files["summary"] = "summary.json"
-        if lora:
-            write_model_card(self.out)
-        if self.log is not None:
-            self.log.close()
-        return files
 
 
 @contextlib.contextmanager

@@ -26,8 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import latest_checkpoint
+from .config import TrainConfig, build_config
 from .evaluate import SampleSettings, evaluate_prompt, slug
 from .experiment import _save_strip, _write_json, claim, portable_path, release
+from .rewards.config import RewardConfig
+from .runlog import read_metrics
+from .trainer import Trainer
 from .utils.machine import cpu_description
 
 REFERENCES = ("base", "rejection-sampling")  # evaluated without training, on every prompt
@@ -93,8 +98,6 @@ class Sweep:
 
     def reward(self):  # noqa: ANN201
         if self._reward is None:
-            from .rewards.config import RewardConfig
-
             self._reward = RewardConfig().build(torch.device("cpu"))  # the default reward, the sweep's
         return self._reward
 
@@ -131,25 +134,16 @@ class Sweep:
         sweep's first stage, kept in ``sweep.json``, so that defaults changed later (by the sweep's
         own outcome) do not change what later trials run from. A setting that did not exist then is
         frozen at its default when a stage first sees it (the behaviour the earlier trials had)."""
-        from .config import TrainConfig
-
         path = self.out / "sweep.json"
         saved = json.loads(path.read_text()).get("base") if path.is_file() else None
         return {**TrainConfig().to_dict(), **(saved or {})}
 
     def _settings(self, values: dict[str, Any]) -> dict[str, Any]:
         """``values`` on top of the sweep's base (only settings the code still has)."""
-        from .config import TrainConfig
-
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         return {k: v for k, v in {**self.base(), **values}.items() if k in known}
 
     def run_trial(self, folder: Path, method: str, cand: Candidate, prompt: str, seed: int) -> dict[str, Any]:
-        from .checkpoint import latest_checkpoint
-        from .config import build_config
-        from .runlog import read_metrics
-        from .trainer import Trainer
-
         c = self.cfg
         if method in REFERENCES:
             return self.run_reference(folder, method, prompt, seed)
@@ -188,9 +182,6 @@ class Sweep:
 
     def run_reference(self, folder: Path, method: str, prompt: str, seed: int) -> dict[str, Any]:
         """The base model, or best-of-``best_of`` rejection sampling of it: nothing trained."""
-        from .config import build_config
-        from .trainer import Trainer
-
         c = self.cfg
         t0 = time.perf_counter()
         cfg = build_config(None, self._settings({

@@ -196,13 +196,13 @@ def test_a_run_stopped_between_its_two_config_files_is_whole_on_the_next_try(
     """config.yaml is written before config.json (the mark of a run): stopped between them, the same
     command runs again; a run folder missing its config.yaml (older versions wrote it second) gets it
     back on --resume."""
-    import dpok.trainer as trainer
+    import dpok.outputs as outputs
 
     def stopped(path: Path, text: str) -> None:
         raise KeyboardInterrupt  # the process dies before config.json is written
 
     run = tmp_path / "run"
-    monkeypatch.setattr(trainer, "write_text_atomic", stopped)
+    monkeypatch.setattr(outputs, "write_text_atomic", stopped)
     assert main(_argv(tiny_pipeline_dir, tiny_reward_dir, run)) == 130
     assert (run / "config.yaml").is_file() and not (run / "config.json").exists()
     monkeypatch.undo()

@@ -231,7 +231,7 @@ def test_loaded_lora_is_the_models_lora(tiny_pipeline_dir: Path, tmp_path: Path)
     assert float(kl_loaded.min()) > 0
     base = DiffusionAdapter.from_pretrained(str(tiny_pipeline_dir))
     x, t = traj.latents[:, 0], traj.timesteps[:1].expand(2)
-    torch.testing.assert_close(loaded.reference_noise_pred(x, t, traj.embeds, 3.0),
+    torch.testing.assert_close(loaded.noise_pred(x, t, traj.embeds, 3.0, reference=True),
                                base.noise_pred(x, t, traj.embeds, 3.0), rtol=1e-5, atol=1e-6)
 
 
@@ -268,17 +268,17 @@ def test_supervised_methods_train_the_guided_prediction(tiny_pipeline_dir: Path)
     # review defect 4: RWR fitted the unguided eps on guided samples, so guidance compounded each round
     from tests.test_training import _context, _rollout, make_adapter, small_cfg
 
-    for target, expected in (("guided", "noise_pred"), ("conditional", "conditional_noise_pred")):
+    # the conditional target is the unguided prediction: guidance scale 1
+    for target, expected in (("guided", 3.0), ("conditional", 1.0)):
         adapter = make_adapter(tiny_pipeline_dir)
         cfg = small_cfg(algorithm="rwr", supervised_target=target, guidance_scale=3.0)
         algo = ALGORITHMS.create("rwr", _context(adapter, cfg))
         rollout = _rollout(adapter, cfg)
-        called: list[str] = []
-        for name in ("noise_pred", "conditional_noise_pred"):
-            fn = getattr(adapter, name)
-            setattr(adapter, name, lambda *a, _fn=fn, _n=name, _c=called, **k: (_c.append(_n), _fn(*a, **k))[1])
+        scales: list[float] = []
+        fn = adapter.noise_pred
+        adapter.noise_pred = lambda x, t, e, w=1.0, _fn=fn, _s=scales, **k: (_s.append(w), _fn(x, t, e, w, **k))[1]
         algo.update(rollout)
-        assert expected in called and ({"noise_pred", "conditional_noise_pred"} - {expected}).isdisjoint(called)
+        assert scales and set(scales) == {expected}
 
 
 def test_lora_on_convolutions_reloads_in_plain_diffusers(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
@@ -301,7 +301,7 @@ def test_lora_on_convolutions_reloads_in_plain_diffusers(tiny_pipeline_dir: Path
     with torch.no_grad():
         ours = adapter.unet(x, t, embeds.cond).sample
         theirs = pipe.unet(x, t, embeds.cond).sample
-        base = adapter.reference_conditional_noise_pred(x, t, embeds)
+        base = adapter.noise_pred(x, t, embeds, reference=True)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(base, ours, atol=1e-3)
 

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..core import PerPromptStatTracker, dpok_loss, gaussian_kl_same_std, step_window, value_loss
+from ..adapter import PromptEmbeds
+from ..core import PerPromptStatTracker, dpok_loss, step_kl, step_window, value_loss
 from ..options import option
 from ..sampling import evaluate_log_probs, policy_step
 from .base import (
@@ -176,14 +177,6 @@ class ReplayBuffer:
         self.size, self.cursor = int(state["size"]), int(state["cursor"])
 
 
-def step_kl(kl_form: str, dist, ref_dist, model_output: torch.Tensor, ref_output: torch.Tensor,  # noqa: ANN001
-            reduce: str) -> torch.Tensor:
-    """Per-transition KL_t (N,): closed form on the means, or the official code's eps form."""
-    if kl_form == "closed-form":
-        return gaussian_kl_same_std(dist.mean, ref_dist.mean, dist.std, reduce=reduce)
-    return (model_output.float() - ref_output.float()).pow(2).flatten(1).mean(1)
-
-
 @ALGORITHMS.register
 class DPOK(Algorithm):
     name = "dpok"
@@ -202,8 +195,6 @@ class DPOK(Algorithm):
         self._embeds: dict[str, Any] = {}
 
     def _embed(self, prompt_ids: torch.Tensor):  # noqa: ANN202
-        from ..adapter import PromptEmbeds
-
         prompts = [self.buffer.prompts[i] for i in prompt_ids.tolist()]
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
         if missing:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core import grpo_loss
+from ..core import grpo_loss, step_kl
 from ..sampling import policy_step
 from .base import ALGORITHMS
 from .ddpo import DDPOIS, StepContext
@@ -25,8 +25,6 @@ from .ddpo import DDPOIS, StepContext
 def step_kl_to_reference(adapter, step: StepContext, cfg) -> torch.Tensor:  # noqa: ANN001
     """KL_t (N,) between the policy's step and the reference's at the same x_t (closed form on the
     means, or the official DPOK code's eps form, as ``--kl-form`` says), reduced like the log-probs."""
-    from .dpok import step_kl
-
     with torch.no_grad():
         ref_dist, ref_output = policy_step(adapter, step.latents, step.timesteps, step.embeds, cfg.guidance_scale,
                                            cfg.eta, cfg.num_steps, reference=True)

@@ -103,12 +103,9 @@ class _Supervised(Algorithm):
     def _prediction(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
                     reference: bool = False) -> torch.Tensor:
         """The trained prediction (``supervised_target``) of the policy, or of the pretrained model."""
-        a = self.adapter
-        if self.cfg.supervised.supervised_target == "guided":
-            fn = a.reference_noise_pred if reference else a.noise_pred
-            return fn(latents, timesteps, embeds, self.cfg.guidance_scale)
-        fn = a.reference_conditional_noise_pred if reference else a.conditional_noise_pred
-        return fn(latents, timesteps, embeds)
+        # "conditional": the unguided eps, guidance scale 1
+        scale = self.cfg.guidance_scale if self.cfg.supervised.supervised_target == "guided" else 1.0
+        return self.adapter.noise_pred(latents, timesteps, embeds, scale, reference=reference)
 
     def _loss(self, pred, target, latents, timesteps, embeds, weights):  # noqa: ANN001, ANN202
         return rwr_loss(pred, target, weights)
@@ -144,7 +141,7 @@ class _Supervised(Algorithm):
                 idx = torch.randint(0, len(x0_all), (cfg.minibatch_size,), generator=gen)
                 x0 = x0_all[idx].to(device)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
-                n_train = adapter.scheduler.config.num_train_timesteps
+                n_train = adapter.num_train_timesteps
                 t = torch.randint(0, n_train, (len(idx),), generator=gen).to(device)
                 a = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
                 latents = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(adapter.dtype)

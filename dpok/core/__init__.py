@@ -3,18 +3,18 @@
 Nothing in this package imports diffusers, so it can be tested and reused without a pipeline.
 """
 
-from dpok.core.advantages import PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages
+from dpok.core.advantages import PerPromptStatTracker, clip_advantages, group_advantages
 from dpok.core.ddim import (
     PREDICTION_TYPES,
     StepDistribution,
     ddim_log_prob,
     ddim_sample_next,
     ddim_step_distribution,
-    ddpm_step_distribution,
     predict_x0_and_eps,
     previous_timestep,
 )
 from dpok.core.gaussian import gaussian_kl_same_std, gaussian_log_prob
+from dpok.core.kl import step_kl
 from dpok.core.losses import (
     SURROGATES,
     ddpo_is_loss,
@@ -47,12 +47,10 @@ __all__ = [
     "PREDICTION_TYPES",
     "PerPromptStatTracker",
     "StepDistribution",
-    "batch_advantages",
     "clip_advantages",
     "ddim_log_prob",
     "ddim_sample_next",
     "ddim_step_distribution",
-    "ddpm_step_distribution",
     "ddpo_is_loss",
     "ddpo_sf_loss",
     "dpok_loss",
@@ -65,5 +63,6 @@ __all__ = [
     "rwr_weights",
     "sft_kl_loss",
     "sft_weights",
+    "step_kl",
     "value_loss",
 ]

@@ -1,4 +1,4 @@
-"""Reward normalisation into advantages (DDPO's per-prompt statistics, batch statistics, clipping).
+"""Reward normalisation into advantages (DDPO's per-prompt statistics, group statistics, clipping).
 
 Standard deviations are population standard deviations (``ddof = 0``, as ``numpy.std`` in DDPO's
 reference code). Non-finite rewards (NaN/inf from a failed reward model call) never enter any
@@ -25,30 +25,6 @@ def _mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
 def _check_rewards(rewards: Tensor) -> None:
     if rewards.ndim != 1:
         raise ValueError(f"rewards must have shape (B,), got {tuple(rewards.shape)}")
-
-
-def batch_advantages(rewards: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
-    """Whiten rewards with the statistics of the batch.
-
-        A_i = (r_i - mean(r)) / (std(r) + eps)   over the finite r_i; A_i = 0 where r_i is not finite.
-
-    Args:
-        rewards: (B,).
-        eps: added to the std so that a constant batch gives zero advantages instead of NaN.
-
-    Returns:
-        advantages (B,) with the dtype and device of ``rewards``.
-    """
-    _check_rewards(rewards)
-    finite = torch.isfinite(rewards)
-    advantages = torch.zeros_like(rewards)
-    if not bool(finite.any()):
-        return advantages
-    # float64 keeps the statistics exact enough that equal rewards map to exactly equal advantages.
-    values = rewards[finite].double()
-    mean, std = _mean_std(values)
-    advantages[finite] = ((values - mean) / (std + eps)).to(rewards.dtype)
-    return advantages
 
 
 def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_EPS) -> Tensor:

@@ -180,45 +180,6 @@ def ddim_step_distribution(
     return StepDistribution(mean=mean, std=std, pred_original_sample=x0_hat)
 
 
-def ddpm_step_distribution(
-    model_output: Tensor,
-    latents: Tensor,
-    timesteps: Tensor | int,
-    prev_timesteps: Tensor | int,
-    alphas_cumprod: Tensor,
-    final_alpha_cumprod: Tensor | float,
-    prediction_type: str = "epsilon",
-) -> StepDistribution:
-    """The DDPM posterior q(x_{t-1} | x_t, x0_hat) with the "fixed_small" variance (DDPM eq. 6-7).
-
-    With alpha'_t = abar_t / abar_prev and beta'_t = 1 - alpha'_t (valid when prev_t is not t - 1):
-
-        mean         = sqrt(abar_prev) beta'_t / (1 - abar_t) x0_hat
-                       + sqrt(alpha'_t) (1 - abar_prev) / (1 - abar_t) x_t
-        beta_tilde_t = (1 - abar_prev) / (1 - abar_t) beta'_t,   std = sqrt(beta_tilde_t)
-
-    x0_hat is not clipped. For the last step with ``final_alpha_cumprod = 1`` (diffusers' DDPM
-    convention) the std is exactly 0, so that step has no log-prob.
-
-    Args: as :func:`ddim_step_distribution` without ``eta``.
-
-    Returns:
-        StepDistribution with float32 mean (B, ...), std (B, 1, ..., 1) and pred_original_sample (B, ...).
-    """
-    model_output, latents = _as_float32(model_output, latents)
-    abar_t, abar_prev = _gather_schedule(alphas_cumprod, timesteps, prev_timesteps, final_alpha_cumprod, latents)
-    x0_hat, _ = predict_x0_and_eps(model_output, latents, abar_t, prediction_type)
-    alpha_step = abar_t / abar_prev
-    beta_step = 1.0 - alpha_step
-    x0_coef = abar_prev.sqrt() * beta_step / (1.0 - abar_t)
-    xt_coef = alpha_step.sqrt() * (1.0 - abar_prev) / (1.0 - abar_t)
-    mean = x0_coef * x0_hat + xt_coef * latents
-    variance = (1.0 - abar_prev) / (1.0 - abar_t) * beta_step
-    # Rounding can leave a tiny negative variance when abar_prev is 1.
-    std = variance.clamp(min=0.0).sqrt()
-    return StepDistribution(mean=mean, std=std, pred_original_sample=x0_hat)
-
-
 def ddim_log_prob(next_latents: Tensor, dist: StepDistribution, reduce: str = "sum") -> Tensor:
     """log pi(next_latents | x_t) = log N(next_latents; dist.mean, dist.std^2 I), per sample.
 

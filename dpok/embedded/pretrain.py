@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..assets import default_model_dir, default_reward_dir
 from ..domains import write_domain_file
 from ..shapeworld import ALL_PAIRS, IMAGE_SIZE, parse_prompt, prompt_sets, render_prompt, render_scene
 from ..shapeworld.distribution import (
@@ -60,14 +61,6 @@ TEXT_COUNT_CLASSES = 5  # captions count 0..4 of a type
 
 
 DOMAIN_MODULE = "dpok.shapeworld.domain"
-
-
-def default_model_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets" / "shapeworld"
-
-
-def default_reward_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets" / "shapeworld-alignment"
 
 
 @dataclass

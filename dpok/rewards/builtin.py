@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..assets import default_reward_dir
 from ..embedded.alignment import AlignmentRewardModel
 from ..shapeworld.grammar import parse_prompt
 from .base import Reward
@@ -42,9 +43,6 @@ class ShapeWorldAlignmentReward(Reward):
         """The weights folder: the one given, else the package's shipped one."""
         if self.folder is not None:
             return self.folder
-        # Imported here: the pretraining module pulls in diffusers, which takes seconds to import.
-        from ..embedded.pretrain import default_reward_dir
-
         return default_reward_dir()
 
     def load(self) -> AlignmentRewardModel:
