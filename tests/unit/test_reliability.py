@@ -98,3 +98,13 @@ def test_a_metrics_line_cut_short_is_dropped_only_at_the_end(tmp_path: Path) -> 
     path.write_text('{"round": 1}\n{"rou\n{"round": 3}\n')
     with pytest.raises(ValueError, match="line 2"):
         read_metrics(path)
+
+
+def test_the_update_statistics_keep_one_key_order_in_every_process() -> None:
+    """metrics.jsonl of a resumed run (a new process, another string hash seed) is the same text as the
+    uninterrupted run's: the update's statistics keep the order their keys first came in, not a set's."""
+    from dpok.algorithms.base import mean_stats
+
+    stats = [{"ratio_min": 1.0, "loss": 2.0, "skipped_steps": 1.0}, {"kl": 0.5, "loss": 4.0, "skipped_steps": 1.0}]
+    assert list(mean_stats(stats)) == ["ratio_min", "loss", "skipped_steps", "kl"]
+    assert mean_stats(stats) == {"ratio_min": 1.0, "loss": 3.0, "skipped_steps": 2.0, "kl": 0.5}
