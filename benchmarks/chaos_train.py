@@ -12,7 +12,7 @@ weights (every tensor, bit for bit), ``metrics.jsonl`` (every value but the ``ti
 ``summary.json`` are compared with an uninterrupted run of the same settings.
 
 The child is a fork of this process (fast: nothing to import again) or, with ``--subprocess``, a
-new ``python benchmarks/chaos_train.py --child ...`` interpreter. ``tests/test_chaos.py`` runs a
+new ``python benchmarks/chaos_train.py --child ...`` interpreter. ``tests/e2e/test_chaos.py`` runs a
 short version; ``python benchmarks/chaos_train.py --kills 30`` a long one (prints its numbers,
 ``--json FILE`` writes them).
 """

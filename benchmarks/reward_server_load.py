@@ -12,7 +12,7 @@ gets its answer. The server's resident memory is sampled throughout (Linux ``/pr
 peak (``VmHWM``) is reported against the resident memory after the first good request.
 
 Run: ``python benchmarks/reward_server_load.py`` (8 clients x 250 requests, about a minute on two
-cores); ``--json FILE`` writes the numbers. ``tests/test_reward_server_load.py`` runs a bounded
+cores); ``--json FILE`` writes the numbers. ``tests/e2e/test_reward_server_load.py`` runs a bounded
 version of the same function.
 """
 

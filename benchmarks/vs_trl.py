@@ -147,7 +147,7 @@ def main() -> None:
 
     import torch
 
-    from dpok.embedded.pretrain import default_model_dir
+    from dpok.assets import default_model_dir
     from dpok.utils.machine import cpu_description
 
     python = ensure_trl_env(args.venv)

@@ -16,17 +16,32 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 ASSETS = Path(__file__).resolve().parent.parent / "dpok" / "assets"
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "pipelines", "e2e")
+"""Each test lives in the folder of its tier (see tests/README.md), which gives it the tier's marker."""
 
 
+@pytest.hookimpl(tryfirst=True)  # the tier markers are set before -m selects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    """Mark each test with its folder's tier; refuse tests outside the tier folders; leave out the
+    ``slow`` tests unless the ``-m`` expression names ``slow``."""
+    outside = []
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        path = Path(item.path).resolve()
+        tier = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) and path.parent != TESTS else None
+        if tier not in TIERS:
+            outside.append(item.nodeid)
+            continue
+        item.add_marker(getattr(pytest.mark, tier))
+    if outside:
+        raise pytest.UsageError(f"tests must be in tests/unit, tests/pipelines or tests/e2e (one folder per tier, see "
+                                f"tests/README.md); these are not: {', '.join(sorted(set(outside)))}")
+    if "slow" in (config.option.markexpr or ""):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 def build_tiny_pipeline(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:

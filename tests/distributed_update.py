@@ -1,4 +1,4 @@
-"""Entry script of tests/test_distributed.py: one DDPO-IS update on fixed rollouts, in one process
+"""Entry script of tests/e2e/test_distributed.py: one DDPO-IS update on fixed rollouts, in one process
 (``python tests/distributed_update.py``) or several (``accelerate launch ... tests/distributed_update.py``).
 
 Every process builds the same LoRA and samples the same four trajectories (same seed); with N

@@ -297,7 +297,7 @@ def trajectory_advantages(estimator: str, tracker: PerPromptStatTracker, prompts
 def mean_stats(items: list[dict[str, float]]) -> dict[str, float]:
     """Average each key over a list of stats dicts (sums for counters named ``skipped_*``)."""
     out: dict[str, float] = {}
-    for key in {k for d in items for k in d}:
+    for key in dict.fromkeys(k for d in items for k in d):  # first-seen order: a set's order changes per process
         values = [d[key] for d in items if key in d]
         out[key] = float(np.sum(values)) if key.startswith("skipped") else float(np.mean(values))
     return out

@@ -13,7 +13,7 @@ import torch
 
 import dpok
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_python_example() -> str:

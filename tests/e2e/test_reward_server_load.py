@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MEMORY_BOUND_MIB = 128  # the limits allow ~1 MiB body + 16 decoded 64x64 images per request, 8 at a time
 
 

@@ -70,6 +70,7 @@ def test_scalars_and_images_reach_tensorboard_and_offline_wandb(tmp_path: Path, 
     assert json.loads((tmp_path / "trackers.json").read_text())["wandb_id"]
 
 
+@pytest.mark.slow  # the trackers themselves are checked without training above
 def test_a_training_run_reports_rounds_evaluations_and_grids(tiny_pipeline_dir: Path, tiny_reward_dir: Path,
                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb")

@@ -13,7 +13,7 @@ import torch
 from dpok.algorithms import ALGORITHMS
 from dpok.config import TrainConfig, build_config
 from dpok.trainer import Trainer
-from tests.test_training import _context, _rollout, make_adapter, small_cfg
+from tests.pipelines.test_training import _context, _rollout, make_adapter, small_cfg
 
 
 def test_nft_samples_with_the_old_policy_and_moves_it_by_the_decay(tiny_pipeline_dir: Path) -> None:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from dpok.experiment import Experiment, ExperimentConfig, claim, load_results, release
-from dpok.options import to_options
+from dpok.experiment import Experiment, ExperimentConfig, load_results
 from dpok.report import write_report
 from dpok.rewards.config import RewardConfig
 
@@ -24,6 +19,7 @@ def tiny_config(out: Path) -> ExperimentConfig:
     )
 
 
+@pytest.mark.slow  # in the default suite: units of the experiment and their resume (the tests below)
 def test_tiny_paper_experiment_runs_resumes_and_writes_the_report(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path / "out")
     exp = Experiment(cfg, log=lambda m: None)
@@ -70,24 +66,8 @@ def test_an_interrupted_unit_resumes_from_its_checkpoint(tmp_path: Path) -> None
     assert [c["queries"] for c in result["curve"]] == [4, 8, 12]
 
 
-def test_claims_exclude_live_workers_and_take_over_dead_ones(tmp_path: Path) -> None:
-    folder = tmp_path / "job"
-    assert claim(folder)
-    assert not claim(folder)  # held by this (live) process
-    release(folder)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (folder / ".claim").write_text(dead.stdout.strip())  # a worker that was killed
-    assert claim(folder) and (folder / ".claim").read_text() == str(os.getpid())
 
 
-def test_bad_experiment_settings_are_named(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path)
-    cfg.methods, cfg.rounds = ["dpok", "ppo"], 0
-    with pytest.raises(ValueError, match=r"unknown method 'ppo'.*\n.*rounds must be >= 1"):
-        cfg.validate()
-    with pytest.raises(FileNotFoundError, match="experiment.json"):
-        load_results(tmp_path / "nothing")
-    json.dumps(to_options(tiny_config(tmp_path)))  # the config is plain data (written to experiment.json)
 
 
 def test_your_own_model_and_prompts(tmp_path: Path, tiny_pipeline_dir: Path) -> None:

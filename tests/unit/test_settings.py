@@ -15,7 +15,6 @@ from dpok.algorithms.base import UpdateResult
 from dpok.cli import build_parser
 from dpok.config import TrainConfig, build_config
 from dpok.configfile import ConfigFileError, check_settings
-from dpok.domains import DOMAIN_FILE, domain_for, folder_domain, model_domain, reward_domain, write_domain_file
 from dpok.evaluate import EvalConfig
 from dpok.options import from_options, group, option, option_fields, replace_options, to_options
 from dpok.rewards.config import RewardConfig
@@ -132,23 +131,6 @@ def test_the_reward_is_built_from_its_settings_in_one_place() -> None:
         ServerConfig().validate()
 
 
-def test_the_embedded_model_names_its_domain_and_others_have_none(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
-    assert model_domain("shapeworld") is SHAPEWORLD
-    assert model_domain(str(tiny_pipeline_dir)) is None and model_domain("org/hub-model") is None
-    assert reward_domain("shapeworld-alignment+0.1*jpeg-compressibility") is SHAPEWORLD
-    assert reward_domain("jpeg-compressibility") is None
-    assert domain_for(str(tiny_pipeline_dir), "jpeg-compressibility") is None
-    assert domain_for(str(tiny_pipeline_dir), "shapeworld-alignment") is SHAPEWORLD
-    folder = tmp_path / "marked"
-    folder.mkdir()
-    write_domain_file(folder, "dpok.shapeworld.domain")
-    assert folder_domain(folder) is SHAPEWORLD
-    (folder / DOMAIN_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match="is not a domain file"):
-        folder_domain(folder)
-    (folder / DOMAIN_FILE).write_text(json.dumps({"module": "json"}))
-    with pytest.raises(ValueError, match="must define DOMAIN"):
-        folder_domain(folder)
 
 
 def test_default_prompts_and_checks_come_from_the_domain() -> None:

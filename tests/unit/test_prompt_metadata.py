@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from dpok.cli import main
 from dpok.prompts import PromptFileError, load_prompt_file, load_prompt_records, prompt_metadata
 from dpok.rewards.base import PromptMetadataReward, RewardError, WeightedSum
 from dpok.rewards.custom import CustomReward
@@ -74,31 +72,5 @@ def test_rewards_that_take_metadata_get_it_and_others_do_not() -> None:
         meta_reward(images, prompts, [{}])
 
 
-REWARD_MODULE = '''
-import torch
-
-CALLS = []
 
 
-def score(images, prompts, metadata):
-    CALLS.append((list(prompts), [dict(m) for m in metadata]))
-    return torch.tensor([float(m["count"]) for m in metadata]) + images.mean(dim=(1, 2, 3))
-'''
-
-
-def test_training_hands_each_prompt_its_metadata(tiny_pipeline_dir: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "metareward.py").write_text(REWARD_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    prompts = _jsonl(tmp_path / "prompts.jsonl", LINES)
-    assert main(["train", "--model", str(tiny_pipeline_dir), "--prompt-file", str(prompts), "--reward",
-                 "metareward:score", "--rounds", "1", "--samples-per-round", "4", "--num-steps", "2",
-                 "--eval-images", "1", "--gradient-steps", "1", "--report-to", "none",
-                 "--output-dir", str(tmp_path / "run")]) == 0
-    calls = sys.modules["metareward"].CALLS
-    assert len(calls) == 5  # before and after (one call per prompt), the round
-    expected = {row["prompt"]: {k: v for k, v in row.items() if k != "prompt"} for row in LINES}
-    for batch, metadata in calls:
-        assert metadata == [expected[p] for p in batch]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["reward_before"]["two blue squares"] > 1.5  # count 2 (+ a mean pixel below 1)

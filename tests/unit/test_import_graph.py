@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dpok.utils.import_graph import find_cycles, import_graph, imported_modules, imports_of, reachable, read_tree
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # the entry points above the trainer: the only modules that may import it
 ABOVE_TRAINER = {"dpok", "dpok.api", "dpok.cli", "dpok.experiment", "dpok.tuning"}
 

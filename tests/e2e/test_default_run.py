@@ -1,6 +1,6 @@
 """The default run learns: `dpok train` with no options, judged by the independent geometric judge.
 
-Slow tier (about 10 minutes on a 2-core CPU): ``pytest --runslow tests/test_default_run.py``.
+Slow tier (about 10 minutes on a 2-core CPU): ``pytest -m slow tests/e2e/test_default_run.py``.
 benchmarks/default_run.py measures the same run for docs/default_run.md.
 """
 

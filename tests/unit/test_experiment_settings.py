@@ -1,0 +1,43 @@
+"""Paper experiment bookkeeping without training: worker claims and checked settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpok.experiment import ExperimentConfig, claim, load_results, release
+from dpok.options import to_options
+
+
+def tiny_config(out: Path) -> ExperimentConfig:
+    return ExperimentConfig(
+        output_dir=str(out), tasks=["multi"], methods=["base", "dpok"], seeds=[0], rounds=2, samples_per_round=4,
+        num_steps=3, eval_images=2, multi_eval_images=1, checkpoint_every=1, overopt_rounds=1, overopt_eval_every=1,
+        overopt_eval_images=2, train_overrides={"sample_batch_size": 4, "minibatch_size": 4, "gradient_steps": 1},
+    )
+
+
+def test_claims_exclude_live_workers_and_take_over_dead_ones(tmp_path: Path) -> None:
+    folder = tmp_path / "job"
+    assert claim(folder)
+    assert not claim(folder)  # held by this (live) process
+    release(folder)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / ".claim").write_text(dead.stdout.strip())  # a worker that was killed
+    assert claim(folder) and (folder / ".claim").read_text() == str(os.getpid())
+
+
+def test_bad_experiment_settings_are_named(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    cfg.methods, cfg.rounds = ["dpok", "ppo"], 0
+    with pytest.raises(ValueError, match=r"unknown method 'ppo'.*\n.*rounds must be >= 1"):
+        cfg.validate()
+    with pytest.raises(FileNotFoundError, match="experiment.json"):
+        load_results(tmp_path / "nothing")
+    json.dumps(to_options(tiny_config(tmp_path)))  # the config is plain data (written to experiment.json)
+
