@@ -34,7 +34,7 @@ class Trajectory:
     """A batch of B denoising trajectories of T steps (``latents[:, i]`` = x_t at step i).
 
     - ``latents``, ``next_latents``: (B, T, C, h, w) x_t and the sampled x_{t-1}
-    - ``timesteps``: (T,) long, high to low
+    - ``timesteps``: (T,) high to low: long for DDIM, float (1000 t) for a flow model
     - ``log_probs``: (B, T) log p_old(x_{t-1} | x_t, z) at sampling time
     - ``final_latents``: (B, C, h, w) x_0; ``images``: (B, 3, H, W) in [0, 1]
     """

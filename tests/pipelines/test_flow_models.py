@@ -2,7 +2,7 @@
 
 For each: the conditioning is the pipeline's, a noise-level-0 trajectory is the plain diffusers
 pipeline's (same initial noise, every step), an SDE trajectory replays with Flow-GRPO's step and
-its Gaussian log-density, the ratio is 1 before any update, and one round of GRPO, DDPO-IS and DPOK
+its Gaussian log-density, the ratio is 1 before any update, and one round of GRPO, DDPO-IS/SF and DPOK
 through the Trainer writes a LoRA that plain diffusers loads and samples with the same latents.
 """
 
@@ -141,7 +141,7 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update(adapter: DiffusionAdap
         adapter.lora_config = None
 
 
-@pytest.fixture(scope="module", params=["grpo", "ddpo-is", "dpok"])
+@pytest.fixture(scope="module", params=["grpo", "ddpo-is", "ddpo-sf", "dpok"])
 def trained(request: pytest.FixtureRequest, folder: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> tuple[Trainer, dict[str, torch.Tensor]]:
     """One round of ``algorithm`` through the Trainer (jpeg-compressibility reward); the LoRA weights before it."""
