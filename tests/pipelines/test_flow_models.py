@@ -179,6 +179,49 @@ def test_one_round_moves_only_the_lora_weights_and_they_load_in_plain_diffusers(
     torch.testing.assert_close(again, ours, atol=1e-6, rtol=0)
 
 
+def test_rejection_sampling_runs_on_a_flow_model(flow_dirs: dict[str, Path], tmp_path: Path) -> None:
+    cfg = build_config(None, dict(model=str(flow_dirs["flux"]), reward="jpeg-compressibility", prompt=PROMPTS,
+                                  rounds=1, samples_per_round=2, sample_batch_size=2, num_steps=3, eta=NOISE_LEVEL,
+                                  eval_images=1, best_of=2, algorithm="rejection-sampling",
+                                  output_dir=str(tmp_path / "out")))
+    trainer = Trainer(cfg)
+    trainer.run()
+    summary = json.loads((trainer.out / "summary.json").read_text())
+    assert summary["reward_queries_per_eval_image"] == 2 and "lora" not in summary["files"]
+
+
+def test_gradient_checkpointing_of_the_transformer_gives_the_same_gradients(adapter: DiffusionAdapter) -> None:
+    adapter.add_lora(rank=2, alpha=2.0)
+    try:
+        with torch.no_grad():  # LoRA's B starts at zero, which would leave A without gradient
+            for name, p in adapter.unet.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        x = torch.randn((2, *adapter.latent_shape), generator=torch.Generator().manual_seed(1))
+        t, embeds = torch.tensor([1000.0, 400.0]), adapter.encode_prompts(PROMPTS)
+        params = adapter.trainable_parameters()
+
+        def grads() -> list[torch.Tensor]:
+            for p in params:
+                p.grad = None
+            adapter.train(True)
+            adapter.noise_pred(x, t, embeds, GUIDANCE).pow(2).mean().backward()
+            adapter.train(False)
+            return [p.grad.clone() for p in params]
+
+        plain = grads()
+        adapter.unet.enable_gradient_checkpointing()
+        assert adapter.unet.is_gradient_checkpointing
+        checkpointed = grads()
+        assert all(g.abs().sum() > 0 for g in plain)
+        for a, b in zip(plain, checkpointed, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    finally:
+        adapter.unet.disable_gradient_checkpointing()
+        adapter.unet.delete_adapters(list(adapter.unet.peft_config))
+        adapter.lora_config = None
+
+
 def test_flux_schnell_has_no_guidance_and_dev_takes_it_through_its_embedding(flow_dirs: dict[str, Path],
                                                                               tmp_path: Path) -> None:
     schnell = DiffusionAdapter.from_pretrained(str(build_flow_pipeline("flux", tmp_path / "schnell",
