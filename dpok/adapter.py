@@ -414,7 +414,8 @@ class DiffusionAdapter:
     # ---------------------------------------------------------------------------------- denoiser
     def noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
                    guidance_scale: float = 1.0, reference: bool = False) -> torch.Tensor:
-        """The denoiser's output (B, C, h, w) at latents (B, C, h, w), timesteps (B,).
+        """The denoiser's output (B, C, h, w) at latents (B, C, h, w), timesteps (B,): the noise (or v)
+        prediction of a UNet, the velocity v = eps - x_0 of a flow model (timesteps 1000 t, float).
 
         ``guidance_scale`` w: eps_u + w (eps_c - eps_u), one batched UNet call for both branches;
         1.0 is the unguided conditional eps_theta(x_t, t, z) in a single call (the supervised
