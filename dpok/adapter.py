@@ -1,9 +1,11 @@
 """The one place that knows diffusers: load a pipeline, encode prompts, evaluate the denoiser,
 decode latents, attach LoRA, give the reference policy, save LoRA weights.
 
-Stable Diffusion 1.x, 2.x (epsilon or v-prediction) and SDXL folders (or hub ids) and the embedded
-ShapeWorld model go through the same class; the family is read from ``model_index.json``.
-Shapes: latents (B, C, h, w); prompt embeddings (B, L, D); SDXL pooled text embeddings (B, P) and
+Stable Diffusion 1.x, 2.x (epsilon or v-prediction) and SDXL folders (or hub ids), the embedded
+ShapeWorld model and the flow-matching transformers (SD3, SD3.5 and FLUX, velocity prediction)
+go through the same class; the family is read from ``model_index.json``.
+Shapes: latents (B, C, h, w) (FLUX's too: packing into 2x2 patches happens inside the denoiser
+call); prompt embeddings (B, L, D); pooled text embeddings (B, P) (SDXL, SD3, FLUX) and SDXL's
 micro-conditioning time ids (B, 6); images (B, 3, H, W) in [0, 1].
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 
 from .assets import default_model_dir
@@ -53,7 +56,8 @@ def resolve_model(model: str) -> str:
             raise ModelLoadError(f"model folder {model!r} has no {', '.join(missing)}: it is not a diffusers "
                                  "pipeline folder (save one with pipe.save_pretrained(folder))")
         index = json.loads((path / "model_index.json").read_text())
-        for part in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"):
+        for part in ("unet", "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                     "text_encoder_3", "tokenizer_3", "scheduler"):
             if part in index and index[part] and index[part][0] is not None and not (path / part).is_dir():
                 raise ModelLoadError(f"model folder {model!r} lists '{part}' in model_index.json but has no "
                                      f"'{part}/' subfolder; the download or copy is incomplete")
@@ -104,7 +108,8 @@ class PromptEmbeds:
     """Text conditioning for a batch of B prompts.
 
     - ``cond``, ``uncond``: (B, L, D) encoder states for the prompts and for the empty prompt (guidance)
-    - ``pooled``, ``uncond_pooled``: (B, P) SDXL's pooled text embeddings (``None`` for SD 1.x/2.x)
+    - ``pooled``, ``uncond_pooled``: (B, P) pooled text embeddings of SDXL, SD3 (both CLIPs' projections)
+      and FLUX (CLIP's pooled output) (``None`` for SD 1.x/2.x)
     - ``time_ids``: (B, 6) SDXL's micro-conditioning (original size, crop corner, target size),
       shared by both guidance branches (``None`` for SD 1.x/2.x)
 
@@ -171,6 +176,23 @@ class SDXLTextEncoders(torch.nn.Module):
         return states, out_2.text_embeds
 
 
+class FlowTextEncoders(torch.nn.Module):
+    """The CLIP and T5 encoders of a flow-matching pipeline (SD3: CLIP-L, CLIP-G, optional T5; FLUX:
+    CLIP, T5) seen as one module; the encoding itself is the pipeline's ``encode_prompt``.
+    ``config.hidden_size`` is the transformer's ``joint_attention_dim``, the width of
+    :attr:`PromptEmbeds.cond`."""
+
+    def __init__(self, encoders: list[torch.nn.Module | None], width: int) -> None:
+        super().__init__()
+        self.encoders = torch.nn.ModuleList([e for e in encoders if e is not None])
+        self.config = SimpleNamespace(hidden_size=width)
+
+
+# the pipelines' default T5 sequence lengths and dynamic-shift fallbacks (diffusers' pipeline defaults)
+_T5_LENGTH = {"StableDiffusion3": 256, "Flux": 512}
+_MAX_SHIFT = {"StableDiffusion3": 1.16, "Flux": 1.15}
+
+
 def use_sdpa(model: torch.nn.Module) -> None:
     """Route attention through PyTorch's ``scaled_dot_product_attention`` (diffusers' AttnProcessor2_0).
 
@@ -203,25 +225,37 @@ def peft_to_kohya(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class DiffusionAdapter:
-    """A Stable-Diffusion-style pipeline (SD 1.x, 2.x or SDXL) seen as a policy over denoising steps."""
+    """A Stable Diffusion (1.x, 2.x, SDXL) or flow-matching (SD3, SD3.5, FLUX) pipeline seen as a policy
+    over denoising steps. ``unet`` is the denoising network, a flow model's transformer included."""
 
     def __init__(self, pipe, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:  # noqa: ANN001
         self.pipe = pipe
         self.device = torch.device(device)
         self.dtype = dtype
-        self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        self.family = model_family(type(pipe).__name__)
+        self.is_flow = self.family == "flow-matching"
+        self.is_flux = type(pipe).__name__.startswith("Flux")
+        self.is_sdxl = not self.is_flow and getattr(pipe, "text_encoder_2", None) is not None
         if self.is_sdxl and pipe.text_encoder is None:
             raise ModelLoadError("SDXL pipelines with a single text encoder (the refiner) are not supported; "
                                  "give an SDXL base model")
-        self.unet = pipe.unet
+        # the denoising network: the UNet, or a flow model's transformer (the name stays for every caller)
+        self.unet = pipe.transformer if self.is_flow else pipe.unet
         self.vae = pipe.vae
-        # for SDXL one module holding both encoders, whose config.hidden_size is the conditioning width
-        self.text_encoder = SDXLTextEncoders(pipe.text_encoder, pipe.text_encoder_2) if self.is_sdxl else pipe.text_encoder
+        # one module holding SDXL's (or a flow model's) encoders, whose config.hidden_size is the conditioning width
+        if self.is_flow:
+            self.text_encoder = FlowTextEncoders(
+                [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")],
+                self.unet.config.joint_attention_dim)
+        else:
+            self.text_encoder = (SDXLTextEncoders(pipe.text_encoder, pipe.text_encoder_2) if self.is_sdxl
+                                 else pipe.text_encoder)
         self.tokenizer = pipe.tokenizer
         self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
         self.scheduler = pipe.scheduler
         self.reference_unet: torch.nn.Module | None = None  # frozen copy, full fine-tuning only
         self.lora_config = None
+        self._flow_schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for module in (self.vae, self.text_encoder, self.unet):
             module.requires_grad_(False)
             module.eval()
@@ -234,17 +268,24 @@ class DiffusionAdapter:
     @classmethod
     def from_pretrained(cls, model: str = "shapeworld", device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> DiffusionAdapter:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers import (
+            DDIMScheduler,
+            FluxPipeline,
+            StableDiffusion3Pipeline,
+            StableDiffusionPipeline,
+            StableDiffusionXLPipeline,
+        )
 
         source = resolve_model(model)
         class_name = pipeline_class_name(source)
-        if model_family(class_name) != "diffusion":
-            raise ModelLoadError(f"model {model!r} is a {class_name} (flow-matching family): this version trains "
-                                 "Stable Diffusion 1.x/2.x and SDXL pipelines only")
         try:
             # only a non-default dtype is passed: the keyword's name changed across diffusers versions
             kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype != torch.float32 else {}
-            if class_name.startswith("StableDiffusionXL"):
+            if class_name.startswith("StableDiffusion3"):
+                pipe = StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
+            elif class_name.startswith("Flux"):
+                pipe = FluxPipeline.from_pretrained(source, **kwargs)
+            elif class_name.startswith("StableDiffusionXL"):
                 # no invisible watermark: rewards must score the images the policy produced
                 pipe = StableDiffusionXLPipeline.from_pretrained(source, add_watermarker=False, **kwargs)
             else:
@@ -255,24 +296,28 @@ class DiffusionAdapter:
                                  "folder holding the pipeline (or 'shapeworld')") from e
         except Exception as e:  # corrupt weights or configs
             raise ModelLoadError(f"cannot load model {model!r} from {source}: {e}") from e
-        # DDIM with eta > 0 is the stochastic policy both papers train
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if model_family(class_name) == "diffusion":
+            # DDIM with eta > 0 is the stochastic policy both papers train (flow models keep their
+            # flow-match Euler scheduler: the SDE policy is built on its sigmas)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         return cls(pipe, device, dtype)
 
     @classmethod
     def from_pipeline(cls, pipe: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
                       ) -> DiffusionAdapter:
-        """A Stable Diffusion (1.x, 2.x) or SDXL pipeline object already in memory. It is changed in
-        place: its scheduler becomes DDIM (same configuration), its modules move to ``device`` and
-        its UNet is the one that gets the LoRA."""
+        """A Stable Diffusion (1.x, 2.x), SDXL, SD3 or FLUX pipeline object already in memory. It is
+        changed in place: an SD/SDXL scheduler becomes DDIM (same configuration), its modules move to
+        ``device`` and its UNet (or transformer) is the one that gets the LoRA."""
         from diffusers import DDIMScheduler
 
-        missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        flow = model_family(type(pipe).__name__) == "flow-matching"
+        missing = [part for part in ("transformer" if flow else "unet", "vae", "text_encoder", "tokenizer", "scheduler")
                    if getattr(pipe, part, None) is None]
         if missing:
             raise ModelLoadError(f"the pipeline object ({type(pipe).__name__}) has no {', '.join(missing)}; give a "
-                                 "Stable Diffusion 1.x/2.x or SDXL pipeline")
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+                                 "Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX pipeline")
+        if not flow:
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         return cls(pipe, device, dtype)
 
     @classmethod
@@ -295,6 +340,8 @@ class DiffusionAdapter:
         """
         if self.is_sdxl:
             return self._encode_sdxl(list(prompts))
+        if self.is_flow:
+            return self._encode_flow(list(prompts))
 
         def encode(texts: list[str]) -> torch.Tensor:
             ids = self._tokenize(self.tokenizer, texts)
@@ -324,6 +371,34 @@ class DiffusionAdapter:
         time_ids = self.sdxl_time_ids().expand(n, -1).contiguous()
         return PromptEmbeds(cond, uncond, pooled, uncond_pooled, time_ids)
 
+    @property
+    def max_sequence_length(self) -> int:
+        """T5 tokens of a flow model's prompt: the pipeline's default (SD3 256, FLUX 512), capped by
+        the T5 tokenizer's own maximum."""
+        default = _T5_LENGTH["Flux" if self.is_flux else "StableDiffusion3"]
+        t5_tokenizer = getattr(self.pipe, "tokenizer_2" if self.is_flux else "tokenizer_3", None)
+        return min(default, t5_tokenizer.model_max_length) if t5_tokenizer is not None else default
+
+    def _encode_flow(self, prompts: list[str]) -> PromptEmbeds:
+        """The pipeline's own ``encode_prompt``: SD3's penultimate CLIP-L/G states padded to the T5
+        width and followed by T5's (zeros without T5), pooled = both CLIP projections (B, P); FLUX's
+        T5 states and CLIP's pooled output. The unconditional branch is the encoded empty prompt."""
+        def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            length = self.max_sequence_length
+            if self.is_flux:
+                states, pooled, _ = self.pipe.encode_prompt(texts, None, device=self.device, max_sequence_length=length)
+            else:
+                states, _, pooled, _ = self.pipe.encode_prompt(texts, None, None, device=self.device,
+                                                               do_classifier_free_guidance=False,
+                                                               max_sequence_length=length)
+            return states.to(self.dtype), pooled.to(self.dtype)
+
+        n = len(prompts)
+        cond, pooled = encode(prompts)
+        uncond, uncond_pooled = encode([""])
+        return PromptEmbeds(cond, uncond.expand(n, -1, -1).contiguous(), pooled,
+                            uncond_pooled.expand(n, -1).contiguous())
+
     def sdxl_time_ids(self) -> torch.Tensor:
         """SDXL micro-conditioning (1, 6): original size, crop top-left (0, 0), target size, all at the
         native resolution (UNet sample size x VAE scale factor), what the pipeline uses by default."""
@@ -339,7 +414,8 @@ class DiffusionAdapter:
     # ---------------------------------------------------------------------------------- denoiser
     def noise_pred(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
                    guidance_scale: float = 1.0, reference: bool = False) -> torch.Tensor:
-        """The denoiser's output (B, C, h, w) at latents (B, C, h, w), timesteps (B,).
+        """The denoiser's output (B, C, h, w) at latents (B, C, h, w), timesteps (B,): the noise (or v)
+        prediction of a UNet, the velocity v = eps - x_0 of a flow model (timesteps 1000 t, float).
 
         ``guidance_scale`` w: eps_u + w (eps_c - eps_u), one batched UNet call for both branches;
         1.0 is the unguided conditional eps_theta(x_t, t, z) in a single call (the supervised
@@ -353,11 +429,47 @@ class DiffusionAdapter:
         if self.is_sdxl and embeds.time_ids is None:
             raise ValueError("SDXL needs the pooled text embeddings and time ids: build the PromptEmbeds with "
                              "encode_prompts (or index one from it), not from the encoder states alone")
+        guided = self._flow_guided if self.is_flow else self._guided
         if not reference:
-            return self._guided(self.unet, latents, timesteps, embeds, guidance_scale)
+            return guided(self.unet, latents, timesteps, embeds, guidance_scale)
         with torch.no_grad(), self.reference():
             unet = self.reference_unet if self.reference_unet is not None else self.unet
-            return self._guided(unet, latents, timesteps, embeds, guidance_scale)
+            return guided(unet, latents, timesteps, embeds, guidance_scale)
+
+    def _flow_guided(self, transformer, latents: torch.Tensor, timesteps: torch.Tensor,  # noqa: ANN001
+                     embeds: PromptEmbeds, guidance_scale: float) -> torch.Tensor:
+        """The velocity (B, C, h, w) of an SD3 or FLUX transformer at timesteps (B,) = 1000 t.
+
+        SD3: classifier-free guidance as for the UNets. FLUX takes no unconditional branch: FLUX.1-dev
+        gets ``guidance_scale`` through its guidance embedding, FLUX.1-schnell (no embedding) ignores it.
+        """
+        if embeds.pooled is None:
+            raise ValueError("flow models need the pooled text embeddings: build the PromptEmbeds with encode_prompts")
+        if not self.is_flux:
+            def call(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+                return transformer(hidden_states=x, timestep=t, encoder_hidden_states=states,
+                                   pooled_projections=pooled, return_dict=False)[0]
+
+            if guidance_scale == 1.0:
+                return call(latents, timesteps, embeds.cond, embeds.pooled)
+            out = call(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
+                       torch.cat([embeds.uncond, embeds.cond]), torch.cat([embeds.uncond_pooled, embeds.pooled]))
+            v_u, v_c = out.chunk(2)
+            return v_u + guidance_scale * (v_c - v_u)
+        from diffusers import FluxPipeline
+
+        b, c, h, w = latents.shape
+        guidance = (torch.full((b,), guidance_scale, device=latents.device, dtype=torch.float32)
+                    if transformer.config.guidance_embeds else None)
+        out = transformer(
+            hidden_states=FluxPipeline._pack_latents(latents, b, c, h, w),  # 2x2 patches -> (B, h w / 4, 4 C)
+            timestep=timesteps.to(latents.dtype) / 1000, guidance=guidance, pooled_projections=embeds.pooled,
+            encoder_hidden_states=embeds.cond,
+            txt_ids=torch.zeros(embeds.cond.shape[1], 3, device=latents.device, dtype=latents.dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype),
+            return_dict=False)[0]
+        scale = self.pipe.vae_scale_factor
+        return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale)
 
     @staticmethod
     def _guided(unet, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,  # noqa: ANN001
@@ -408,13 +520,20 @@ class DiffusionAdapter:
         return (torch.tensor(mean, device=like.device, dtype=like.dtype).view(shape),
                 torch.tensor(std, device=like.device, dtype=like.dtype).view(shape))
 
+    def _latent_shift(self) -> float:
+        """The VAE's ``shift_factor`` for flow models (the SD pipelines ignore it)."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0) if self.is_flow else 0.0
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """x_0 latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1] (float32)."""
         scale = self.vae.config.scaling_factor
         with torch.no_grad(), self._vae_precision():
             z = latents.to(self.vae.dtype)
             stats = self._latent_stats(z)
-            z = z / scale if stats is None else z * stats[1] / scale + stats[0]  # the pipelines' exact arithmetic
+            if stats is not None:
+                z = z * stats[1] / scale + stats[0]  # the pipelines' exact arithmetic
+            else:  # SD3's and FLUX's VAEs also shift the latents
+                z = z / scale + self._latent_shift()
             x = self.vae.decode(z).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
@@ -424,11 +543,17 @@ class DiffusionAdapter:
         with torch.no_grad(), self._vae_precision():
             z = self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist.mode()
             stats = self._latent_stats(z)
-            z = z * scale if stats is None else (z - stats[0]) * scale / stats[1]
+            z = (z - self._latent_shift()) * scale if stats is None else (z - stats[0]) * scale / stats[1]
         return z.to(self.dtype)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) at the model's native resolution. FLUX's transformer takes 4 C packed channels and
+        has no sample size: its native image size is the VAE's (1024 for FLUX.1)."""
+        if self.is_flux:
+            scale = self.pipe.vae_scale_factor
+            size = 2 * (self.vae.config.sample_size // (scale * 2))
+            return (self.unet.config.in_channels // 4, size, size)
         size = self.unet.config.sample_size
         return (self.unet.config.in_channels, size, size)
 
@@ -443,12 +568,47 @@ class DiffusionAdapter:
 
     @property
     def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
+        """``epsilon``, ``v_prediction`` or ``sample`` (the DDIM scheduler's), ``flow`` (velocity of a flow model)."""
+        return "flow" if self.is_flow else self.scheduler.config.prediction_type
 
     def timesteps(self, num_steps: int) -> torch.Tensor:
-        """The DDIM timesteps, high to low, (T,) long."""
+        """The DDIM timesteps, high to low, (T,) long; a flow model's 1000 t, high to low, (T,) float."""
+        if self.is_flow:
+            return self._flow_schedule(num_steps)[0].clone()
         self.scheduler.set_timesteps(num_steps, device=self.device)
         return self.scheduler.timesteps.clone()
+
+    def _flow_schedule(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A flow model's timesteps (T,) and times t (T + 1,) (ending at 0), as its pipeline sets them:
+        the scheduler's shift (SD3: fixed; FLUX: ``mu`` from the image sequence length, on FLUX's
+        linear sigmas)."""
+        if num_steps not in self._flow_schedules:
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            config, kwargs = self.scheduler.config, {}
+            if config.get("use_dynamic_shifting", False):
+                _, h, w = self.latent_shape
+                patch = 2 if self.is_flux else self.unet.config.patch_size
+                kwargs["mu"] = calculate_shift((h // patch) * (w // patch), config.get("base_image_seq_len", 256),
+                                               config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                               config.get("max_shift", _MAX_SHIFT["Flux" if self.is_flux
+                                                                                  else "StableDiffusion3"]))
+            if self.is_flux and not config.get("use_flow_sigmas", False):
+                self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device=self.device,
+                                             **kwargs)
+            else:
+                self.scheduler.set_timesteps(num_steps, device=self.device, **kwargs)
+            self._flow_schedules[num_steps] = (self.scheduler.timesteps.clone(), self.scheduler.sigmas.clone().float())
+        return self._flow_schedules[num_steps]
+
+    def flow_times(self, timesteps: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(t (B,), t_next (B,), t_cap) of a flow model's steps at ``timesteps`` (B,) of the
+        ``num_steps`` schedule; t_cap is the schedule's second time (Flow-GRPO's sigma at t = 1)."""
+        schedule, sigmas = self._flow_schedule(num_steps)
+        schedule, sigmas = schedule.to(timesteps.device), sigmas.to(timesteps.device)
+        index = (schedule[None] - timesteps.float()[:, None]).abs().argmin(1)
+        t_cap = float(sigmas[1]) if len(sigmas) > 2 else 0.0
+        return sigmas[index], sigmas[index + 1], t_cap
 
     @property
     def num_train_timesteps(self) -> int:
@@ -490,15 +650,17 @@ class DiffusionAdapter:
     def save_lora(self, folder: str | Path) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(folder)`` loads.
 
-        Saved through this model's own pipeline class (SD or SDXL), whose LoRA format its
+        Saved through this model's own pipeline class (SD, SDXL, SD3 or FLUX), whose LoRA format its
         ``load_lora_weights`` expects.
         """
         if self.lora_config is None:
             raise RuntimeError("this model has no LoRA adapter to save (full fine-tuning saves the UNet)")
         folder = Path(folder)
+        part = "transformer" if self.is_flow else "unet"
         type(self.pipe).save_lora_weights(
-            folder, unet_lora_layers={k: v.detach().cpu() for k, v in self.lora_state_dict().items()},
-            safe_serialization=True, unet_lora_adapter_metadata=self.lora_config.to_dict(),
+            folder, **{f"{part}_lora_layers": {k: v.detach().cpu() for k, v in self.lora_state_dict().items()},
+                       f"{part}_lora_adapter_metadata": self.lora_config.to_dict()},
+            safe_serialization=True,
         )
         return folder / "pytorch_lora_weights.safetensors"
 

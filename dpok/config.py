@@ -71,7 +71,8 @@ class TrainConfig:
 
     # ---- sampling (the policy)
     num_steps: int = _f(20, "denoising (DDIM) steps per trajectory")
-    eta: float = _f(1.0, "DDIM eta; must be > 0 for training (eta = 1 in both papers)")
+    eta: float = _f(1.0, "DDIM eta; for flow-matching models (SD3, FLUX) the noise level a of Flow-GRPO's SDE (0.7 in "
+                            "its paper); must be > 0 for training (eta = 1 in both DDPO and DPOK)")
     guidance_scale: float = _f(5.0, "classifier-free guidance scale w, also used for log-probs and KL")
     logprob_reduce: Literal["mean", "sum"] = _f("mean", "'mean' log-probs over latent elements (DPOK code; fits "
                                                         "clip-range 1e-4) or 'sum' (paper)")

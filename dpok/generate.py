@@ -29,7 +29,7 @@ class SampleConfig:
     output_dir: str = _f("", "folder for the PNGs and index.json (required)")
     num_steps: int = _f(20, "DDIM steps")
     guidance_scale: float = _f(5.0, "guidance scale")
-    eta: float = _f(1.0, "DDIM eta, 0 = deterministic")
+    eta: float = _f(1.0, "DDIM eta (flow models: the SDE noise level a), 0 = deterministic")
     batch_size: int = _f(16, "images per forward batch")
     device: str = _f("auto", "'auto', 'cpu' or 'cuda[:N]'")
 
@@ -62,8 +62,16 @@ def validate_prompts_for(model: str, prompts: list[str]) -> None:
 
 def generate_images(adapter: DiffusionAdapter, prompt: str, num_images: int, seed: int, num_steps: int,
                     guidance_scale: float, eta: float, batch_size: int = 16) -> torch.Tensor:
-    """``num_images`` images (N, 3, H, W) in [0, 1] for one prompt, from one seeded generator."""
+    """``num_images`` images (N, 3, H, W) in [0, 1] for one prompt, from one seeded generator.
+
+    A flow model (SD3, FLUX) samples with the training sampler: Flow-GRPO's SDE at noise level
+    ``eta``, or at 0 its pipeline's Euler ODE (the same images as the pipeline)."""
     gen = torch.Generator().manual_seed(seed)
+    if adapter.is_flow:
+        from .sampling import sample_in_batches
+
+        return sample_in_batches(adapter, [prompt] * num_images, batch_size, num_steps, eta, guidance_scale, gen,
+                                 with_log_probs=False).images.cpu()
     out = []
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)

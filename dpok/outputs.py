@@ -44,28 +44,32 @@ def save_grid(out: Path, rows: list[np.ndarray], prompts: list[str], name: str, 
 
 
 def save_weights(parts: RunParts) -> dict[str, str]:
-    """The trained weights (LoRA and its kohya copy, or the UNet) and the EMA ones; ``{name: relative path}``."""
+    """The trained weights (LoRA and its kohya copy, or the UNet / a flow model's transformer) and the
+    EMA ones; ``{name: relative path}``."""
     out, cfg, files = parts.out, parts.cfg, {}
     lora = parts.algorithm.trains and cfg.finetune == "lora"
+    # kohya's format names UNet modules; a flow model's diffusers-format LoRA is what its tools read
+    kohya = cfg.kohya_lora and not parts.adapter.is_flow
+    network = "transformer" if parts.adapter.is_flow else "unet"
     if lora:
         parts.adapter.save_lora(out / "lora")
         files["lora"] = "lora/pytorch_lora_weights.safetensors"
-        if cfg.kohya_lora:
+        if kohya:
             files["lora_kohya"] = str(export_kohya(out).relative_to(out))
         files["model_card"] = "lora/README.md"
     elif parts.algorithm.trains:
-        parts.adapter.unet.save_pretrained(out / "unet")
-        files["unet"] = "unet/"
+        parts.adapter.unet.save_pretrained(out / network)
+        files[network] = f"{network}/"
     if parts.ema is not None and parts.algorithm.trains:  # the EMA weights beside the raw ones
         with parts.ema.applied():
             if lora:
                 parts.adapter.save_lora(out / "lora_ema")
                 files["lora_ema"] = "lora_ema/pytorch_lora_weights.safetensors"
-                if cfg.kohya_lora:
+                if kohya:
                     files["lora_ema_kohya"] = str(export_kohya(out / "lora_ema").relative_to(out))
             else:
-                parts.adapter.unet.save_pretrained(out / "unet_ema")
-                files["unet_ema"] = "unet_ema/"
+                parts.adapter.unet.save_pretrained(out / f"{network}_ema")
+                files[f"{network}_ema"] = f"{network}_ema/"
     return files
 
 

@@ -4,6 +4,11 @@
 p_theta(x_{t-1} | x_t, z) = N(mu_theta, sigma_t^2 I): sampling calls it under
 ``torch.inference_mode`` and training calls it with gradients on the same inputs, so the
 importance ratio is exactly 1 before the first update.
+
+The policy step depends on the model family: DDIM with stochasticity ``eta`` for the diffusion
+models (SD 1.x, 2.x, SDXL), Flow-GRPO's SDE with noise level a = ``eta`` for the flow-matching
+models (SD3, FLUX; see :mod:`dpok.core.flow`). Everything else (trajectories, log-probs, KL) is
+the same for both.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from .core import (
     ddim_log_prob,
     ddim_sample_next,
     ddim_step_distribution,
+    flow_sde_step_distribution,
     previous_timestep,
     step_kl,
 )
@@ -28,7 +34,7 @@ class Trajectory:
     """A batch of B denoising trajectories of T steps (``latents[:, i]`` = x_t at step i).
 
     - ``latents``, ``next_latents``: (B, T, C, h, w) x_t and the sampled x_{t-1}
-    - ``timesteps``: (T,) long, high to low
+    - ``timesteps``: (T,) high to low: long for DDIM, float (1000 t) for a flow model
     - ``log_probs``: (B, T) log p_old(x_{t-1} | x_t, z) at sampling time
     - ``final_latents``: (B, C, h, w) x_0; ``images``: (B, 3, H, W) in [0, 1]
     """
@@ -77,9 +83,13 @@ def policy_step(adapter: DiffusionAdapter, latents: torch.Tensor, timesteps: tor
                 reference: bool = False) -> tuple[StepDistribution, torch.Tensor]:
     """p(x_{t-1} | x_t, z) for a batch with per-sample timesteps (B,), and the guided model output.
 
-    ``reference=True`` evaluates the pretrained policy (LoRA disabled / frozen copy), no grad.
+    ``eta``: DDIM's stochasticity, or the SDE noise level a of a flow model. ``reference=True``
+    evaluates the pretrained policy (LoRA disabled / frozen copy), no grad.
     """
     model_output = adapter.noise_pred(latents, timesteps, embeds, guidance_scale, reference=reference)
+    if adapter.is_flow:
+        t, t_next, t_cap = adapter.flow_times(timesteps, num_steps)
+        return flow_sde_step_distribution(model_output, latents, t, t_next, eta, t_cap), model_output
     prev = previous_timestep(timesteps, adapter.num_train_timesteps, num_steps)
     dist = ddim_step_distribution(model_output, latents, timesteps, prev, adapter.alphas_cumprod, eta,
                                   adapter.final_alpha_cumprod, adapter.prediction_type)
@@ -101,7 +111,8 @@ def initial_noise(adapter: DiffusionAdapter, n: int, generator: torch.Generator)
 def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps: int, eta: float,
                         guidance_scale: float, generator: torch.Generator, reference: bool = False,
                         logprob_reduce: str = "sum", with_log_probs: bool = True) -> Trajectory:
-    """Sample one trajectory per prompt with DDIM (eta > 0 makes it a stochastic policy).
+    """Sample one trajectory per prompt with DDIM (eta > 0 makes it a stochastic policy), or with
+    Flow-GRPO's SDE at noise level a = ``eta`` for a flow model (a = 0: the flow-match Euler ODE).
 
     Noise comes from ``generator`` only (x_T, then one draw per step), so the same generator state
     gives the same images. ``reference=True`` samples the pretrained model (SFT's data).
@@ -110,7 +121,7 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
     """
     if eta < 0 or (eta == 0 and with_log_probs):
         raise ValueError(f"eta must be > 0 to sample a trajectory with log-probs (got {eta}); "
-                         "eta = 0 is deterministic DDIM and has no log-prob")
+                         "eta = 0 is deterministic (DDIM, or a flow model's Euler ODE) and has no log-prob")
     embeds = adapter.encode_prompts(prompts)
     x = initial_noise(adapter, len(prompts), generator)
     timesteps = adapter.timesteps(num_steps)
@@ -154,7 +165,8 @@ def evaluate_log_probs(adapter: DiffusionAdapter, latents: torch.Tensor, next_la
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """How evaluation images are sampled: ``num_images`` per prompt, DDIM ``num_steps``, ``eta`` > 0."""
+    """How evaluation images are sampled: ``num_images`` per prompt, ``num_steps``, ``eta`` > 0 (DDIM's,
+    or a flow model's SDE noise level)."""
 
     num_images: int
     num_steps: int = 20

@@ -7,6 +7,15 @@ All have 32 px images and 8x8x4 latents, so a whole trajectory costs millisecond
   upcast attention), v-prediction;
 - ``sdxl``: SDXL layout, two text encoders (the second with a projection), ``text_time`` added
   conditioning whose input width is 6 time ids x ``addition_time_embed_dim`` + the pooled width.
+
+and of each flow-matching family (:data:`FLOW_FAMILIES`), same image and latent sizes:
+
+- ``sd3``: SD3/SD3.5 layout, CLIP-L and CLIP-G (projected, pooled) plus T5, an ``SD3Transformer2DModel``,
+  the flow-match Euler scheduler with SD3's timestep shift 3;
+- ``flux``: FLUX.1-dev layout, CLIP (pooled) plus T5, a ``FluxTransformer2DModel`` with the guidance
+  embedding over 2x2-packed latents, the scheduler's dynamic shift from the image sequence length.
+
+The T5 tokenizer is a sentencepiece-style unigram model over the ShapeWorld words, built in code.
 """
 
 from __future__ import annotations
@@ -16,9 +25,11 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+FLOW_FAMILIES = ("sd3", "flux")
 TEXT_WIDTH = 16  # each text encoder's hidden size
 POOLED_WIDTH = 16  # SDXL's projected pooled embedding
 TIME_EMBED = 8  # SDXL's addition_time_embed_dim
+T5_WIDTH = 32  # T5's d_model: the flow transformers' joint_attention_dim (>= both CLIP widths, SD3 pads to it)
 
 
 def _tokenizer(folder: Path, name: str):  # noqa: ANN202
@@ -27,13 +38,13 @@ def _tokenizer(folder: Path, name: str):  # noqa: ANN202
     return build_tokenizer(folder.parent / f"{folder.name}-{name}")
 
 
-def _vae():  # noqa: ANN202
+def _vae(**kw: object):  # noqa: ANN202
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=32,
+        latent_channels=4, norm_num_groups=8, sample_size=32, **kw,
     )
 
 
@@ -99,6 +110,78 @@ def build_family_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
 
 def pipeline_class(family: str):  # noqa: ANN201
     """The plain diffusers pipeline class of ``family``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline,
+            "flux": FluxPipeline}.get(family, StableDiffusionPipeline)
+
+
+def _t5_tokenizer(folder: Path):  # noqa: ANN202
+    """A T5 tokenizer (unigram pieces, ``</s>`` appended, ``<pad>`` = 0) over the ShapeWorld words and letters."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    from dpok.embedded.tokenizer import MODEL_MAX_LENGTH
+    from dpok.shapeworld import vocabulary
+
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581", *("\u2581" + w for w in vocabulary()), *string.ascii_lowercase]
+    vocab = [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(dict.fromkeys(pieces))]
+    tok = T5TokenizerFast(vocab=vocab, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+                          model_max_length=MODEL_MAX_LENGTH)
+    tok.save_pretrained(folder.parent / f"{folder.name}-tokenizer-t5")
+    return tok
+
+
+def _t5(tok):  # noqa: ANN001, ANN202
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=T5_WIDTH, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+
+
+def build_flow_pipeline(family: str, folder: Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Save a random flow-matching pipeline of ``family`` (one of :data:`FLOW_FAMILIES`) to ``folder``.
+
+    ``guidance_embeds=False`` gives FLUX.1-schnell's layout (no guidance embedding)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    vae = _vae(scaling_factor=0.8, shift_factor=0.1)  # as SD3's and FLUX's VAEs, decoding must apply both
+    if family == "sd3":
+        tok, tok_2, tok_3 = _tokenizer(folder, "tokenizer"), _tokenizer(folder, "tokenizer-2"), _t5_tokenizer(folder)
+        # two layers each: SD3 conditions on the penultimate CLIP states
+        text = CLIPTextModelWithProjection(_text_config(tok, layers=2, hidden_act="quick_gelu",
+                                                        projection_dim=POOLED_WIDTH))
+        text_2 = CLIPTextModelWithProjection(_text_config(tok_2, layers=2, hidden_act="gelu",
+                                                          projection_dim=POOLED_WIDTH))
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=T5_WIDTH, caption_projection_dim=16,
+            pooled_projection_dim=2 * POOLED_WIDTH, pos_embed_max_size=8,
+        )
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                        vae=vae, text_encoder=text, tokenizer=tok, text_encoder_2=text_2,
+                                        tokenizer_2=tok_2, text_encoder_3=_t5(tok_3), tokenizer_3=tok_3)
+    elif family == "flux":
+        tok, tok_2 = _tokenizer(folder, "tokenizer"), _t5_tokenizer(folder)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=T5_WIDTH, pooled_projection_dim=TEXT_WIDTH,
+            guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                    max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+        pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_text_config(tok)), tokenizer=tok,
+                            text_encoder_2=_t5(tok_2), tokenizer_2=tok_2, transformer=transformer)
+    else:
+        raise ValueError(f"unknown flow family {family!r}; one of {FLOW_FAMILIES}")
+    pipe.save_pretrained(folder)
+    return folder

@@ -68,6 +68,8 @@ class StepContext:
 class _DDPO(Algorithm):
     importance_sampling = True
     sample_minibatches = True  # a minibatch is whole samples, each with its trained steps
+    # log-probs of recorded steps: DDIM's Gaussian, or Flow-GRPO's SDE step on a flow model
+    families = ("diffusion", "flow-matching")
 
     def __init__(self, ctx: AlgorithmContext) -> None:
         super().__init__(ctx)

@@ -142,7 +142,8 @@ class ReplayBuffer:
         ``capacity`` are kept: every slot is written once, so no slot mixes two transitions."""
         items = {
             "latents": latents.detach().cpu(), "next_latents": next_latents.detach().cpu(),
-            "timesteps": timesteps.detach().cpu().long(), "old_log_probs": old_log_probs.detach().cpu().float(),
+            "timesteps": timesteps.detach().cpu(),  # long (DDIM) or float (a flow model's 1000 t)
+            "old_log_probs": old_log_probs.detach().cpu().float(),
             "rewards": rewards.detach().cpu().float(),
             "advantages": (torch.zeros_like(rewards) if advantages is None else advantages).detach().cpu().float(),
             "prompt_ids": torch.tensor([self._prompt_id(p) for p in prompts], dtype=torch.long),
@@ -181,6 +182,7 @@ class ReplayBuffer:
 class DPOK(Algorithm):
     name = "dpok"
     advantages = ("value", "group", "tracker")
+    families = ("diffusion", "flow-matching")  # per-step Gaussians and their closed-form KL, either family
 
     def __init__(self, ctx: AlgorithmContext) -> None:
         super().__init__(ctx)

@@ -32,6 +32,7 @@ class RejectionSettings:
 class RejectionSampling(Algorithm):
     name = "rejection-sampling"
     trains = False
+    families = ("diffusion", "flow-matching")  # it only samples, with either family's policy
 
     def update(self, rollout: Rollout) -> UpdateResult:
         return UpdateResult()

@@ -108,8 +108,12 @@ def test_an_algorithm_refuses_a_model_family_it_is_not_defined_for_before_loadin
     folder = tmp_path / "sd3"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(ValueError, match=r"--algorithm dpok is not defined for flow-matching models"):
-        build_config(None, {"model": str(folder), "prompt": ["a cat"]})
+    # the supervised losses need a noise-prediction schedule (alphas_cumprod); the policy-gradient ones take both
+    for name in ("diffusion-nft", "sft-kl", "rwr"):
+        with pytest.raises(ValueError, match=rf"--algorithm {name} is not defined for flow-matching models"):
+            build_config(None, {"model": str(folder), "prompt": ["a cat"], "algorithm": name})
+    for name in ("dpok", "grpo", "ddpo-is", "ddpo-sf"):
+        build_config(None, {"model": str(folder), "prompt": ["a cat"], "algorithm": name})
 
 
 def test_update_results_are_typed() -> None:
