@@ -140,6 +140,8 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--eval-images", type=int, default=4, help="dpok's before/after evaluation images per prompt")
     p.add_argument("--prompt", default="two white triangles")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of both tools' processes (0: torch's default, one per core)")
     p.add_argument("--report", type=Path, default=ROOT / "docs" / "vs_trl.md")
     args = p.parse_args()
     if args.samples % args.batch:
@@ -151,6 +153,9 @@ def main() -> None:
     from dpok.utils.machine import cpu_description
 
     python = ensure_trl_env(args.venv)
+    if args.threads:  # both children read it when torch starts: the same thread count for both tools
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
