@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..core import PerPromptStatTracker, nft_loss, nft_optimality, old_policy_decay, predict_x0_and_eps
+from ..core import PerPromptStatTracker, flow_x0_prediction, nft_loss, nft_optimality, old_policy_decay, predict_x0_and_eps
 from ..options import option
 from .base import ALGORITHMS, AlgorithmContext, Rollout, UpdateResult, positive, trajectory_advantages
 from .supervised import RWR
@@ -121,13 +121,17 @@ class DiffusionNFT(RWR):
 
     def _step_loss(self, x0, noise, latents, timesteps, embeds, weights):  # noqa: ANN001, ANN202
         a = self.adapter
-        abar = a.alphas_cumprod[timesteps].view(-1, 1, 1, 1).float()
         # theta_old first: swapping weights after the trained forward pass would invalidate its graph
         with torch.no_grad(), self.old_policy():
             old_pred = self._prediction(latents, timesteps, embeds).float()
         pred = self._prediction(latents, timesteps, embeds).float()
-        x0_theta, _ = predict_x0_and_eps(pred, latents.float(), abar, a.prediction_type)
-        x0_old, _ = predict_x0_and_eps(old_pred, latents.float(), abar, a.prediction_type)
+        if a.is_flow:  # the paper's own frame: x0 = x_t - t v
+            t = timesteps.float() / a.num_train_timesteps
+            x0_theta, x0_old = flow_x0_prediction(latents.float(), t, pred), flow_x0_prediction(latents.float(), t, old_pred)
+        else:
+            abar = a.alphas_cumprod[timesteps].view(-1, 1, 1, 1).float()
+            x0_theta, _ = predict_x0_and_eps(pred, latents.float(), abar, a.prediction_type)
+            x0_old, _ = predict_x0_and_eps(old_pred, latents.float(), abar, a.prediction_type)
         pg = self.cfg.policy_gradient
         loss, stats = nft_loss(x0_theta, x0_old, x0.float(), weights, self.cfg.nft.nft_beta, scale=pg.adv_clip)
         if pg.beta > 0:  # the eps-form KL to the pretrained model, as the authors' code

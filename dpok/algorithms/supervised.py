@@ -31,7 +31,7 @@ import torch
 
 from .. import distributed
 from ..adapter import PromptEmbeds
-from ..core import rwr_loss, rwr_sparse_weights, rwr_weights, sft_kl_loss, sft_weights
+from ..core import flow_forward, flow_velocity_target, rwr_loss, rwr_sparse_weights, rwr_weights, sft_kl_loss, sft_weights
 from ..options import option
 from .base import ALGORITHMS, Algorithm, AlgorithmContext, Rollout, UpdateResult, guarded_step, mean_stats, positive
 
@@ -58,10 +58,13 @@ class SupervisedSettings:
 
 
 def denoising_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor,
-                     alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
-    """What the UNet should output: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+                     alphas_cumprod_t: torch.Tensor | None) -> torch.Tensor:
+    """What the network should output: eps, v = sqrt(abar) eps - sqrt(1 - abar) x0, or a flow
+    model's velocity eps - x0 (which needs no ``alphas_cumprod_t``)."""
     if prediction_type == "epsilon":
         return noise
+    if prediction_type == "flow":
+        return flow_velocity_target(x0, noise)
     if prediction_type == "v_prediction":
         a = alphas_cumprod_t.view(-1, *[1] * (x0.dim() - 1))
         return a.sqrt() * noise - (1 - a).sqrt() * x0
@@ -69,6 +72,9 @@ def denoising_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor
 
 
 class _Supervised(Algorithm):
+    # denoising losses on freshly noised samples: either family's forward process (see _noised)
+    families = ("diffusion", "flow-matching")
+
     def __init__(self, ctx: AlgorithmContext) -> None:
         super().__init__(ctx)
         self.data: dict[str, Any] = {"x0": [], "cond": [], "rewards": []}
@@ -80,9 +86,10 @@ class _Supervised(Algorithm):
         self.data["x0"].append(traj.final_latents[keep].cpu())
         self.data["cond"].append(embeds.cond.cpu())
         self.data["rewards"].append(rollout.rewards[keep].cpu())
-        if embeds.time_ids is not None:  # SDXL: the pooled text embeddings and time ids condition the UNet too
-            self.data.setdefault("pooled", []).append(embeds.pooled.cpu())
-            self.data.setdefault("time_ids", []).append(embeds.time_ids.cpu())
+        # SDXL, SD3 and FLUX: the pooled text embeddings (and SDXL's time ids) condition the network too
+        for name in ("pooled", "time_ids"):
+            if getattr(embeds, name) is not None:
+                self.data.setdefault(name, []).append(getattr(embeds, name).cpu())
 
     def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(torch.cat(self.data[k]) for k in ("x0", "cond", "rewards"))  # type: ignore[return-value]
@@ -91,10 +98,11 @@ class _Supervised(Algorithm):
         """The conditioning of the samples ``idx`` (the unconditional fields from the empty prompt)."""
         device = self.adapter.device
         extra = {}
-        if self.data.get("time_ids"):
+        if self.data.get("pooled"):
             extra = {"pooled": torch.cat(self.data["pooled"])[idx].to(device),
-                     "uncond_pooled": uncond.uncond_pooled.expand(len(idx), -1),
-                     "time_ids": torch.cat(self.data["time_ids"])[idx].to(device)}
+                     "uncond_pooled": uncond.uncond_pooled.expand(len(idx), -1)}
+        if self.data.get("time_ids"):
+            extra["time_ids"] = torch.cat(self.data["time_ids"])[idx].to(device)
         return PromptEmbeds(cond_all[idx].to(device), uncond.uncond.expand(len(idx), -1, -1), **extra)
 
     def _weights(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -119,8 +127,8 @@ class _Supervised(Algorithm):
                    embeds: PromptEmbeds, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one minibatch: x_0 (B, C, h, w) noised with ``noise`` into ``latents`` at ``timesteps``."""
         pred = self._prediction(latents, timesteps, embeds).float()
-        target = denoising_target(self.adapter.prediction_type, x0.float(), noise.float(),
-                                  self.adapter.alphas_cumprod[timesteps])
+        abar = None if self.adapter.is_flow else self.adapter.alphas_cumprod[timesteps]
+        target = denoising_target(self.adapter.prediction_type, x0.float(), noise.float(), abar)
         return self._loss(pred, target, latents, timesteps, embeds, weights)
 
     def update(self, rollout: Rollout) -> UpdateResult:
@@ -141,10 +149,7 @@ class _Supervised(Algorithm):
                 idx = torch.randint(0, len(x0_all), (cfg.minibatch_size,), generator=gen)
                 x0 = x0_all[idx].to(device)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
-                n_train = adapter.num_train_timesteps
-                t = torch.randint(0, n_train, (len(idx),), generator=gen).to(device)
-                a = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
-                latents = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(adapter.dtype)
+                t, latents = self._noised(x0, noise, gen)
                 embeds = self._embeds(idx, cond_all, uncond)
                 loss, s = self._step_loss(x0, noise, latents, t, embeds, weights_all[idx].to(device))
                 (loss / cfg.grad_accum).backward()
@@ -154,11 +159,25 @@ class _Supervised(Algorithm):
         out["dataset_size"] = float(len(x0_all))
         return UpdateResult.of(out)
 
+    def _noised(self, x0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps (B,), x_t (B, C, h, w)): x_0 noised by the model's forward process at random times.
+
+        DDPM family: t uniform over the training steps, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+        Flow family: t uniform in [0, 1), x_t = (1 - t) x_0 + t eps, the network's timestep 1000 t."""
+        adapter = self.adapter
+        if adapter.is_flow:
+            t = torch.rand(len(x0), generator=gen).to(x0.device)
+            return t * adapter.num_train_timesteps, flow_forward(x0, noise, t).to(adapter.dtype)
+        t = torch.randint(0, adapter.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
+        a = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return t, (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(adapter.dtype)
+
     def state_dict(self) -> dict[str, Any]:
         x0, cond, rewards = self._tensors() if self.data["x0"] else (torch.zeros(0),) * 3
         state = {"x0": x0, "cond": cond, "rewards": rewards}
-        if self.data.get("time_ids"):
-            state.update(pooled=torch.cat(self.data["pooled"]), time_ids=torch.cat(self.data["time_ids"]))
+        for name in ("pooled", "time_ids"):
+            if self.data.get(name):
+                state[name] = torch.cat(self.data[name])
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

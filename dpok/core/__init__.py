@@ -13,7 +13,7 @@ from dpok.core.ddim import (
     predict_x0_and_eps,
     previous_timestep,
 )
-from dpok.core.flow import flow_sde_sigma, flow_sde_step_distribution
+from dpok.core.flow import flow_forward, flow_sde_sigma, flow_sde_step_distribution, flow_velocity_target
 from dpok.core.gaussian import gaussian_kl_same_std, gaussian_log_prob
 from dpok.core.kl import step_kl
 from dpok.core.losses import (
@@ -34,8 +34,10 @@ from dpok.core.schedules import LR_SCHEDULES, lr_factor
 from dpok.core.steps import step_window
 
 __all__ = [
+    "flow_forward",
     "flow_sde_sigma",
     "flow_sde_step_distribution",
+    "flow_velocity_target",
     "flow_x0_prediction",
     "grpo_loss",
     "nft_loss",

@@ -104,3 +104,16 @@ def flow_sde_step_distribution(
     mean = latents + dt * drift
     std = sigma_t * (-dt).sqrt()
     return StepDistribution(mean=mean, std=std, pred_original_sample=latents - t * velocity)
+
+
+def flow_forward(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """The rectified-flow forward process x_t = (1 - t) x_0 + t eps.
+
+    x0, noise: (B, ...); t: (B,) in [0, 1]. Returns x_t (B, ...), in x0's dtype."""
+    t = _per_sample_time(t, x0, "t").to(x0.dtype)
+    return (1.0 - t) * x0 + t * noise
+
+
+def flow_velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
+    """The velocity a flow model should output at any x_t of the pair (x_0, eps): v = eps - x_0 (B, ...)."""
+    return noise - x0

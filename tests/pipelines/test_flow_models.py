@@ -141,7 +141,7 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update(adapter: DiffusionAdap
         adapter.lora_config = None
 
 
-@pytest.fixture(scope="module", params=["grpo", "ddpo-is", "ddpo-sf", "dpok"])
+@pytest.fixture(scope="module", params=["grpo", "ddpo-is", "ddpo-sf", "dpok", "sft-kl", "rwr", "diffusion-nft"])
 def trained(request: pytest.FixtureRequest, folder: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> tuple[Trainer, dict[str, torch.Tensor]]:
     """One round of ``algorithm`` through the Trainer (jpeg-compressibility reward); the LoRA weights before it."""

@@ -89,3 +89,20 @@ def test_the_sde_keeps_the_marginals_of_gaussian_data(noise_level: float) -> Non
     assert abs(x.mean().item() - mean) < 0.01 and abs(x.var().item() / var - 1) < 0.02
     if noise_level > 0:
         assert abs(naive.var().item() / var - 1) > 0.1
+
+
+def test_the_flow_forward_process_and_its_velocity_target_invert_each_other() -> None:
+    # the supervised losses and DiffusionNFT noise x_0 with x_t = (1 - t) x_0 + t eps and regress v = eps - x_0:
+    # the x_0 prediction x_t - t v of that target gives back x_0, and v is d x_t / dt
+    from dpok.core import flow_forward, flow_velocity_target, flow_x0_prediction
+
+    gen = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(4, 2, 3, 3, generator=gen), torch.randn(4, 2, 3, 3, generator=gen)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    x_t = flow_forward(x0, eps, t)
+    torch.testing.assert_close(x_t[0], x0[0])
+    torch.testing.assert_close(x_t[3], eps[3])
+    v = flow_velocity_target(x0, eps)
+    torch.testing.assert_close(flow_x0_prediction(x_t, t, v), x0, atol=1e-6, rtol=0)
+    dt = 1e-3
+    torch.testing.assert_close((flow_forward(x0, eps, t + dt) - x_t) / dt, v, atol=1e-3, rtol=0)
