@@ -117,20 +117,9 @@ def pipeline_class(family: str):  # noqa: ANN201
 
 
 def _t5_tokenizer(folder: Path):  # noqa: ANN202
-    """A T5 tokenizer (unigram pieces, ``</s>`` appended, ``<pad>`` = 0) over the ShapeWorld words and letters."""
-    import string
+    from dpok.embedded.tokenizer import build_t5_tokenizer
 
-    from transformers import T5TokenizerFast
-
-    from dpok.embedded.tokenizer import MODEL_MAX_LENGTH
-    from dpok.shapeworld import vocabulary
-
-    pieces = ["<pad>", "</s>", "<unk>", "\u2581", *("\u2581" + w for w in vocabulary()), *string.ascii_lowercase]
-    vocab = [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(dict.fromkeys(pieces))]
-    tok = T5TokenizerFast(vocab=vocab, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
-                          model_max_length=MODEL_MAX_LENGTH)
-    tok.save_pretrained(folder.parent / f"{folder.name}-tokenizer-t5")
-    return tok
+    return build_t5_tokenizer(folder.parent / f"{folder.name}-tokenizer-t5")
 
 
 def _t5(tok):  # noqa: ANN001, ANN202
