@@ -284,8 +284,9 @@ def preset_sft_kl_paper() -> dict[str, Any]:
 
 def preset_flow_grpo_paper() -> dict[str, Any]:
     """Flow-GRPO on GenEval (Liu et al. 2025; yifan123/flow_grpo config/grpo.py ``geneval_sd3`` on
-    config/base.py, scripts/train_sd3.py), for the DDIM-family models here (its SDE noise level 0.7
-    is a flow-model setting; DDIM uses eta 1):
+    config/base.py, scripts/train_sd3.py). Its SDE noise level 0.7 is ``--eta`` on a flow-matching
+    model (SD3, FLUX; read from a local folder's model_index.json, else give ``--eta 0.7``); a
+    DDIM-family model takes eta 1:
 
     - 48 groups of 24 images per epoch (1152 samples), two optimizer steps per epoch (here minibatches
       of 9 samples, 64 accumulated), one inner epoch, 10 sampling steps (40 for evaluation),
@@ -301,7 +302,7 @@ def preset_flow_grpo_paper() -> dict[str, Any]:
                 timestep_fraction=0.99, step_window_start=0.0, step_window_end=1.0, beta=0.04, kl_form="closed-form",
                 clip_range=1e-4, adv_clip=5.0, learning_rate=3e-4, lr_schedule="constant", weight_decay=1e-4,
                 max_grad_norm=1.0, ema_decay=0.9, lora_rank=32, lora_alpha=64.0, lora_targets=ATTENTION,
-                logprob_reduce="mean")
+                logprob_reduce="mean", flow_overrides={"eta": 0.7})
 
 
 def preset_diffusion_nft_paper() -> dict[str, Any]:
@@ -338,13 +339,25 @@ PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
+def model_family_of(model: str) -> str | None:
+    """The family of a local model folder (None for a hub id or a missing folder)."""
+    from .adapter import local_model_family
+
+    return local_model_family(model)
+
+
 def build_config(preset: str | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults, then the preset, then the user's options; validated."""
     values: dict[str, Any] = {}
     if preset:
         if preset not in PRESETS:
             raise ValueError(f"--preset {preset!r} is unknown; valid: {', '.join(PRESETS)}")
-        values.update(PRESETS[preset]())
+        preset_values = PRESETS[preset]()
+        # a preset's settings for flow-matching models (the family read from a local model folder)
+        flow_values = preset_values.pop("flow_overrides", {})
+        values.update(preset_values)
+        if flow_values and model_family_of(overrides.get("model", TrainConfig.model)) == "flow-matching":
+            values.update(flow_values)
     values.update(overrides)
     cfg = TrainConfig.from_options(values)
     cfg.validate()

@@ -313,10 +313,14 @@ def preset_text(name: str) -> str:
     if name not in PRESETS:
         raise ConfigFileError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     doc = inspect.cleandoc(PRESETS[name].__doc__ or "")
-    header = (f"Preset {name!r}: the same settings as 'dpok train --preset {name}'.\n\n{doc}\n\n"
+    values = PRESETS[name]()
+    flow = values.pop("flow_overrides", {})
+    on_flow = ("\n\nOn a flow-matching model (SD3, FLUX) --preset also sets: "
+               + ", ".join(f"{k}: {v}" for k, v in flow.items())) if flow else ""
+    header = (f"Preset {name!r}: the same settings as 'dpok train --preset {name}'.\n\n{doc}{on_flow}\n\n"
               f"Copy this file, change what you need and run: dpok train --config FILE\n"
               "(options on the command line override the file; every other option keeps its default)")
-    return dump_config(PRESETS[name](), "yaml", header)
+    return dump_config(values, "yaml", header)
 
 
 def write_preset_files(folder: str | Path) -> list[Path]:

@@ -144,7 +144,9 @@ def test_shipped_preset_files_are_the_presets(tmp_path: Path) -> None:
         assert path.is_file(), f"{path} is missing: write it with 'dpok presets --write dpok/presets'"
         assert path.read_text(encoding="utf-8") == preset_text(name), \
             f"{path} differs from preset {name!r}: rewrite it with 'dpok presets --write dpok/presets'"
-        assert read_config_file(path, TrainConfig).values == preset()
+        # a preset's flow-model settings are conditional: the file names them in its comments
+        values = {k: v for k, v in preset().items() if k != "flow_overrides"}
+        assert read_config_file(path, TrainConfig).values == values
         from_file, _ = _train_cfg(["--config", str(path), "--prompt", "a red circle"])
         assert from_file == build_config(name, {"prompt": ["a red circle"]})
 

@@ -172,6 +172,7 @@ def test_presets_match_their_sources() -> None:
         "lora_alpha": 64.0, "logprob_reduce": "mean", "lr_schedule": "constant",
     }
     assert {k: grpo[k] for k in sources} == sources
+    assert grpo["flow_overrides"] == {"eta": 0.7}  # base.py: sample.noise_level 0.7 (the SDE's a) on flow models
     assert grpo["samples_per_round"] // (grpo["minibatch_size"] * grpo["grad_accum"]) == 2  # two steps per epoch
     nft = PRESETS["diffusion-nft-paper"]()
     sources = {  # DiffusionNFT config/nft.py sd3_geneval + base.py; train_nft_sd3.py

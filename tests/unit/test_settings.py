@@ -148,3 +148,14 @@ def test_default_prompts_and_checks_come_from_the_domain() -> None:
     assert prepare_prompts(TrainConfig.from_options(prompt=["a red dog"]), None) == ["a red dog"]
     images = torch.rand(2, 3, 64, 64)
     assert set(SHAPEWORLD.measures(images, "a red circle", 0)) == {"judge_aligned", "clean_share", "frechet"}
+
+
+def test_the_flow_grpo_preset_takes_the_papers_noise_level_on_a_flow_model(tmp_path: Path) -> None:
+    # Flow-GRPO's SDE noise level 0.7 is --eta on a flow-matching model; a DDIM-family model keeps eta 1
+    flow, ddim = tmp_path / "sd3", tmp_path / "sd15"
+    for folder, name in ((flow, "StableDiffusion3Pipeline"), (ddim, "StableDiffusionPipeline")):
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": name}))
+    assert build_config("flow-grpo-paper", {"model": str(flow), "prompt": ["a cat"]}).eta == 0.7
+    assert build_config("flow-grpo-paper", {"model": str(ddim), "prompt": ["a cat"]}).eta == 1.0
+    assert build_config("flow-grpo-paper", {"model": str(flow), "prompt": ["a cat"], "eta": 0.5}).eta == 0.5
