@@ -7,6 +7,13 @@ calls (one per sampling batch, in order, each retried the same way), so the scor
 and everything computed from them are identical; only the time differs. The worker lives within
 one round: :class:`RoundScorer` is a context manager that joins it on exit, error or not.
 
+The worker runs torch on one intra-op thread: its own OpenMP team would otherwise spin on the cores
+the sampling uses (measured on 2 cores: the sampling took twice as long beside a worker doing a few
+small tensor operations per batch). Results that depend on the number of threads (a float sum over
+more than about 32k elements on the CPU may round differently in its last bit) are the only ones
+that can differ from the synchronous path; elementwise operations, min / max, small reductions and
+everything a server or another device computes are the same, bit for bit.
+
 ``auto`` (the default) overlaps where it can help: a reward that mostly waits or whose cost is
 unknown (:attr:`~dpok.rewards.Reward.overlaps_sampling`: the HTTP reward, a user's function) and
 a round of more than one sampling batch per process. A local reward on the CPU would compete with
@@ -74,11 +81,14 @@ class RoundScorer:
         self._batches: list[Trajectory] = []
         self._futures: list[Future[RewardOutput]] = []
         self._pool: ThreadPoolExecutor | None = None
+        self._threads = 0
         self._lock = threading.Lock()
 
     def __enter__(self) -> RoundScorer:
         if self.overlap:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
+            self._threads = torch.get_num_threads()
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME,
+                                            initializer=torch.set_num_threads, initargs=(1,))
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -86,6 +96,8 @@ class RoundScorer:
         if self._pool is not None:  # batches not started yet are dropped; the one running is waited for
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+            # the worker's one thread is also torch's default for threads started later: back to ours
+            torch.set_num_threads(self._threads)
 
     def _score(self, batch: Trajectory) -> RewardOutput:
         t0 = time.perf_counter()
