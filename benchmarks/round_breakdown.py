@@ -8,8 +8,10 @@ statistics, bookkeeping). While the rounds run, a hook on the UNet records every
 it falls in, its batch size and whether gradients are on. The bare compute of a phase is then what
 the same calls cost alone: a UNet forward of each recorded batch size (under ``no_grad``) for calls
 without gradients, a forward and a backward through the trainable weights for calls with them,
-each timed on random inputs of the same shapes (median of 3). The ratio phase / bare is the
-overhead of the RL machinery around the network (target: sampling and update each within 1.2x).
+each timed on random inputs of the same shapes (median of 3). The bare calls are timed right
+after each round, so that the load of a shared machine falls on both alike; the ratio phase / bare
+(the median over the rounds) is the overhead of the RL machinery around the network (target:
+sampling and update each within 1.2x).
 
     python benchmarks/round_breakdown.py            # the default round (32 samples x 20 steps), 2 rounds each
     python benchmarks/round_breakdown.py --quick    # 16 samples x 10 steps, 1 round each: a few minutes on 2 cores
@@ -109,23 +111,28 @@ def measure(name: str, settings: dict[str, Any], rounds: int) -> dict[str, Any]:
     trainer.sample = calls.within("sampling", trainer.sample)
     trainer.rollout_kl = calls.within("kl", trainer.rollout_kl)
     trainer.algorithm.update = calls.within("update", trainer.algorithm.update)
-    rows = []
+    rows, bares, per_round_calls = [], [], Counter()
     for r in range(rounds + 1):
-        if r == 1:  # the first round includes one-off warm-up
-            calls.calls.clear()
+        calls.calls.clear()
         t0 = time.perf_counter()
         m = trainer.train_round()
         total = time.perf_counter() - t0
         row = {p: m[METRIC[p]] for p in METRIC}
         row["other"] = total - sum(row.values())
         row["round"] = total
-        rows.append(row)
         print(f"  {name} round {r}: " + ", ".join(f"{p} {row[p]:.2f}" for p in (*PHASES, "round"))
               + (" [warm-up]" if r == 0 else ""))
-    rows = rows[1:]
+        if r == 0:  # the first round includes one-off warm-up
+            continue
+        rows.append(row)
+        # the bare calls right after their round: a shared machine's load falls on both alike
+        bares.append(bare_seconds(trainer, calls.calls, 1))
+        per_round_calls.update(calls.calls)
     med = {p: statistics.median(row[p] for row in rows) for p in (*PHASES, "round")}
-    bare = bare_seconds(trainer, calls.calls, rounds)
-    ratios = {p: med[p] / bare[p] if bare[p] > 0 else None for p in bare}
+    bare = {p: statistics.median(b[p] for b in bares) for p in bares[0]}
+    ratios = {p: statistics.median(row[p] / b[p] for row, b in zip(rows, bares)) if bare[p] > 0 else None
+              for p in bare}
+    calls.calls = per_round_calls
     steps, eta = trainer.algorithm.rollout_sampler()
     result = {"seconds": med, "bare_unet_seconds": bare, "ratio_to_bare": ratios,
               "unet_calls_per_round": {f"{p}/batch {b}/{'fwd+bwd' if g else 'fwd'}": n / rounds
@@ -162,7 +169,7 @@ of each algorithm's round) are in `docs/round_breakdown/data.json`.
 
 Each algorithm ran its default settings on the embedded model with {s['samples_per_round']} samples per
 round and {s['num_steps']} DDIM steps: a warm-up round, then {data['rounds']} round(s) whose median is
-shown. Seconds per round; in brackets the ratio to the bare UNet compute of the same calls: a
+shown. Seconds per round (median); in brackets the ratio to the bare UNet compute of the same calls: a
 forward of each recorded batch size for the sampling and the KL logging (the policy and the
 reference model), a forward and backward through the trainable weights for the update's calls with
 gradients plus a forward for its calls without (reference model, old policy). *Reward* is the wait
@@ -177,8 +184,8 @@ CPU: {describe_cpu(data['cpu'])}; torch {data['torch']}; peak memory {data['peak
 
 Largest ratios to the bare UNet: sampling {worst['sampling'][0]:.2f}x (`{worst['sampling'][1]}`), update
 {worst['update'][0]:.2f}x (`{worst['update'][1]}`) (the target is 1.2x for both). On a machine shared with
-other work the ratios move by some hundredths from run to run; the bare calls are timed within the
-same process, after the rounds. A ratio below 1 is not a phase faster than its network: the bare
+other work the ratios move from run to run; the bare calls are timed right after each round, in the
+same process, and the ratio is the median over the rounds. A ratio below 1 is not a phase faster than its network: the bare
 calls run the UNet with its LoRA layers, while calls of the reference model (the KL logging's
 second forward, SFT-KL's samples of the pretrained model) run it with the adapter disabled.
 """
