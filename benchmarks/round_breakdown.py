@@ -1,78 +1,231 @@
-"""Time of one training round split into sampling, reward and update, against the bare UNet
-compute of the same batches (target: sampling and update each within 1.2x of bare UNet time)."""
+"""Time of one training round of every registered algorithm, phase by phase, against the bare UNet
+compute of the same batches; writes docs/round_breakdown.md and docs/round_breakdown/data.json.
+
+For each algorithm (read from the registry) one trainer on the embedded model runs a warm-up round
+and then ``--rounds`` rounds; each round's phases come from its metrics: sampling, rollout KL
+logging, reward (the wait for the scores), update, and other (the rest of the round: prompt draws,
+statistics, bookkeeping). While the rounds run, a hook on the UNet records every call: the phase
+it falls in, its batch size and whether gradients are on. The bare compute of a phase is then what
+the same calls cost alone: a UNet forward of each recorded batch size (under ``no_grad``) for calls
+without gradients, a forward and a backward through the trainable weights for calls with them,
+each timed on random inputs of the same shapes (median of 3). The bare calls are timed right
+after each round, so that the load of a shared machine falls on both alike; the ratio phase / bare
+(the median over the rounds) is the overhead of the RL machinery around the network (target:
+sampling and update each within 1.2x).
+
+    python benchmarks/round_breakdown.py            # the default round (32 samples x 20 steps), 2 rounds each
+    python benchmarks/round_breakdown.py --quick    # 16 samples x 10 steps, 1 round each: a few minutes on 2 cores
+"""
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import torch
-from _common import header, peak_memory_mb, timeit
+from _common import cpu_info, describe_cpu, header, peak_memory_mb, timeit
 
-from dpok.config import build_config
-from dpok.trainer import Trainer
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dpok.algorithms import ALGORITHMS  # noqa: E402
+from dpok.config import build_config  # noqa: E402
+from dpok.trainer import Trainer  # noqa: E402
+
+PHASES = ("sampling", "kl", "reward", "update", "other")
+METRIC = {"sampling": "time/sample_s", "kl": "time/kl_s", "reward": "time/reward_s", "update": "time/update_s"}
+TITLES = {"sampling": "sampling", "kl": "KL logging", "reward": "reward", "update": "update", "other": "other"}
 
 
-def bare_unet_times(trainer: Trainer) -> tuple[float, float]:
-    """Bare UNet seconds for one round: sampling forwards, and DPOK's update (policy forward+backward
-    plus the reference forward, on the same minibatch shapes)."""
-    cfg, adapter = trainer.cfg, trainer.adapter
-    unet = adapter.unet
-    c, h, w = adapter.latent_shape
-    cfg_mult = 2 if cfg.guidance_scale != 1.0 else 1
-    emb = adapter.encode_prompts(["a green triangle"])
-    b = cfg.sample_batch_size * cfg_mult
-    x, t, e = torch.randn(b, c, h, w), torch.full((b,), 500), emb.cond.expand(b, -1, -1)
-    with torch.no_grad():
-        fwd = timeit(lambda: unet(x, t, e).sample, 3)
-    sampling = fwd * cfg.num_steps * (cfg.samples_per_round // cfg.sample_batch_size)
-    m = cfg.minibatch_size * cfg_mult
-    xm, tm, em = torch.randn(m, c, h, w), torch.full((m,), 500), emb.cond.expand(m, -1, -1)
+class UNetCalls:
+    """Counts the UNet's calls per (phase, batch size, gradients on) while ``phase`` is set."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.phase = ""
+        self.calls: Counter[tuple[str, int, bool]] = Counter()
+        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.phase:
+            sample = args[0] if args else kwargs["sample"]
+            self.calls[(self.phase, int(sample.shape[0]), torch.is_grad_enabled())] += 1
+
+    def within(self, phase: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            self.phase = phase
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.phase = ""
+
+        return wrapped
+
+
+def _unet_seconds(unet: torch.nn.Module, adapter: Any, x: torch.Tensor, cond: torch.Tensor, grad: bool) -> float:
+    """Median seconds of a UNet forward on ``x`` (B, C, h, w) and ``cond`` (B, L, D): under ``no_grad``,
+    or with ``grad`` followed by a backward through the trainable weights."""
+    t = torch.full((x.shape[0],), 500)
+    if not grad:
+        with torch.no_grad():
+            return timeit(lambda: unet(x, t, cond).sample, 3)
 
     def fwd_bwd() -> None:
-        unet(xm, tm, em).sample.square().mean().backward()
+        unet(x, t, cond).sample.square().mean().backward()
 
-    fb = timeit(fwd_bwd, 3)
+    seconds = timeit(fwd_bwd, 3)
     for p in adapter.trainable_parameters():
         p.grad = None
-    with torch.no_grad(), adapter.reference():
-        ref = timeit(lambda: unet(xm, tm, em).sample, 3)
-    update = (fb + ref) * cfg.gradient_steps * cfg.grad_accum
-    return sampling, update
+    return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--algorithm", default="dpok")
-    args = parser.parse_args()
-    cfg = build_config(None, {"algorithm": args.algorithm, "output_dir": "runs/benchmark-round", "eval_images": 1})
+def bare_seconds(trainer: Trainer, calls: Counter[tuple[str, int, bool]], rounds: int) -> dict[str, float]:
+    """Per phase, the seconds the recorded UNet calls of one round take alone (see the module docstring)."""
+    adapter = trainer.adapter
+    unet = adapter.unet
+    c, h, w = adapter.latent_shape
+    cond = adapter.encode_prompts([trainer.prompts[0]]).cond
+    cost: dict[tuple[int, bool], float] = {}
+    for _, batch, grad in calls:
+        if (batch, grad) not in cost:
+            cost[(batch, grad)] = _unet_seconds(unet, adapter, torch.randn(batch, c, h, w), cond.expand(batch, -1, -1),
+                                                grad)
+    out = dict.fromkeys(("sampling", "kl", "update"), 0.0)
+    for (phase, batch, grad), n in calls.items():
+        out[phase] += n * cost[(batch, grad)] / rounds
+    return out
+
+
+def measure(name: str, settings: dict[str, Any], rounds: int) -> dict[str, Any]:
+    cfg = build_config(None, {**settings, "algorithm": name,
+                              "output_dir": str(ROOT / "runs" / f"benchmark-round-{name}-{time.strftime('%H%M%S')}")})
     trainer = Trainer(cfg)
-    cfg = trainer.cfg  # with the automatic batch sizes filled in
-    header(f"{args.algorithm} rounds: {cfg.samples_per_round} samples x {cfg.num_steps} steps, "
-           f"{cfg.gradient_steps} x {cfg.grad_accum} minibatches of {cfg.minibatch_size}")
-    rows = []
-    for _ in range(args.rounds + 1):
-        import time
-
+    cfg = trainer.cfg
+    calls = UNetCalls(trainer.adapter.unet)
+    trainer.sample = calls.within("sampling", trainer.sample)
+    trainer.rollout_kl = calls.within("kl", trainer.rollout_kl)
+    trainer.algorithm.update = calls.within("update", trainer.algorithm.update)
+    rows, bares, per_round_calls = [], [], Counter()
+    for r in range(rounds + 1):
+        calls.calls.clear()
         t0 = time.perf_counter()
         m = trainer.train_round()
-        m["time/round_s"] = time.perf_counter() - t0
-        rows.append(m)
-    rows = rows[1:]  # the first round includes one-off warm-up
-    med = {k: statistics.median(r[k] for r in rows) for k in ("time/sample_s", "time/reward_s", "time/update_s",
-                                                             "time/round_s")}
-    bare_sampling, bare_update = bare_unet_times(trainer)
-    other = med["time/round_s"] - med["time/sample_s"] - med["time/reward_s"] - med["time/update_s"]
-    print(f"round            {med['time/round_s']:7.2f} s")
-    print(f"  sampling       {med['time/sample_s']:7.2f} s   bare UNet forwards {bare_sampling:6.2f} s   "
-          f"ratio {med['time/sample_s'] / bare_sampling:4.2f}x")
-    print(f"  reward         {med['time/reward_s']:7.2f} s")
-    print(f"  update         {med['time/update_s']:7.2f} s   bare UNet fwd+bwd (+ref fwd) {bare_update:6.2f} s   "
-          f"ratio {med['time/update_s'] / bare_update:4.2f}x")
-    print(f"  logging (rollout KL) and bookkeeping {other:5.2f} s")
-    print(f"peak memory: {peak_memory_mb():.0f} MB")
+        total = time.perf_counter() - t0
+        row = {p: m[METRIC[p]] for p in METRIC}
+        row["other"] = total - sum(row.values())
+        row["round"] = total
+        print(f"  {name} round {r}: " + ", ".join(f"{p} {row[p]:.2f}" for p in (*PHASES, "round"))
+              + (" [warm-up]" if r == 0 else ""))
+        if r == 0:  # the first round includes one-off warm-up
+            continue
+        rows.append(row)
+        # the bare calls right after their round: a shared machine's load falls on both alike
+        bares.append(bare_seconds(trainer, calls.calls, 1))
+        per_round_calls.update(calls.calls)
+    med = {p: statistics.median(row[p] for row in rows) for p in (*PHASES, "round")}
+    bare = {p: statistics.median(b[p] for b in bares) for p in bares[0]}
+    ratios = {p: statistics.median(row[p] / b[p] for row, b in zip(rows, bares)) if bare[p] > 0 else None
+              for p in bare}
+    calls.calls = per_round_calls
+    steps, eta = trainer.algorithm.rollout_sampler()
+    result = {"seconds": med, "bare_unet_seconds": bare, "ratio_to_bare": ratios,
+              "unet_calls_per_round": {f"{p}/batch {b}/{'fwd+bwd' if g else 'fwd'}": n / rounds
+                                       for (p, b, g), n in sorted(calls.calls.items())},
+              "round_settings": {"samples_per_round": cfg.samples_per_round, "sample_batch_size": cfg.sample_batch_size,
+                                 "rollout_steps": steps, "rollout_eta": eta, "gradient_steps": cfg.gradient_steps,
+                                 "grad_accum": cfg.grad_accum, "minibatch_size": cfg.minibatch_size,
+                                 "trains": trainer.algorithm.trains}}
+    calls.handle.remove()
+    del trainer
+    gc.collect()
+    return result
+
+
+def _ratio(x: float | None) -> str:
+    return f"{x:.2f}x" if x is not None else "–"
+
+
+def report(data: dict[str, Any], command: str) -> str:
+    s = data["settings"]
+    rows = []
+    for name, r in data["algorithms"].items():
+        sec, ratio = r["seconds"], r["ratio_to_bare"]
+        rows.append(f"| `{name}` | {sec['round']:.2f} | {sec['sampling']:.2f} ({_ratio(ratio['sampling'])}) | "
+                    f"{sec['kl']:.2f} ({_ratio(ratio['kl'])}) | {sec['reward']:.2f} | "
+                    f"{sec['update']:.2f} ({_ratio(ratio['update'])}) | {sec['other']:.2f} |")
+    table = "\n".join(rows)
+    worst = {p: max((r["ratio_to_bare"][p], n) for n, r in data["algorithms"].items()
+                    if r["ratio_to_bare"][p] is not None) for p in ("sampling", "update")}
+    return f"""# One training round, phase by phase, for every algorithm
+
+Written by `{command}`; the raw numbers (the UNet calls of each phase, the bare times, the settings
+of each algorithm's round) are in `docs/round_breakdown/data.json`.
+
+Each algorithm ran its default settings on the embedded model with {s['samples_per_round']} samples per
+round and {s['num_steps']} DDIM steps: a warm-up round, then {data['rounds']} round(s) whose median is
+shown. Seconds per round (median); in brackets the ratio to the bare UNet compute of the same calls: a
+forward of each recorded batch size for the sampling and the KL logging (the policy and the
+reference model), a forward and backward through the trainable weights for the update's calls with
+gradients plus a forward for its calls without (reference model, old policy). *Reward* is the wait
+for the scores (`shapeworld-alignment`, in line), *other* the rest of the round (prompts, statistics,
+bookkeeping). `rejection-sampling` trains nothing; its round is sampling and scoring.
+
+CPU: {describe_cpu(data['cpu'])}; torch {data['torch']}; peak memory {data['peak_memory_mb']:.0f} MB.
+
+| algorithm | round | sampling | KL logging | reward | update | other |
+| --- | --- | --- | --- | --- | --- | --- |
+{table}
+
+Largest ratios to the bare UNet: sampling {worst['sampling'][0]:.2f}x (`{worst['sampling'][1]}`), update
+{worst['update'][0]:.2f}x (`{worst['update'][1]}`) (the target is 1.2x for both). On a machine shared with
+other work the ratios move from run to run; the bare calls are timed right after each round, in the
+same process, and the ratio is the median over the rounds. A ratio below 1 is not a phase faster than its network: the bare
+calls run the UNet with its LoRA layers, while calls of the reference model (the KL logging's
+second forward, SFT-KL's samples of the pretrained model) run it with the adapter disabled.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 samples x 10 steps a round, 1 round each")
+    parser.add_argument("--rounds", type=int, default=2, help="measured rounds per algorithm (after a warm-up)")
+    parser.add_argument("--algorithm", action="append", default=None,
+                        help="only this algorithm (repeatable; default: every registered one)")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no report")
+    args = parser.parse_args(argv)
+    settings: dict[str, Any] = {"eval_images": 1, "report_to": ["none"]}
+    if args.quick:
+        settings.update(samples_per_round=16, num_steps=10)
+        args.rounds = 1
+    names = args.algorithm or ALGORITHMS.names()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    full = build_config(None, settings)
+    header(f"round breakdown of {', '.join(names)}: {full.samples_per_round} samples x {full.num_steps} steps")
+    data: dict[str, Any] = {"cpu": cpu_info(), "torch": torch.__version__, "rounds": args.rounds,
+                            "settings": {"samples_per_round": full.samples_per_round, "num_steps": full.num_steps},
+                            "algorithms": {}}
+    for name in names:
+        r = data["algorithms"][name] = measure(name, settings, args.rounds)
+        sec, ratio = r["seconds"], r["ratio_to_bare"]
+        print(f"{name:20s} round {sec['round']:6.2f} s | sampling {sec['sampling']:5.2f} ({_ratio(ratio['sampling'])}) | "
+              f"KL {sec['kl']:4.2f} ({_ratio(ratio['kl'])}) | reward {sec['reward']:4.2f} | update "
+              f"{sec['update']:5.2f} ({_ratio(ratio['update'])}) | other {sec['other']:4.2f}")
+    data["peak_memory_mb"] = peak_memory_mb()
+    print(f"CPU: {describe_cpu(data['cpu'])}; peak memory {data['peak_memory_mb']:.0f} MB")
+    if not args.no_write:
+        command = "python benchmarks/round_breakdown.py" + (" --quick" if args.quick else "")
+        (ROOT / "docs" / "round_breakdown").mkdir(parents=True, exist_ok=True)
+        (ROOT / "docs" / "round_breakdown" / "data.json").write_text(json.dumps(data, indent=2) + "\n")
+        (ROOT / "docs" / "round_breakdown.md").write_text(report(data, command))
+        print("wrote docs/round_breakdown.md and docs/round_breakdown/data.json")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

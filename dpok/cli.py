@@ -79,7 +79,8 @@ def errors_located(source: Any) -> Iterator[None]:
 
 
 def _cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
-    from .embedded.pretrain import PretrainConfig, run_pretrain, tiny_config
+    from .embedded.pretrain import run_pretrain
+    from .embedded.pretrain_config import PretrainConfig, tiny_config
 
     values, source = settings(args, PretrainConfig, extra={"preset": str})
     file_preset = values.pop("preset", None)
@@ -93,7 +94,7 @@ def _cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
     return run_pretrain(cfg, argv)
 
 
-RESUMABLE_CHANGES = {"rounds", "checkpoint_every", "keep_checkpoints", "device", "resume", "report_to"}
+RESUMABLE_CHANGES = {"reward_overlap", "rounds", "checkpoint_every", "keep_checkpoints", "device", "resume", "report_to"}
 # settings added after runs were already saved: a run folder without them ran with these values
 # (not today's defaults), so a resume continues it as it was
 SETTINGS_BEFORE_THEY_EXISTED = {"lr_schedule": "constant", "lr_warmup_rounds": 0}
@@ -227,7 +228,7 @@ def _cmd_presets(args: argparse.Namespace, argv: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS, TrainConfig
-    from .embedded.pretrain import PretrainConfig
+    from .embedded.pretrain_config import PretrainConfig
     from .evaluate import EvalConfig
     from .generate import SampleConfig
     from .rewards.server import ServerConfig
@@ -302,9 +303,9 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help ends here, before any heavy library loads
+    _quiet_libraries()
     if args.command == "train":
         from .distributed import relaunch_cpu_workers
 

@@ -76,6 +76,11 @@ class TrainConfig:
     guidance_scale: float = _f(5.0, "classifier-free guidance scale w, also used for log-probs and KL")
     logprob_reduce: Literal["mean", "sum"] = _f("mean", "'mean' log-probs over latent elements (DPOK code; fits "
                                                         "clip-range 1e-4) or 'sum' (paper)")
+    reward_overlap: Literal["auto", "on", "off"] = _f(
+        "auto", "score each sampling batch in a worker thread while the next one is sampled: 'on', 'off', or 'auto' "
+                "(on for a reward that mostly waits or costs an unknown time: --reward http, a module:function or a "
+                "Python function, when a round has more than one sampling batch per process). The scores, their "
+                "order and the training are the same either way; only the round's time differs")
     samples_per_prompt: int = _f(0, "k samples of each prompt per round, in a row: the groups of --advantage group "
                                     "(0: auto, gcd(8, each process's share of --samples-per-round))")
 
@@ -111,7 +116,10 @@ class TrainConfig:
     rejection: RejectionSettings = group(RejectionSettings)
 
     # ---- outputs
-    eval_images: int = _f(32, "images per prompt for the before/after evaluation and grids")
+    eval_images: int = _f(0, "images per prompt for the before/after evaluation and grids (0: auto, sized to the "
+                             "run: min(32, rounds x samples-per-round / (8 x shown prompts)), at least 1, so "
+                             "that the two evaluations of up to 4 shown prompts cost at most a quarter of the "
+                             "training's samples; the default run gets 32)")
     checkpoint_every: int = _f(0, "rounds between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(2, "complete checkpoints kept")
     resume: str = _f("", "run folder to continue from its newest complete checkpoint")
@@ -167,12 +175,12 @@ class TrainConfig:
                           "samples whole groups")
         for name in ("sample_batch_size", "minibatch_size"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, 0 for auto (got {getattr(self, name)})")
-        for name in ("rounds", "samples_per_round", "gradient_steps", "grad_accum", "lora_rank", "eval_images",
+        for name in ("rounds", "samples_per_round", "gradient_steps", "grad_accum", "lora_rank",
                      "eval_every_images", "keep_checkpoints", "max_bad_rounds"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         for name in ("learning_rate", "max_grad_norm", "lora_alpha"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
-        for name in ("weight_decay", "checkpoint_every", "eval_every"):
+        for name in ("weight_decay", "checkpoint_every", "eval_every", "eval_images"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         need(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), 0 for no EMA (got {self.ema_decay})")
         # samples_per_round is the round's total: each of the N processes samples an equal share, in
@@ -202,6 +210,14 @@ class TrainConfig:
         if self.minibatch_size == 0:
             values["minibatch_size"] = ALGORITHMS.get(self.algorithm).minibatch_default(share)
         return dataclasses.replace(self, **values)
+
+    def eval_images_for(self, shown_prompts: int) -> int:
+        """``--eval-images``, or for 0 (auto) the images per prompt that keep the before and after
+        evaluations of ``shown_prompts`` prompts (2 x shown x images samples) within a quarter of the
+        run's training samples (rounds x samples_per_round), capped at 32 and at least 1."""
+        if self.eval_images:
+            return self.eval_images
+        return max(1, min(32, self.rounds * self.samples_per_round // (8 * max(1, shown_prompts))))
 
     def group_size(self, num_processes: int = 1) -> int:
         """k, the samples of one prompt drawn together in a round (on one process)."""

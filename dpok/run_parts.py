@@ -9,6 +9,7 @@ value-function weights everywhere), then draws its own prompt and noise streams.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,8 @@ def build_run(cfg: TrainConfig, *, pipeline: Any = None, reward: Reward | None =
         prompts = prepare_prompts(cfg, domain, own.default_prompts if own else ())
     else:  # the fixed prompts of the grids and evaluations, drawn once from their own stream
         prompts = FunctionPromptSampler(prompt_fn, cfg.seed, metadata).preview(GRID_PROMPTS)
+    # --eval-images 0 (auto): sized to the run and the prompts its grids show
+    cfg = dataclasses.replace(cfg, eval_images=cfg.eval_images_for(min(len(prompts), GRID_PROMPTS)))
     eval_unseen = (resolve_prompts(cfg.eval_prompt or None, None, cfg.eval_prompt_set or None, domain)
                    if cfg.eval_prompt or cfg.eval_prompt_set else [])
     device = select_device(cfg.device)

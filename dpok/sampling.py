@@ -13,6 +13,7 @@ the same for both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -146,10 +147,18 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
 
 def sample_in_batches(adapter: DiffusionAdapter, prompts: list[str], batch_size: int, num_steps: int, eta: float,
                       guidance_scale: float, generator: torch.Generator, reference: bool = False,
-                      logprob_reduce: str = "sum", with_log_probs: bool = True) -> Trajectory:
-    parts = [sample_trajectories(adapter, prompts[i : i + batch_size], num_steps, eta, guidance_scale, generator,
-                                 reference, logprob_reduce, with_log_probs)
-             for i in range(0, len(prompts), batch_size)]
+                      logprob_reduce: str = "sum", with_log_probs: bool = True,
+                      on_batch: Callable[[Trajectory], None] | None = None) -> Trajectory:
+    """:func:`sample_trajectories` over ``prompts`` in batches of ``batch_size``, joined in order.
+
+    ``on_batch`` is handed each batch as soon as it is sampled (the trainer starts scoring it
+    there, beside the next batch's sampling); it does not change what is sampled."""
+    parts = []
+    for i in range(0, len(prompts), batch_size):
+        parts.append(sample_trajectories(adapter, prompts[i : i + batch_size], num_steps, eta, guidance_scale,
+                                         generator, reference, logprob_reduce, with_log_probs))
+        if on_batch is not None:
+            on_batch(parts[-1])
     return Trajectory.cat(parts)
 
 

@@ -22,7 +22,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,12 @@ from .config import TrainConfig
 from .core import lr_factor
 from .outputs import save_grid, save_outputs, write_config_files
 from .prompts import PromptFunction
-from .rewards import Reward, RewardError, RewardOutput
+from .rewards import Reward, RewardOutput
 from .run_parts import GRID_PROMPTS, RunParts, build_run
 from .run_parts import prepare_prompts as prepare_prompts  # where it lived before run_parts
 from .runlog import RunLog
 from .sampling import SampleSettings, Trajectory, sample_in_batches, trajectory_kl
+from .scoring import RoundScorer, overlap_enabled, score_batch
 from .utils.diskwrite import run_folder_writes
 
 
@@ -115,28 +116,23 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------- phases
-    def sample(self, prompts: list[str]) -> Trajectory:
+    def sample(self, prompts: list[str], on_batch: Callable[[Trajectory], None] | None = None) -> Trajectory:
+        """The round's trajectories, in sampling batches; ``on_batch`` gets each batch once sampled."""
         cfg = self.cfg
         steps, eta = self.algorithm.rollout_sampler()
         with self.algorithm.sampling_policy():
             return sample_in_batches(self.adapter, prompts, cfg.sample_batch_size, steps, eta,
                                      cfg.guidance_scale, self.generator,
                                      reference=self.algorithm.samples_from_reference,
-                                     logprob_reduce=cfg.logprob_reduce, with_log_probs=eta > 0)
+                                     logprob_reduce=cfg.logprob_reduce, with_log_probs=eta > 0, on_batch=on_batch)
 
     def score(self, traj: Trajectory, attempts: int = 3) -> RewardOutput:
-        """Score a round's samples. If the reward fails (e.g. its server is down after its own
-        retries), the samples are kept and scored again, never given a made-up score."""
-        for attempt in range(1, attempts + 1):
-            try:
-                out = self.reward(traj.images, traj.prompts)
-                break
-            except RewardError as e:
-                if attempt == attempts:
-                    raise RewardError(f"round {self.round + 1}: scoring failed {attempts} times, last: {e}. The "
-                                      f"run stops here; its last checkpoint is kept (continue with --resume)") from e
-                tqdm.write(f"reward failed ({e}); scoring the same {len(traj.prompts)} samples again")
-                time.sleep(2.0 * attempt)
+        """Score samples (one call per sampling batch, as a round does). If the reward fails (e.g. its
+        server is down after its own retries), the samples are kept and scored again, never given a
+        made-up score (see :func:`dpok.scoring.score_batch`)."""
+        size = self.cfg.sample_batch_size
+        out = RewardOutput.cat([score_batch(self.reward, traj.images[i : i + size], traj.prompts[i : i + size],
+                                            self.round + 1, attempts) for i in range(0, traj.batch_size, size)])
         self.reward_queries += distributed.all_sum(len(traj.prompts))  # the run's total, over processes
         return out
 
@@ -157,20 +153,28 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         # samples_per_round is the round's total: each process draws its share
-        traj = self.sample(self.sampler.sample_groups(cfg.samples_per_round // self.num_processes,
-                                                      cfg.group_size(self.num_processes)))
-        t1 = time.perf_counter()
-        scored = self.score(traj)
-        t2 = time.perf_counter()
-        # before the update: the KL of the policy that sampled these trajectories
-        rollout_kl = self.rollout_kl(traj)
+        prompts = self.sampler.sample_groups(cfg.samples_per_round // self.num_processes,
+                                             cfg.group_size(self.num_processes))
+        batches = -(-len(prompts) // cfg.sample_batch_size)
+        overlap = overlap_enabled(cfg.reward_overlap, self.reward, batches)
+        # with overlap each batch is scored while the next is sampled; the worker ends with the block
+        with RoundScorer(self.reward, overlap, self.round + 1) as scorer:
+            traj = self.sample(prompts, on_batch=scorer.submit)
+            t1 = time.perf_counter()
+            # before the update: the KL of the policy that sampled these trajectories (beside the
+            # last batch's scoring, with overlap)
+            rollout_kl = self.rollout_kl(traj)
+            t2 = time.perf_counter()
+            scored = scorer.result()
+        self.reward_queries += distributed.all_sum(len(traj.prompts))  # the run's total, over processes
+        t3 = time.perf_counter()
         lr = cfg.learning_rate * lr_factor(self.round, cfg.rounds, cfg.lr_schedule, cfg.lr_warmup_rounds)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.adapter.train(True)
         update = self.algorithm.update(Rollout(traj, scored.scores, scored.valid))
         self.adapter.train(False)
-        t3 = time.perf_counter()
+        t4 = time.perf_counter()
         # reward statistics over every process's samples (one process: its own)
         _, scores, _ = distributed.gather_batch(traj.prompts, scored.scores)
         _, valid_mask, _ = distributed.gather_batch(traj.prompts, scored.valid)
@@ -181,7 +185,8 @@ class Trainer:
             "reward/std": float(valid.std()) if len(valid) > 1 else 0.0,
             "reward/invalid": float(distributed.all_sum(scored.num_invalid)),
             "kl/rollout": rollout_kl, "train/learning_rate": lr,
-            "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
+            # time/reward_s: the wait for the scores; time/reward_busy_s: the reward calls (more, with overlap)
+            "time/sample_s": t1 - t0, "time/kl_s": t2 - t1, **scorer.timings(), "time/update_s": t4 - t3,
             "charts/reward_queries": float(self.reward_queries),
         })
         # any process's skipped update makes the round a bad one on every process

@@ -38,6 +38,9 @@ from .utils.machine import cpu_description
 REFERENCES = ("base", "rejection-sampling")  # evaluated without training, on every prompt
 
 
+ROUND_PHASES = ("time/sample_s", "time/kl_s", "time/reward_s", "time/update_s")  # a round's time, phase by phase
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One setting of a method: its name and the TrainConfig values that differ from the defaults."""
@@ -173,8 +176,8 @@ class Sweep:
         result = {"method": method, "candidate": cand.name, "overrides": dict(cand.overrides), "prompt": prompt,
                   "seed": seed, "queries": trainer.reward_queries, "train_s": train_s, "machine": cpu_description(),
                   "threads": torch.get_num_threads(),
-                  "seconds_per_round": float(np.mean([r["time/sample_s"] + r["time/reward_s"] + r["time/update_s"]
-                                                      for r in rows])) if rows else 0.0,
+                  "seconds_per_round": float(np.mean([sum(r.get(k, 0.0) for k in ROUND_PHASES) for r in rows]))
+                  if rows else 0.0,
                   "curve": {"reward": rewards, "kl": [r.get("kl/rollout", 0.0) for r in rows]},
                   "smoothed_drop": largest_drop(smoothed(rewards)), "eval": row}
         _write_json(folder / "result.json", result)

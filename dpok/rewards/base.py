@@ -63,6 +63,14 @@ class RewardOutput:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
+    @staticmethod
+    def cat(items: Sequence[RewardOutput]) -> RewardOutput:
+        """The outputs of consecutive batches as one, in their order (components joined by name)."""
+        names = list(dict.fromkeys(k for item in items for k in item.components))
+        return RewardOutput(scores=torch.cat([o.scores for o in items]), valid=torch.cat([o.valid for o in items]),
+                            raw=torch.cat([o.raw for o in items]),
+                            components={k: torch.cat([o.components[k] for o in items]) for k in names})
+
 
 class Reward(abc.ABC):
     """Base class of rewards. Call it as ``reward(images, prompts) -> RewardOutput``.
@@ -74,6 +82,9 @@ class Reward(abc.ABC):
 
     name: str = "reward"
     uses_metadata: bool = False  # True: _compute(images, prompts, metadata) with one dict per image
+    # True: scoring mostly waits (a server, another device) or costs what its author knows and we do
+    # not (a user's function), so ``--reward-overlap auto`` scores it beside the sampling
+    overlaps_sampling: bool = False
 
     @abc.abstractmethod
     def _compute(self, images: torch.Tensor, prompts: list[str], *metadata: list[dict[str, Any]]) -> ScoreLike:
@@ -215,6 +226,7 @@ class WeightedSum(Reward):
         self.terms = [(float(w), r) for w, r in terms]
         self.name = name
         self.uses_metadata = any(r.uses_metadata for _, r in self.terms)
+        self.overlaps_sampling = any(r.overlaps_sampling for _, r in self.terms)
 
     def _compute(self, images: torch.Tensor, prompts: list[str], *metadata: list[dict[str, Any]]) -> torch.Tensor:
         return self._evaluate(images, prompts, *metadata).raw
@@ -256,6 +268,7 @@ class PromptMetadataReward(Reward):
         self.table = table
         self.name = reward.name
         self.uses_metadata = reward.uses_metadata
+        self.overlaps_sampling = reward.overlaps_sampling
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str],
                  metadata: Sequence[Mapping[str, Any]] | None = None) -> RewardOutput:

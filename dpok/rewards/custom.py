@@ -40,7 +40,10 @@ def takes_metadata(function: Callable[..., Any]) -> bool:
 
 class CustomReward(Reward):
     """Wraps a user function ``f(images, prompts) -> scores`` (or ``f(images, prompts, metadata)``,
-    which is then handed the prompts' metadata); its name is the spec."""
+    which is then handed the prompts' metadata); its name is the spec. Its cost is unknown here (it
+    may call a service or another device), so ``--reward-overlap auto`` scores it beside the sampling."""
+
+    overlaps_sampling = True
 
     def __init__(self, spec: str, function: Callable[..., ScoreLike]) -> None:
         if not callable(function):

@@ -44,7 +44,11 @@ class HttpReward(Reward):
     attempts and the last error) instead of returning made-up scores: the exception is what lets the
     caller keep the batch of samples whose scoring failed and score it again later, rather than
     losing it or training on it with wrong rewards.
+
+    Scoring mostly waits on the network, so ``--reward-overlap auto`` scores it beside the sampling.
     """
+
+    overlaps_sampling = True
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
                  ca_file: str | None = None) -> None:

@@ -292,6 +292,33 @@ def test_trainer_keeps_and_rescores_samples_when_the_reward_fails(tiny_pipeline_
         trainer.score(traj)
 
 
+def test_training_against_the_server_overlapped_is_the_same_as_in_line(serve_reward, tiny_pipeline_dir,  # noqa: ANN001
+                                                                        tmp_path) -> None:  # noqa: ANN001
+    """--reward http scores beside the sampling by default (auto: a remote reward, two batches a round):
+    the same metrics and LoRA as in line, with the server's NaN scores masked alike."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dpok.config import build_config
+    from dpok.trainer import Trainer
+
+    server = serve_reward(NanFirstReward())
+    runs = {}
+    for mode in ("off", "auto"):
+        runs[mode] = tmp_path / mode
+        cfg = build_config(None, dict(model=str(tiny_pipeline_dir), reward="http", reward_url=server.url,
+                                      prompt=["x"], rounds=2, samples_per_round=4, sample_batch_size=2,
+                                      gradient_steps=1, num_steps=2, eval_images=1, report_to=["none"],
+                                      reward_overlap=mode, output_dir=str(runs[mode])))
+        Trainer(cfg).run()
+    rows = {m: [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+                for line in (run / "metrics.jsonl").read_text().splitlines()] for m, run in runs.items()}
+    assert rows["off"] == rows["auto"] and all(r["reward/invalid"] == 2.0 for r in rows["auto"])
+    a, b = (load_file(runs[m] / "lora/pytorch_lora_weights.safetensors") for m in ("off", "auto"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---- hardening: authentication before the body, limits, idle connections, TLS
 
 

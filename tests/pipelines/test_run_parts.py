@@ -43,3 +43,14 @@ def test_a_part_can_be_replaced_before_the_run(tiny_pipeline_dir: Path, tmp_path
     assert parts.reward.name == "jpeg-incompressibility" and parts.is_main and parts.out.is_dir()
     result = Trainer(None, parts=parts).run()
     assert result.reward_before > 0  # incompressibility: plus the JPEG size
+
+
+def test_the_automatic_evaluation_size_is_resolved_with_the_prompts(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    cfg = build_config(None, dict(model=str(tiny_pipeline_dir), reward="jpeg-compressibility",
+                                  prompt=["a red circle", "a blue square"], output_dir=str(tmp_path / "run"), rounds=4,
+                                  samples_per_round=8, num_steps=2, report_to=["none"]))
+    assert cfg.eval_images == 0
+    parts = build_run(cfg)
+    assert parts.cfg.eval_images == 2  # 4 rounds x 8 samples / (8 x 2 shown prompts)
+    given = build_run(build_config(None, {**cfg.to_dict(), "eval_images": 5, "output_dir": str(tmp_path / "b")}))
+    assert given.cfg.eval_images == 5

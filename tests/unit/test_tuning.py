@@ -63,6 +63,8 @@ def test_the_defaults_are_the_setting_the_committed_sweep_chose() -> None:
     tuned = {**saved["base"], **dict(chosen.overrides), "rounds": config["rounds"],
              "samples_per_round": config["samples_per_round"]}
     defaults = TrainConfig().to_dict()
+    # --eval-images 0 (auto) is sized to the run: at the default budget, on the one default prompt, the sweep's 32
+    defaults["eval_images"] = TrainConfig().eval_images_for(1)
     differ = {k: (tuned[k], defaults[k]) for k in tuned if k in defaults and tuned[k] != defaults[k]}
     assert not differ, f"defaults that are not the tuned setting (tuned, default): {differ}"
 
