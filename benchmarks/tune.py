@@ -50,16 +50,27 @@ DECAY = FASTEST + (("lr_schedule", "cosine"),)
 WIDER = (("clip_range", 1e-3),)
 
 
+# The newer methods' own starting points, as the paper experiment runs them: GRPO on DDPO-IS's
+# per-round work (it shares DDPO-IS's update loop); DiffusionNFT with deterministic 10-step DDIM
+# rollouts, the cheap sampler its paper recommends
+NFT = (("rollout_steps", 10), ("rollout_eta", 0.0))
+
+
 def candidates() -> dict[str, list]:
     """Six candidates per method: its defaults, the same larger step for all, one knob of its own,
     the larger LoRA at lr 1e-3 and at lr 2e-3, then lr 2e-3 with a cosine decay (and the wider
     ratio band for the methods that clip a ratio)."""
     from dpok.tuning import Candidate as C
 
-    own = {"dpok": (), "ddpo-is": DDPO, "sft-kl": (), "rwr": ()}
-    clipped = {"dpok": WIDER, "ddpo-is": WIDER}
+    own = {"dpok": (), "ddpo-is": DDPO, "sft-kl": (), "rwr": (), "grpo": DDPO, "diffusion-nft": NFT}
+    clipped = {"dpok": WIDER, "ddpo-is": WIDER, "grpo": WIDER}
     knob = {"dpok": C("clip3e-4", (("clip_range", 3e-4),)), "ddpo-is": C("clip3e-4", DDPO + (("clip_range", 3e-4),)),
-            "sft-kl": C("gamma0.2", (("gamma", 0.2),)), "rwr": C("temp0.05", (("rwr_temperature", 0.05),))}
+            "sft-kl": C("gamma0.2", (("gamma", 0.2),)), "rwr": C("temp0.05", (("rwr_temperature", 0.05),)),
+            # GRPO without the KL term (beta = 0), as DanceGRPO and many GRPO runs train
+            "grpo": C("beta0", DDPO + (("beta", 0.0),)),
+            # DiffusionNFT rolling out with the evaluation's sampler (20 stochastic steps) instead of 10
+            # deterministic ones: what the cheaper sampler costs in alignment
+            "diffusion-nft": C("eval-sampler", ())}
     return {m: [C("defaults", base), C("bigger", base + BIGGER), knob[m], C("lr1e-3", base + FASTER),
                 C("lr2e-3", base + FASTEST), C("cosine", base + DECAY + clipped.get(m, ()))]
             for m, base in own.items()}
@@ -71,7 +82,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report", default=str(ROOT / "docs" / "tuning.md"))
     p.add_argument("--stage", choices=["references", "trials", "validation", "all"], default="all")
     p.add_argument("--rounds", type=int, default=None, help="rounds per trial (default: the sweep's)")
-    p.add_argument("--methods", nargs="+", default=None, help="default: dpok ddpo-is sft-kl rwr")
+    p.add_argument("--methods", nargs="+", default=None, help="default: dpok ddpo-is sft-kl rwr grpo diffusion-nft")
     p.add_argument("--workers", type=int, default=1, help="trials at a time (threads are split between them)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--explore", nargs=2, metavar=("METHOD", "JSON"), help="one ad-hoc trial (in <output>/explore)")
@@ -111,6 +122,15 @@ def explore(args: argparse.Namespace) -> None:
             sweep.run_reference(ref_dir, reference, args.prompt, args.seed)
 
 
+def seed_from_kept(out: Path, kept: Path) -> None:
+    """Start an empty output folder from the raw results the report keeps (a fresh clone has only
+    those): finished trials are not rerun, and later stages run from the same frozen base settings."""
+    if not (out / "sweep.json").is_file() and (kept / "sweep.json").is_file():
+        import shutil
+
+        shutil.copytree(kept, out, dirs_exist_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     sys.path.insert(0, str(ROOT))
@@ -123,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         explore(args)
         return 0
     cfg = build(args)
+    seed_from_kept(Path(cfg.output_dir), Path(args.report).with_suffix("") / "data")
     stages = ["references", "trials", "validation"] if args.stage == "all" else [args.stage]
     if not args.report_only:
         for stage in stages:

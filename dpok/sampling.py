@@ -25,6 +25,7 @@ from .core import (
     ddim_sample_next,
     ddim_step_distribution,
     flow_sde_step_distribution,
+    gaussian_kl_same_std,
     previous_timestep,
     step_kl,
 )
@@ -38,6 +39,8 @@ class Trajectory:
     - ``timesteps``: (T,) high to low: long for DDIM, float (1000 t) for a flow model
     - ``log_probs``: (B, T) log p_old(x_{t-1} | x_t, z) at sampling time
     - ``final_latents``: (B, C, h, w) x_0; ``images``: (B, 3, H, W) in [0, 1]
+    - ``means``: (n, T, C, h, w) mu_theta(x_t, t) of the sampling policy's steps for the first n <= B
+      trajectories (kept so that the rollout KL needs only the reference's forward), or None
     """
 
     prompts: list[str]
@@ -49,6 +52,7 @@ class Trajectory:
     final_latents: torch.Tensor
     images: torch.Tensor
     logprob_reduce: str = "sum"  # how ``log_probs`` were reduced over latent elements
+    means: torch.Tensor | None = None
 
     def check_reduce(self, expected: str) -> None:
         """Ratios are only meaningful when old and new log-probs are reduced the same way."""
@@ -76,6 +80,9 @@ class Trajectory:
             final_latents=torch.cat([t.final_latents for t in items]),
             images=torch.cat([t.images for t in items]),
             logprob_reduce=items[0].logprob_reduce,
+            # the kept means belong to the leading trajectories, so the parts that have them come first
+            means=torch.cat([t.means for t in items if t.means is not None])
+            if items[0].means is not None else None,
         )
 
 
@@ -111,14 +118,15 @@ def initial_noise(adapter: DiffusionAdapter, n: int, generator: torch.Generator)
 @torch.inference_mode()
 def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps: int, eta: float,
                         guidance_scale: float, generator: torch.Generator, reference: bool = False,
-                        logprob_reduce: str = "sum", with_log_probs: bool = True) -> Trajectory:
+                        logprob_reduce: str = "sum", with_log_probs: bool = True, keep_means: int = 0) -> Trajectory:
     """Sample one trajectory per prompt with DDIM (eta > 0 makes it a stochastic policy), or with
     Flow-GRPO's SDE at noise level a = ``eta`` for a flow model (a = 0: the flow-match Euler ODE).
 
     Noise comes from ``generator`` only (x_T, then one draw per step), so the same generator state
     gives the same images. ``reference=True`` samples the pretrained model (SFT's data).
     ``with_log_probs=False`` (a likelihood-free method's rollouts) allows eta = 0, deterministic
-    DDIM; its ``log_probs`` are then zeros.
+    DDIM; its ``log_probs`` are then zeros. ``keep_means``: how many of the leading trajectories keep
+    their step means (``Trajectory.means``).
     """
     if eta < 0 or (eta == 0 and with_log_probs):
         raise ValueError(f"eta must be > 0 to sample a trajectory with log-probs (got {eta}); "
@@ -126,7 +134,7 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
     embeds = adapter.encode_prompts(prompts)
     x = initial_noise(adapter, len(prompts), generator)
     timesteps = adapter.timesteps(num_steps)
-    latents, next_latents, log_probs = [], [], []
+    latents, next_latents, log_probs, means = [], [], [], []
     for t in timesteps:
         t_batch = t.expand(len(prompts))
         dist = step_distribution(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
@@ -136,27 +144,32 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
         next_latents.append(x_next)
         log_probs.append(ddim_log_prob(x_next.float(), dist, reduce=logprob_reduce) if with_log_probs
                          else torch.zeros(len(prompts), device=x.device))
+        if keep_means > 0:
+            means.append(dist.mean[:keep_means])
         x = x_next
     return Trajectory(
         prompts=list(prompts), embeds=embeds,
         latents=torch.stack(latents, 1), next_latents=torch.stack(next_latents, 1),
         timesteps=timesteps, log_probs=torch.stack(log_probs, 1),
         final_latents=x, images=adapter.decode(x), logprob_reduce=logprob_reduce,
+        means=torch.stack(means, 1) if means else None,
     )
 
 
 def sample_in_batches(adapter: DiffusionAdapter, prompts: list[str], batch_size: int, num_steps: int, eta: float,
                       guidance_scale: float, generator: torch.Generator, reference: bool = False,
                       logprob_reduce: str = "sum", with_log_probs: bool = True,
-                      on_batch: Callable[[Trajectory], None] | None = None) -> Trajectory:
+                      on_batch: Callable[[Trajectory], None] | None = None, keep_means: int = 0) -> Trajectory:
     """:func:`sample_trajectories` over ``prompts`` in batches of ``batch_size``, joined in order.
 
     ``on_batch`` is handed each batch as soon as it is sampled (the trainer starts scoring it
-    there, beside the next batch's sampling); it does not change what is sampled."""
+    there, beside the next batch's sampling); it does not change what is sampled. The first
+    ``keep_means`` trajectories keep their step means."""
     parts = []
     for i in range(0, len(prompts), batch_size):
         parts.append(sample_trajectories(adapter, prompts[i : i + batch_size], num_steps, eta, guidance_scale,
-                                         generator, reference, logprob_reduce, with_log_probs))
+                                         generator, reference, logprob_reduce, with_log_probs,
+                                         keep_means=max(0, keep_means - i)))
         if on_batch is not None:
             on_batch(parts[-1])
     return Trajectory.cat(parts)
@@ -193,7 +206,9 @@ def trajectory_kl(adapter: DiffusionAdapter, traj: Trajectory, settings: SampleS
     estimate of the DPOK upper bound on KL(p_theta(x_0 | z) || p_pre(x_0 | z)) (Lemma 4.2). Zero
     for a model without LoRA or fine-tuned weights. ``reduce="mean"`` averages each term over latent
     elements instead (on the scale of ``logprob_reduce="mean"``);
-    ``limit`` keeps only the first trajectories, (limit,).
+    ``limit`` keeps only the first trajectories, (limit,). Where the trajectory kept the sampling
+    policy's step means (``Trajectory.means``) only the reference is evaluated: mu_theta is the mean
+    the sample was drawn from (``adapter`` must then be the policy that sampled it).
     """
     n = traj.batch_size if limit is None else min(limit, traj.batch_size)
     if adapter.lora_config is None and adapter.reference_unet is None:
@@ -206,8 +221,11 @@ def trajectory_kl(adapter: DiffusionAdapter, traj: Trajectory, settings: SampleS
             t = traj.timesteps.repeat(len(idx))
             embeds = traj.embeds[idx.repeat_interleave(traj.num_steps)]
             args = (x, t, embeds, settings.guidance_scale, settings.eta, settings.num_steps)
-            dist, model_out = policy_step(adapter, *args)
             ref, ref_out = policy_step(adapter, *args, reference=True)
-            kl = step_kl("closed-form", dist, ref, model_out, ref_out, reduce)
+            if traj.means is not None and len(traj.means) > int(idx[-1]):
+                kl = gaussian_kl_same_std(traj.means[idx].flatten(0, 1).to(ref.mean), ref.mean, ref.std, reduce=reduce)
+            else:
+                dist, model_out = policy_step(adapter, *args)
+                kl = step_kl("closed-form", dist, ref, model_out, ref_out, reduce)
             out.append(kl.view(len(idx), traj.num_steps).sum(1).cpu())
     return torch.cat(out)

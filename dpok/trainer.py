@@ -63,6 +63,8 @@ class Trainer:
     """Runs the loop over the parts of one run (:class:`~dpok.run_parts.RunParts`: model, reward,
     algorithm, optimizer, run folder, ...), which read as its own attributes (``trainer.adapter``)."""
 
+    rollout_kl_samples = 4  # trajectories of a round whose KL to the base is logged (kl/rollout)
+
     def __init__(self, cfg: TrainConfig | None, config_format: str = "yaml", *, pipeline: Any = None,
                  reward: Reward | None = None, prompt_fn: PromptFunction | None = None,
                  parts: RunParts | None = None) -> None:
@@ -124,7 +126,8 @@ class Trainer:
             return sample_in_batches(self.adapter, prompts, cfg.sample_batch_size, steps, eta,
                                      cfg.guidance_scale, self.generator,
                                      reference=self.algorithm.samples_from_reference,
-                                     logprob_reduce=cfg.logprob_reduce, with_log_probs=eta > 0, on_batch=on_batch)
+                                     logprob_reduce=cfg.logprob_reduce, with_log_probs=eta > 0, on_batch=on_batch,
+                                     keep_means=self.rollout_kl_samples if eta > 0 else 0)
 
     def score(self, traj: Trajectory, attempts: int = 3) -> RewardOutput:
         """Score samples (one call per sampling batch, as a round does). If the reward fails (e.g. its
@@ -136,11 +139,12 @@ class Trainer:
         self.reward_queries += distributed.all_sum(len(traj.prompts))  # the run's total, over processes
         return out
 
-    def rollout_kl(self, traj: Trajectory, max_samples: int = 4) -> float:
+    def rollout_kl(self, traj: Trajectory) -> float:
         """Sum over steps of the closed-form KL_t to the pretrained policy, summed over latent
-        elements (nats) and averaged over (at most ``max_samples``) trajectories of this round,
-        with the policy that sampled them: the DPOK bound on KL(p_theta(x_0|z) || p_pre(x_0|z))."""
-        cfg, n = self.cfg, min(max_samples, traj.batch_size)
+        elements (nats) and averaged over (at most ``rollout_kl_samples``) trajectories of this round,
+        with the policy that sampled them: the DPOK bound on KL(p_theta(x_0|z) || p_pre(x_0|z)).
+        The policy's step means were kept at sampling, so only the reference model runs here."""
+        cfg, n = self.cfg, min(self.rollout_kl_samples, traj.batch_size)
         steps, eta = self.algorithm.rollout_sampler()
         if eta == 0:  # deterministic rollouts: no step distributions, no KL bound
             return float("nan")

@@ -78,7 +78,8 @@ class SweepConfig:
     validation_prompts: list[str] = field(default_factory=lambda: ["four blue squares", "two blue triangles"])
     seeds: list[int] = field(default_factory=lambda: [0])
     validation_seeds: list[int] = field(default_factory=lambda: [0])
-    validation_methods: list[str] = field(default_factory=lambda: ["dpok", "ddpo-is"])  # empty: every method
+    # methods whose chosen setting is validated on the prompts not tuned on (empty: every method)
+    validation_methods: list[str] = field(default_factory=lambda: ["dpok", "ddpo-is", "grpo", "diffusion-nft"])
     rounds: int = 25
     samples_per_round: int = 32
     eval_images: int = 32

@@ -3,6 +3,7 @@ targets, the DPOK value warm-up and group advantages reaching its buffer."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,11 @@ def test_rollout_kl_is_of_the_sampling_policy_in_nats(tiny_pipeline_dir: Path, t
 
     def spy(traj):  # noqa: ANN001, ANN202
         value = original(traj)
+        # the step means kept at sampling are the policy's: the same KL as evaluating the policy again
+        assert traj.means is not None and traj.means.shape == (4, *traj.latents.shape[1:])
         settings = SampleSettings(4, cfg.num_steps, cfg.guidance_scale, cfg.eta)
-        expected = float(trajectory_kl(trainer.adapter, traj, settings, reduce="sum").mean())
+        recomputed = dataclasses.replace(traj, means=None)
+        expected = float(trajectory_kl(trainer.adapter, recomputed, settings, reduce="sum").mean())
         assert value == pytest.approx(expected, rel=1e-5, abs=1e-9)
         seen.append(value)
         return value
@@ -153,3 +157,22 @@ def test_group_advantages_reach_the_dpok_buffer(tiny_pipeline_dir: Path) -> None
     per_traj = buf.data["advantages"][: len(buf)].view(4, 2)[:, 0]
     torch.testing.assert_close(per_traj, torch.tensor([-1.0, 1.0, 1.0, -1.0]), atol=1e-4, rtol=1e-4)
 
+
+
+def test_kept_step_means_are_the_policys_across_sampling_batches(tiny_pipeline_dir: Path) -> None:
+    # the rollout KL reads mu_theta from the trajectory: the means kept must be those the policy gives
+    # at the visited states, for the leading trajectories only, whichever batch they were sampled in
+    from dpok.sampling import policy_step, sample_in_batches
+    from tests.pipelines.test_training import make_adapter
+
+    adapter = make_adapter(tiny_pipeline_dir)
+    gen = torch.Generator().manual_seed(0)
+    traj = sample_in_batches(adapter, ["a red circle", "a blue square"] * 3, 2, 3, 1.0, 3.0, gen, keep_means=3)
+    assert traj.means is not None and traj.means.shape == (3, *traj.latents.shape[1:])
+    with torch.no_grad():
+        for i in range(traj.num_steps):
+            x, t = traj.latents[:3, i], traj.timesteps[i].expand(3)
+            dist, _ = policy_step(adapter, x, t, traj.embeds[torch.arange(3)], 3.0, 1.0, 3)
+            torch.testing.assert_close(traj.means[:, i], dist.mean, rtol=1e-4, atol=1e-5)
+    plain = sample_in_batches(adapter, ["a red circle"] * 2, 2, 3, 1.0, 3.0, torch.Generator().manual_seed(0))
+    assert plain.means is None  # nothing kept unless asked
