@@ -16,7 +16,6 @@ not tuned on. :func:`write_report` writes ``docs/tuning.md`` from the result fil
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -144,7 +143,8 @@ class Sweep:
 
     def _settings(self, values: dict[str, Any]) -> dict[str, Any]:
         """``values`` on top of the sweep's base (only settings the code still has)."""
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        # every option's flat name, the algorithms' own settings included (they live in nested groups)
+        known = set(TrainConfig().to_dict())
         return {k: v for k, v in {**self.base(), **values}.items() if k in known}
 
     def run_trial(self, folder: Path, method: str, cand: Candidate, prompt: str, seed: int) -> dict[str, Any]:

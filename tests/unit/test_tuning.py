@@ -80,3 +80,20 @@ def test_report_says_when_methods_did_not_get_equal_care() -> None:
     done = [{"method": "a", "candidate": "x"}, {"method": "a", "candidate": "y"}, {"method": "b", "candidate": "x"}]
     assert "finished are a 2, b 1" in _care(cfg, done)
     assert _care(cfg, done + [{"method": "b", "candidate": "y"}]).startswith("Every method got the same tuning care: 2")
+
+
+def test_a_candidate_changes_the_algorithms_own_settings_too(tmp_path: Path) -> None:
+    # the algorithms' settings live in nested groups of TrainConfig; a sweep that filtered overrides
+    # by its top-level fields silently trained every GRPO / DiffusionNFT candidate at the base values
+    from dpok.config import build_config
+
+    overrides = {"beta": 0.0, "timestep_fraction": 0.4, "clip_range": 1e-3, "rollout_steps": 10, "rollout_eta": 0.0,
+                 "nft_beta": 0.5, "gamma": 0.2, "rwr_temperature": 0.05, "learning_rate": 1e-3}
+    settings = Sweep(SweepConfig(output_dir=str(tmp_path)))._settings(overrides)
+    assert {k: settings[k] for k in overrides} == overrides
+    for algorithm, keys in (("grpo", ("beta", "timestep_fraction", "clip_range", "learning_rate")),
+                            ("diffusion-nft", ("rollout_steps", "rollout_eta", "nft_beta"))):
+        chosen = {k: overrides[k] for k in keys}
+        settings = Sweep(SweepConfig(output_dir=str(tmp_path)))._settings({"algorithm": algorithm, **chosen})
+        flat = build_config(None, settings).to_dict()
+        assert {k: flat[k] for k in keys} == chosen
