@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .assets import default_model_dir
+from .assets import default_flow_model_dir, default_model_dir
+from .attention import fold_text_tokens
 from .runtime import select_device
 
 MODEL_FILES = ("model_index.json",)
@@ -36,13 +37,16 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve_model(model: str) -> str:
-    """``shapeworld`` -> the packaged embedded model folder; a folder must hold a pipeline."""
-    if model == "shapeworld":
-        folder = default_model_dir()
+    """``shapeworld`` / ``shapeworld-flow`` -> the packaged embedded model folders; a folder must hold a
+    pipeline."""
+    embedded = {"shapeworld": (default_model_dir(), "dpok pretrain"),
+                "shapeworld-flow": (default_flow_model_dir(), "dpok pretrain --family flow-matching")}
+    if model in embedded:
+        folder, command = embedded[model]
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(
-                f"the embedded ShapeWorld model is missing from {folder}; reinstall the package or "
-                "recreate it with 'dpok pretrain'"
+                f"the embedded model {model!r} is missing from {folder}; reinstall the package or "
+                f"recreate it with '{command}'"
             )
         return str(folder)
     path = Path(model).expanduser()
@@ -63,6 +67,16 @@ def resolve_model(model: str) -> str:
                                      f"'{part}/' subfolder; the download or copy is incomplete")
         return str(path)
     return model  # a hub id
+
+
+def absent_components(source: str) -> dict[str, None]:
+    """Parts a local folder's ``model_index.json`` lists as absent (``[null, null]``), e.g. SD3 saved
+    without T5: diffusers loads such a folder only when they are passed as ``None``."""
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    return {k: None for k, v in entries.items() if isinstance(v, list) and v and v[0] is None}
 
 
 def pipeline_class_name(source: str) -> str:
@@ -261,6 +275,10 @@ class DiffusionAdapter:
             module.eval()
         for module in (self.unet, self.vae):
             use_sdpa(module)
+        # SD3 without T5 appends 256 identical zero tokens: fold them into one (exact, see dpok.attention)
+        self.folded_text = self.is_flow and not self.is_flux and getattr(pipe, "text_encoder_3", None) is None
+        if self.folded_text:
+            fold_text_tokens(self.unet, _T5_LENGTH["StableDiffusion3"])
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
 
@@ -282,7 +300,7 @@ class DiffusionAdapter:
             # only a non-default dtype is passed: the keyword's name changed across diffusers versions
             kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype != torch.float32 else {}
             if class_name.startswith("StableDiffusion3"):
-                pipe = StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
+                pipe = StableDiffusion3Pipeline.from_pretrained(source, **absent_components(source), **kwargs)
             elif class_name.startswith("Flux"):
                 pipe = FluxPipeline.from_pretrained(source, **kwargs)
             elif class_name.startswith("StableDiffusionXL"):
@@ -381,10 +399,11 @@ class DiffusionAdapter:
 
     def _encode_flow(self, prompts: list[str]) -> PromptEmbeds:
         """The pipeline's own ``encode_prompt``: SD3's penultimate CLIP-L/G states padded to the T5
-        width and followed by T5's (zeros without T5), pooled = both CLIP projections (B, P); FLUX's
+        width and followed by T5's (without T5 one zero token that the transformer's folded attention
+        counts 256 times), pooled = both CLIP projections (B, P); FLUX's
         T5 states and CLIP's pooled output. The unconditional branch is the encoded empty prompt."""
         def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-            length = self.max_sequence_length
+            length = 1 if self.folded_text else self.max_sequence_length
             if self.is_flux:
                 states, pooled, _ = self.pipe.encode_prompt(texts, None, device=self.device, max_sequence_length=length)
             else:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+EMBEDDED_MODELS = {"shapeworld": "the embedded ShapeWorld model (DDIM, UNet)",
+                   "shapeworld-flow": "the embedded flow-matching ShapeWorld model (SD3 transformer)"}
+
 
 def package_dir() -> Path:
     """The installed ``dpok`` package folder."""
@@ -17,6 +20,12 @@ def package_dir() -> Path:
 def default_model_dir() -> Path:
     """The embedded ShapeWorld pipeline (``dpok/assets/shapeworld``), what ``--model shapeworld`` loads."""
     return package_dir() / "assets" / "shapeworld"
+
+
+def default_flow_model_dir() -> Path:
+    """The embedded flow-matching ShapeWorld pipeline (``dpok/assets/shapeworld-flow``, an SD3
+    folder), what ``--model shapeworld-flow`` loads."""
+    return package_dir() / "assets" / "shapeworld-flow"
 
 
 def default_reward_dir() -> Path:

@@ -88,7 +88,8 @@ def _cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
     with errors_located(source):
         if preset not in ("full", "tiny"):
             raise ValueError(f"--preset must be 'full' or 'tiny' (got {preset!r})")
-        base = tiny_config(values.get("work_dir") or "pretrain_work") if preset == "tiny" else PretrainConfig()
+        work_dir, family = values.get("work_dir") or "pretrain_work", values.get("family", "diffusion")
+        base = tiny_config(work_dir, family) if preset == "tiny" else PretrainConfig()
         cfg = dataclasses.replace(base, **values)
         cfg.validate()
     return run_pretrain(cfg, argv)

@@ -39,7 +39,7 @@ class TrainConfig:
     :meth:`to_dict` gives them back."""
 
     # ---- what to fine-tune, on what
-    model: str = _f("shapeworld", "diffusers pipeline folder, hub id, or 'shapeworld' (the embedded model)")
+    model: str = _f("shapeworld", "diffusers pipeline folder, hub id, 'shapeworld' or 'shapeworld-flow' (the embedded models)")
     reward: RewardConfig = group(RewardConfig)
     prompt: list[str] = _f([], "a training prompt (repeatable)")
     prompt_file: str = _f("", "text file with one training prompt per line ('#' starts a comment), or a .jsonl "

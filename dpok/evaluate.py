@@ -34,7 +34,7 @@ MEASURES = ("reward_mean", "judge_aligned", "clean_share", "frechet", "diversity
 class EvalConfig:
     """Settings of ``dpok eval``."""
 
-    model: str = _f("shapeworld", "pipeline folder, hub id, or 'shapeworld'")
+    model: str = _f("shapeworld", "pipeline folder, hub id, 'shapeworld' or 'shapeworld-flow'")
     lora: str = _f("", "LoRA folder of a run to evaluate (empty: the base model)")
     reward: RewardConfig = group(RewardConfig)
     prompt: list[str] = field(default_factory=list, metadata={"help": "a seen prompt (repeatable)"})

@@ -23,6 +23,7 @@ import torch
 
 from ._version import __version__
 from .adapter import peft_to_kohya
+from .assets import EMBEDDED_MODELS
 from .runlog import read_metrics
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -97,7 +98,7 @@ def export_kohya(path: str | Path, output: str | Path | None = None) -> Path:
 
 def _hub_id(model: str) -> str | None:
     """``model`` if it reads as a Hub repository id (``org/name``, not a local folder), else None."""
-    if model == "shapeworld" or Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
+    if model in EMBEDDED_MODELS or Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
         return None
     return model if model.count("/") == 1 else None
 
@@ -121,7 +122,7 @@ def model_card(cfg: dict[str, Any], summary: dict[str, Any], images: list[str], 
     before, after = summary.get("reward_before") or {}, summary.get("reward_after") or {}
     rows = [f"| {p} | {_fmt(before.get(p))} | {_fmt(after.get(p))} |" for p in after]
     rows.append(f"| **mean** | {_fmt(summary.get('reward_before_mean'))} | {_fmt(summary.get('reward_after_mean'))} |")
-    shown_base = "the embedded ShapeWorld model of dpok (`--model shapeworld`)" if base == "shapeworld" else f"`{base}`"
+    shown_base = f"{EMBEDDED_MODELS[base]} of dpok (`--model {base}`)" if base in EMBEDDED_MODELS else f"`{base}`"
     listed = "\n".join(f"- {p}" for p in prompts[:20]) + (f"\n- … ({len(prompts) - 20} more)" if len(prompts) > 20 else "")
     if cfg.get("prompt_file"):
         listed = listed or f"- from the prompt file `{Path(cfg['prompt_file']).name}`"

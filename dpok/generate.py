@@ -21,7 +21,7 @@ _f = option
 class SampleConfig:
     """Settings of ``dpok sample`` (the keyword arguments of :func:`write_samples`)."""
 
-    model: str = _f("shapeworld", "pipeline folder, hub id, or 'shapeworld'")
+    model: str = _f("shapeworld", "pipeline folder, hub id, 'shapeworld' or 'shapeworld-flow'")
     lora: str = _f("", "LoRA folder of a run (its 'lora/' folder) to load")
     prompt: list[str] = field(default_factory=list, metadata={"help": "a prompt (at least one)"})
     num_images: int = _f(4, "images per prompt")

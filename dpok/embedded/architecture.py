@@ -15,8 +15,15 @@ Sizes were chosen from timings on a 2-core CPU (see benchmarks/ and the pretrain
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
+
+if TYPE_CHECKING:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
 
 from .tokenizer import MODEL_MAX_LENGTH
 
@@ -86,3 +93,60 @@ def make_scheduler() -> DDIMScheduler:
         steps_offset=1,
         prediction_type="epsilon",
     )
+
+
+# ------------------------------------------------------------------------ the flow-matching model
+# The second embedded model is a StableDiffusion3Pipeline folder: the same tokenizer, text encoder
+# (as both CLIP slots, no T5) and VAE as the first, and a small SD3 transformer trained with the
+# rectified-flow loss. Without T5 the SD3 pipeline appends ``max_sequence_length`` (256) zero
+# tokens to the 2 x 16 CLIP tokens; see ``RepeatedTokenJointAttnProcessor`` for why that costs
+# nothing in training.
+
+FLOW_WIDTH = 128  # 4 heads of 32
+FLOW_BLOCKS = 4
+FLOW_PATCH = 2  # 16 x 16 latents -> 64 image tokens
+FLOW_JOINT_DIM = 2 * TEXT_WIDTH  # the two CLIP slots' states side by side; T5's width when absent
+SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+
+def make_sd3_transformer() -> SD3Transformer2DModel:
+    """SD3's MMDiT at toy size (2.3 M parameters): joint attention over 64 image tokens and the text
+    tokens, pooled text (both CLIP projections, 2 x 64) added to the time embedding."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=FLOW_PATCH,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=FLOW_BLOCKS,
+        attention_head_dim=FLOW_WIDTH // 4,
+        num_attention_heads=4,
+        joint_attention_dim=FLOW_JOINT_DIM,
+        caption_projection_dim=FLOW_WIDTH,
+        pooled_projection_dim=FLOW_JOINT_DIM,
+        pos_embed_max_size=LATENT_SIZE // FLOW_PATCH,
+    )
+
+
+def make_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Rectified flow, x_t = (1 - t) x_0 + t eps, Euler steps; no timestep shift (SD3 shifts by 3
+    for 1024 px images; at 16 x 16 latents the unshifted schedule is the natural one)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def text_encoder_with_projection(encoder: CLIPTextModel) -> CLIPTextModelWithProjection:
+    """The trained CLIP text encoder as SD3 needs it (``CLIPTextModelWithProjection``), with an
+    identity projection so that SD3's pooled embedding is exactly the trained pooled state."""
+    from transformers import CLIPTextModelWithProjection
+
+    config = encoder.config
+    config.projection_dim = config.hidden_size
+    projected = CLIPTextModelWithProjection(config)
+    # transformers 5 makes CLIPTextModel the bare text transformer, older versions wrap it in .text_model
+    projected.text_model.load_state_dict(getattr(encoder, "text_model", encoder).state_dict())
+    with torch.no_grad():
+        projected.text_projection.weight.copy_(torch.eye(config.hidden_size))
+    return projected

@@ -52,7 +52,7 @@ from ..shapeworld.render import Scene
 from ..utils.state_io import is_complete, load_state, rng_state, save_state, set_rng_state
 from .alignment import CELL, NUM_COUNT_CLASSES, AlignmentNet, AlignmentRewardModel, count_log_probs
 from .architecture import make_scheduler, make_text_encoder, make_unet, make_vae
-from .pretrain_config import STAGES, PretrainConfig, tiny_config  # noqa: F401 - where they were first
+from .pretrain_config import FLOW_STAGES, STAGES, PretrainConfig, tiny_config  # noqa: F401 - where they were first
 from .tokenizer import build_tokenizer
 
 _PAIR_INDEX = {p: i for i, p in enumerate(ALL_PAIRS)}
@@ -654,6 +654,10 @@ def run_pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> int:
     cfg.validate()
     ctx = Context(cfg)
     ctx.log(f"pretrain: stages {cfg.stage_list()} in {ctx.work} (seed {cfg.seed}, torch threads {torch.get_num_threads()})")
+    if cfg.family == "flow-matching":
+        from .pretrain_flow import flow_runners  # noqa: PLC0415 - torch-heavy, flow only
+
+        return _run_stages(ctx, flow_runners(ctx, argv), FLOW_STAGES)
     runners: dict[str, Callable[[], None]] = {
         "tokenizer": lambda: stage_tokenizer(ctx),
         "text": lambda: stage_text(ctx),
@@ -663,8 +667,13 @@ def run_pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> int:
         "export": lambda: stage_export(ctx, argv),
         "report": lambda: stage_report(ctx),
     }
+    return _run_stages(ctx, runners, STAGES)
+
+
+def _run_stages(ctx: Context, runners: dict[str, Callable[[], None]], order: tuple[str, ...]) -> int:
+    cfg = ctx.cfg
     t_all = time.time()
-    for name in STAGES:
+    for name in order:
         if name not in cfg.stage_list():
             continue
         if ctx.done(name) and name not in ("export", "report"):

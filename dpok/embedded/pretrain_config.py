@@ -9,17 +9,26 @@ from pathlib import Path
 from ..shapeworld import IMAGE_SIZE
 
 STAGES = ("tokenizer", "text", "vae", "unet", "reward", "export", "report")
+FLOW_STAGES = ("transformer", "export", "report")
+FAMILY_STAGES = {"diffusion": STAGES, "flow-matching": FLOW_STAGES}
 
 
 @dataclass
 class PretrainConfig:
     """Settings of ``dpok pretrain``; the defaults made the shipped model."""
 
+    family: str = field(default="diffusion", metadata={"help": "diffusion: the DDIM model with its UNet, text encoder, "
+                                                                "VAE and reward; flow-matching: an SD3 transformer "
+                                                                "on --base-model's text encoder and VAE"})
     work_dir: str = field(default="pretrain_work", metadata={"help": "folder for checkpoints and logs"})
     output_dir: str = field(default="", metadata={"help": "pipeline folder to write (default: the package's shapeworld asset)"})
-    reward_output_dir: str = field(default="", metadata={"help": "reward folder to write (default: the package's asset)"})
+    reward_output_dir: str = field(default="", metadata={"help": "reward folder to write (diffusion) or to evaluate "
+                                                                 "with (flow-matching); default: the package's asset"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
-    stages: str = field(default=",".join(STAGES), metadata={"help": f"comma-separated subset of {','.join(STAGES)}"})
+    stages: str = field(default="", metadata={"help": f"comma-separated subset of {','.join(STAGES)} (diffusion) "
+                                                      f"or {','.join(FLOW_STAGES)} (flow-matching); default: all"})
+    base_model: str = field(default="", metadata={"help": "flow-matching: model folder whose tokenizer, text encoder "
+                                                          "and VAE to reuse (default: the shipped shapeworld model)"})
     checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
     eval_every: int = field(default=1000, metadata={"help": "steps between quality measurements"})
     text_steps: int = field(default=1200, metadata={"help": "text encoder steps"})
@@ -39,6 +48,8 @@ class PretrainConfig:
     unet_batch: int = field(default=64, metadata={"help": "latents per UNet step"})
     unet_lr: float = field(default=1e-3, metadata={"help": "UNet peak learning rate (cosine decay)"})
     unet_warmup: int = field(default=300, metadata={"help": "UNet warm-up steps"})
+    flow_logit_mean: float = field(default=0.0, metadata={"help": "flow-matching: mean of the logit-normal t"})
+    flow_logit_std: float = field(default=1.0, metadata={"help": "flow-matching: std of the logit-normal t"})
     cfg_dropout: float = field(default=0.1, metadata={"help": "share of empty captions (for guidance)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the UNet weights"})
     eval_images: int = field(default=4, metadata={"help": "images per prompt in periodic evaluations"})
@@ -50,9 +61,14 @@ class PretrainConfig:
                                                                   "invocation (0: no limit); rerun to resume"})
 
     def validate(self) -> None:
-        bad = [s for s in self.stage_list() if s not in STAGES]
+        if self.family not in FAMILY_STAGES:
+            raise ValueError(f"family must be one of {', '.join(FAMILY_STAGES)}, got {self.family!r}")
+        valid = FAMILY_STAGES[self.family]
+        bad = [s for s in self.stage_list() if s not in valid]
         if bad:
-            raise ValueError(f"unknown pretraining stage(s) {bad}; valid: {', '.join(STAGES)}")
+            raise ValueError(f"unknown pretraining stage(s) {bad} for family {self.family}; valid: {', '.join(valid)}")
+        if self.flow_logit_std <= 0:
+            raise ValueError(f"flow_logit_std must be > 0, got {self.flow_logit_std}")
         for name in ("text_steps", "vae_steps", "reward_steps", "unet_steps", "text_batch", "vae_batch",
                      "reward_batch", "unet_batch", "latent_pool", "checkpoint_every", "eval_every",
                      "eval_images", "report_images", "report_steps"):
@@ -66,14 +82,17 @@ class PretrainConfig:
             raise ValueError(f"vae_crop must be a multiple of 4 in [8, {IMAGE_SIZE}], got {self.vae_crop}")
 
     def stage_list(self) -> list[str]:
-        return [s.strip() for s in self.stages.split(",") if s.strip()]
+        """The requested stages, in the order given; all of the family's when none are given."""
+        chosen = [s.strip() for s in self.stages.split(",") if s.strip()]
+        return chosen or list(FAMILY_STAGES.get(self.family, STAGES))
 
 
-def tiny_config(work_dir: str) -> PretrainConfig:
-    """A few steps of every stage: for tests of the command, not for a usable model."""
+def tiny_config(work_dir: str, family: str = "diffusion") -> PretrainConfig:
+    """A few steps of every stage: for tests of the command, not for a usable model. The flow-matching
+    family reuses the shipped reward (it trains none)."""
     return PretrainConfig(
-        work_dir=work_dir, output_dir=str(Path(work_dir) / "export" / "model"),
-        reward_output_dir=str(Path(work_dir) / "export" / "reward"),
+        family=family, work_dir=work_dir, output_dir=str(Path(work_dir) / "export" / "model"),
+        reward_output_dir=str(Path(work_dir) / "export" / "reward") if family == "diffusion" else "",
         checkpoint_every=2, eval_every=3, text_steps=3, text_batch=8, vae_steps=3, vae_batch=4, reward_steps=3,
         reward_batch=4, latent_pool=16, unet_steps=4, unet_batch=4, unet_warmup=1, eval_images=1,
         report_images=1, report_steps=2,

@@ -79,3 +79,41 @@ def _cfg(work: Path, stages: str) -> PretrainConfig:
 
 
 
+
+
+def test_tiny_flow_pretrain_resumes_exactly_and_loads_in_plain_diffusers(tmp_path: Path) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    from dpok.adapter import DiffusionAdapter
+
+    def cfg(work: Path) -> PretrainConfig:
+        c = tiny_config(str(work), "flow-matching")
+        c.stages, c.unet_steps, c.checkpoint_every, c.eval_every = "transformer", 4, 100, 100
+        return c
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_pretrain(cfg(straight))
+    interrupted = cfg(resumed)
+    interrupted.max_steps_per_run = 2
+    with pytest.raises(RuntimeError, match="run the same command again to resume"):
+        run_pretrain(interrupted)
+    run_pretrain(interrupted)
+    assert "transformer: resumed from" in (resumed / "pretrain.log").read_text()
+    weights = "transformer/transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(straight / weights), load_file(resumed / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert main(["pretrain", "--preset", "tiny", "--family", "flow-matching", "--work-dir", str(resumed),
+                 "--stages", "export,report"]) == 0
+    model = resumed / "export" / "model"
+    sums = (model / "SHA256SUMS").read_text()
+    assert "transformer/diffusion_pytorch_model.safetensors" in sums and "evaluation.json" in sums
+    assert sum(p.stat().st_size for p in model.rglob("*.safetensors")) < 20 * 2**20
+    # SD3 saved without T5 loads as diffusers documents it: the absent encoder passed as None
+    pipe = StableDiffusion3Pipeline.from_pretrained(model, text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    adapter = DiffusionAdapter.from_pretrained(str(model))
+    assert adapter.is_flow and adapter.folded_text
+    assert adapter.encode_prompts(["a red circle"]).cond.shape == (1, 17, 128)  # 16 CLIP tokens + the folded tail

@@ -249,14 +249,25 @@ def test_sample_images_of_a_flow_model_are_its_pipelines_at_noise_level_zero(flo
     assert noisy.shape == plain.shape and not torch.allclose(noisy, plain, atol=1e-3)
 
 
-def test_sd3_without_t5_encodes_as_its_pipeline(flow_dirs: dict[str, Path]) -> None:
+def test_sd3_without_t5_encodes_as_its_pipeline_with_the_zero_tail_folded(flow_dirs: dict[str, Path]) -> None:
+    from dpok.generate import generate_images
+
     family = "sd3"
     pipe = plain_pipeline(family, flow_dirs[family])
     pipe.text_encoder_3, pipe.tokenizer_3 = None, None
     adapter = DiffusionAdapter.from_pipeline(pipe)
+    assert adapter.folded_text
     embeds = adapter.encode_prompts(PROMPTS)
-    cond, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False)
+    cond, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False,
+                                            max_sequence_length=1)
     torch.testing.assert_close(embeds.cond, cond)
     torch.testing.assert_close(embeds.pooled, pooled)
+    # the folded model samples what the stock pipeline without T5 samples with its 256 zero tokens
+    images = generate_images(adapter, PROMPTS[0], 2, seed=7, num_steps=3, guidance_scale=GUIDANCE, eta=0.0)
+    stock = plain_pipeline(family, flow_dirs[family])
+    stock.text_encoder_3, stock.tokenizer_3 = None, None
+    plain = stock([PROMPTS[0]] * 2, num_inference_steps=3, guidance_scale=GUIDANCE,
+                  generator=torch.Generator().manual_seed(7), output_type="pt").images
+    torch.testing.assert_close(images, plain, atol=1e-5, rtol=0)
     with pytest.raises(ModelLoadError, match="no transformer"):
         DiffusionAdapter.from_pipeline(type(pipe)(**{**pipe.components, "transformer": None}))

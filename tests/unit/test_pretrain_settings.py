@@ -38,3 +38,30 @@ def test_stage_needing_an_earlier_one_says_which(tmp_path: Path, capsys: pytest.
     assert "'tokenizer' has not finished" in err and "--stages tokenizer" in err
     json.dumps(err)
 
+
+
+def test_flow_family_has_its_own_stages_and_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dpok.embedded.pretrain_config import FLOW_STAGES, STAGES, PretrainConfig, tiny_config
+
+    assert PretrainConfig().stage_list() == list(STAGES)
+    assert PretrainConfig(family="flow-matching").stage_list() == list(FLOW_STAGES)
+    tiny = tiny_config(str(tmp_path), "flow-matching")
+    assert tiny.reward_output_dir == ""  # the flow family is judged by the shipped reward, it trains none
+    assert main(["pretrain", "--family", "flow", "--work-dir", str(tmp_path)]) == 2
+    assert "family must be one of diffusion, flow-matching" in capsys.readouterr().err
+    # a stage of the other family is named as unknown for this one
+    assert main(["pretrain", "--family", "flow-matching", "--work-dir", str(tmp_path), "--stages", "unet"]) == 2
+    assert "for family flow-matching; valid: transformer,export,report".replace(",", ", ") in capsys.readouterr().err
+    assert main(["pretrain", "--family", "flow-matching", "--work-dir", str(tmp_path), "--flow-logit-std", "0"]) == 2
+    assert "flow_logit_std must be > 0" in capsys.readouterr().err
+
+
+def test_flow_export_before_training_and_a_bad_base_model_say_what_to_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", "--family", "flow-matching", "--work-dir", str(tmp_path), "--stages", "export"]) == 2
+    err = capsys.readouterr().err
+    assert "'transformer' has not finished" in err and "--family flow-matching --stages transformer" in err
+    assert main(["pretrain", "--family", "flow-matching", "--work-dir", str(tmp_path / "w"), "--base-model",
+                 str(tmp_path / "nowhere"), "--stages", "transformer"]) == 2
+    err = capsys.readouterr().err
+    assert "base model folder" in err and "--base-model" in err
