@@ -71,8 +71,8 @@ class TrainConfig:
 
     # ---- sampling (the policy)
     num_steps: int = _f(20, "denoising (DDIM) steps per trajectory")
-    eta: float = _f(1.0, "DDIM eta; for flow-matching models (SD3, FLUX) the noise level a of Flow-GRPO's SDE (0.7 in "
-                            "its paper); must be > 0 for training (eta = 1 in both DDPO and DPOK)")
+    eta: float = _f(1.0, "DDIM eta (1, as in DDPO and DPOK); for flow-matching models (SD3, FLUX) the noise level a "
+                            "of Flow-GRPO's SDE, default 0.7 there (its paper's); must be > 0 for training")
     guidance_scale: float = _f(5.0, "classifier-free guidance scale w, also used for log-probs and KL")
     logprob_reduce: Literal["mean", "sum"] = _f("mean", "'mean' log-probs over latent elements (DPOK code; fits "
                                                         "clip-range 1e-4) or 'sum' (paper)")
@@ -355,6 +355,11 @@ PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
+# defaults that differ on flow-matching models (the family read from a local model folder): DDIM's
+# eta = 1 has no meaning there, and Flow-GRPO's SDE noise level is 0.7
+FLOW_DEFAULTS: dict[str, Any] = {"eta": 0.7}
+
+
 def model_family_of(model: str) -> str | None:
     """The family of a local model folder (None for a hub id or a missing folder)."""
     from .adapter import local_model_family
@@ -365,6 +370,9 @@ def model_family_of(model: str) -> str | None:
 def build_config(preset: str | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults, then the preset, then the user's options; validated."""
     values: dict[str, Any] = {}
+    family = model_family_of(overrides.get("model", TrainConfig.model))
+    if family == "flow-matching":
+        values.update(FLOW_DEFAULTS)
     if preset:
         if preset not in PRESETS:
             raise ValueError(f"--preset {preset!r} is unknown; valid: {', '.join(PRESETS)}")
@@ -372,7 +380,7 @@ def build_config(preset: str | None, overrides: dict[str, Any]) -> TrainConfig:
         # a preset's settings for flow-matching models (the family read from a local model folder)
         flow_values = preset_values.pop("flow_overrides", {})
         values.update(preset_values)
-        if flow_values and model_family_of(overrides.get("model", TrainConfig.model)) == "flow-matching":
+        if flow_values and family == "flow-matching":
             values.update(flow_values)
     values.update(overrides)
     cfg = TrainConfig.from_options(values)

@@ -159,3 +159,15 @@ def test_the_flow_grpo_preset_takes_the_papers_noise_level_on_a_flow_model(tmp_p
     assert build_config("flow-grpo-paper", {"model": str(flow), "prompt": ["a cat"]}).eta == 0.7
     assert build_config("flow-grpo-paper", {"model": str(ddim), "prompt": ["a cat"]}).eta == 1.0
     assert build_config("flow-grpo-paper", {"model": str(flow), "prompt": ["a cat"], "eta": 0.5}).eta == 0.5
+
+
+def test_flow_matching_models_default_to_flow_grpos_noise_level(tmp_path: Path) -> None:
+    from dpok.config import build_config
+
+    folder = tmp_path / "sd3"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    assert build_config(None, {"model": str(folder)}).eta == 0.7
+    assert build_config(None, {"model": str(folder), "eta": 0.3}).eta == 0.3  # the user's value wins
+    assert build_config("ddpo-paper", {"model": str(folder)}).eta == 1.0  # and so does a preset's
+    assert build_config(None, {}).eta == 1.0  # DDIM models keep DDPO's and DPOK's eta = 1
