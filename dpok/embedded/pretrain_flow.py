@@ -40,8 +40,8 @@ from ..shapeworld.distribution import sample_training_example
 from ..utils.state_io import is_complete, load_state, save_state
 from .alignment import AlignmentRewardModel
 from .architecture import SD3_T5_TOKENS, make_flow_scheduler, make_sd3_transformer, text_encoder_with_projection
-from .pretrain import DOMAIN_MODULE, Context, _monitor_prompts, _shown, _tokenize, to_tensor, train_loop, write_checksums
 from .pretrain_config import FLOW_STAGES
+from .stages import DOMAIN_MODULE, Context, _monitor_prompts, _shown, _tokenize, to_tensor, train_loop, write_checksums
 
 
 def base_folder(ctx: Context) -> Path:
