@@ -275,10 +275,12 @@ class DiffusionAdapter:
             module.eval()
         for module in (self.unet, self.vae):
             use_sdpa(module)
-        # SD3 without T5 appends 256 identical zero tokens: fold them into one (exact, see dpok.attention)
-        self.folded_text = self.is_flow and not self.is_flux and getattr(pipe, "text_encoder_3", None) is None
+        # SD3 without T5 appends 256 identical zero tokens: fold them into one (exact, see dpok.attention;
+        # in fp32 only, where it pays: in half precision the fold needs fp32 attention)
+        self.folded_text = (self.is_flow and not self.is_flux and getattr(pipe, "text_encoder_3", None) is None
+                            and dtype == torch.float32)
         if self.folded_text:
-            fold_text_tokens(self.unet, _T5_LENGTH["StableDiffusion3"])
+            fold_text_tokens(self.unet, _T5_LENGTH["StableDiffusion3"], pipe.tokenizer_max_length + 1)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
 

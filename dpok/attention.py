@@ -2,16 +2,18 @@
 
 Stable Diffusion 3 without its T5 encoder still appends ``max_sequence_length`` (256 by default)
 text tokens, all zero vectors, after the CLIP tokens. SD3 has no positional embedding on text
-tokens and treats every token alike, so those tokens stay identical through every block, and in
-attention ``n`` identical keys with identical values act exactly as one key whose logit is raised
-by ``log n``:
+tokens and treats every token alike (embedder, norms, feed-forward act on each token alone), so
+those tokens stay identical through every block, and in attention ``n`` identical keys with
+identical values act exactly as one key whose logit is raised by ``log n``:
 
     sum_j exp(q.k_j) v_j  with k_j = k, v_j = v for n of the j   ==   ... + exp(q.k + log n) v
 
 Encoding the prompt with ``max_sequence_length=1`` and running the transformer with
 :class:`FoldedJointAttnProcessor` (``repeats=256``) therefore gives the stock pipeline's output
-(up to float rounding) at 17 instead of 272 text tokens per CLIP slot pair: 4-16x less transformer
-work on small models. The image tokens' outputs are the only ones the model returns.
+(up to float rounding) with L + 1 instead of L + 256 text tokens (L CLIP tokens: 77 for SD3, 16
+for the embedded model, where the transformer's work falls 4x). Only the image tokens' outputs
+leave the model. The processor folds only sequences of the length it was built for, so the same
+transformer called the stock way (all 256 tokens) still computes the stock result.
 """
 
 from __future__ import annotations
@@ -28,15 +30,18 @@ class FoldedJointAttnProcessor:
     ``repeats`` identical tokens.
 
     Shapes: ``hidden_states`` (B, N, C) image tokens, ``encoder_hidden_states`` (B, M, C) text
-    tokens, the last of which is the folded one. Returns (B, N, C) and (B, M, C) like diffusers'
-    ``JointAttnProcessor2_0``; without text tokens (SD3.5's second, image-only attention) it is
-    plain self-attention.
+    tokens, the last of which is the folded one when M == ``text_tokens``. Returns (B, N, C) and
+    (B, M, C) like diffusers' ``JointAttnProcessor2_0``; without text tokens (SD3.5's second,
+    image-only attention) it is plain self-attention. In fp16/bf16 the folded attention runs in
+    fp32: bf16 would round log 256 to 5.53 (252.5 copies); the float mask also rules out the
+    flash kernel on GPUs, which is why the adapter folds only in fp32.
     """
 
-    def __init__(self, repeats: int) -> None:
-        if repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats}")
+    def __init__(self, repeats: int, text_tokens: int) -> None:
+        if repeats < 1 or text_tokens < 1:
+            raise ValueError(f"repeats and text_tokens must be >= 1, got {repeats} and {text_tokens}")
         self.repeats = repeats
+        self.text_tokens = text_tokens
 
     def _heads(self, attn: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN401 - diffusers Attention
         return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, heads, tokens, head_dim)
@@ -55,11 +60,15 @@ class FoldedJointAttnProcessor:
             if attn.norm_added_q is not None:
                 cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
             q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-            # log(repeats) on the folded key's logit = that key counted `repeats` times in the softmax
-            bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
-            bias[..., -1] = math.log(self.repeats)
+            if encoder_hidden_states.shape[1] == self.text_tokens:
+                # log(repeats) on the folded key's logit = that key counted `repeats` times in the softmax
+                bias = torch.zeros(1, 1, 1, k.shape[2], dtype=torch.float32, device=q.device)
+                bias[..., -1] = math.log(self.repeats)
+        dtype = q.dtype
+        if bias is not None and dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.transpose(1, 2).flatten(2).to(q.dtype)
+        out = out.transpose(1, 2).flatten(2).to(dtype)
         image = attn.to_out[1](attn.to_out[0](out[:, :n_image]))
         if encoder_hidden_states is None:
             return image
@@ -69,10 +78,11 @@ class FoldedJointAttnProcessor:
         return image, text
 
 
-def fold_text_tokens(transformer: Any, repeats: int) -> dict[str, Any]:  # noqa: ANN401 - diffusers model
-    """Give every attention of an SD3 transformer the folded processor (``repeats`` = the T5 length
-    the prompt embeddings stand for; the embeddings must then end with one zero token). Returns the
-    processors it replaced, for ``transformer.set_attn_processor`` to put back."""
+def fold_text_tokens(transformer: Any, repeats: int, text_tokens: int) -> dict[str, Any]:  # noqa: ANN401
+    """Give every attention of an SD3 transformer the folded processor: text sequences of
+    ``text_tokens`` tokens (the CLIP tokens and one zero token) stand for ``text_tokens - 1 +
+    repeats`` (``repeats`` = the T5 length). Any custom processor (e.g. an IP-Adapter's) is replaced
+    too. Returns the processors it replaced, for ``transformer.set_attn_processor`` to put back."""
     before = dict(transformer.attn_processors)
-    transformer.set_attn_processor(FoldedJointAttnProcessor(repeats))
+    transformer.set_attn_processor(FoldedJointAttnProcessor(repeats, text_tokens))
     return before

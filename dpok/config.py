@@ -72,7 +72,8 @@ class TrainConfig:
     # ---- sampling (the policy)
     num_steps: int = _f(20, "denoising (DDIM) steps per trajectory")
     eta: float = _f(1.0, "DDIM eta (1, as in DDPO and DPOK); for flow-matching models (SD3, FLUX) the noise level a "
-                            "of Flow-GRPO's SDE, default 0.7 there (its paper's); must be > 0 for training")
+                            "of Flow-GRPO's SDE, default 0.7 there (its paper's) when the family is read from a local "
+                            "or embedded model folder; must be > 0 for training")
     guidance_scale: float = _f(5.0, "classifier-free guidance scale w, also used for log-probs and KL")
     logprob_reduce: Literal["mean", "sum"] = _f("mean", "'mean' log-probs over latent elements (DPOK code; fits "
                                                         "clip-range 1e-4) or 'sum' (paper)")

@@ -15,6 +15,7 @@ Sizes were chosen from timings on a 2-core CPU (see benchmarks/ and the pretrain
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -99,8 +100,8 @@ def make_scheduler() -> DDIMScheduler:
 # The second embedded model is a StableDiffusion3Pipeline folder: the same tokenizer, text encoder
 # (as both CLIP slots, no T5) and VAE as the first, and a small SD3 transformer trained with the
 # rectified-flow loss. Without T5 the SD3 pipeline appends ``max_sequence_length`` (256) zero
-# tokens to the 2 x 16 CLIP tokens; see ``RepeatedTokenJointAttnProcessor`` for why that costs
-# nothing in training.
+# tokens to the 16 CLIP tokens (both slots side by side); ``dpok.attention.FoldedJointAttnProcessor`` folds them into one,
+# exactly, in training and sampling.
 
 FLOW_WIDTH = 128  # 4 heads of 32
 FLOW_BLOCKS = 4
@@ -142,7 +143,7 @@ def text_encoder_with_projection(encoder: CLIPTextModel) -> CLIPTextModelWithPro
     identity projection so that SD3's pooled embedding is exactly the trained pooled state."""
     from transformers import CLIPTextModelWithProjection
 
-    config = encoder.config
+    config = copy.deepcopy(encoder.config)
     config.projection_dim = config.hidden_size
     projected = CLIPTextModelWithProjection(config)
     # transformers 5 makes CLIPTextModel the bare text transformer, older versions wrap it in .text_model

@@ -139,8 +139,9 @@ def stage_transformer(ctx: Context) -> None:
     transformer, ema_transformer = make_sd3_transformer(), make_sd3_transformer()
     ema_transformer.load_state_dict(transformer.state_dict())
     ema_transformer.requires_grad_(False)
+    text_tokens = parts["tokenizer"].model_max_length + 1
     for model in (transformer, ema_transformer):
-        fold_text_tokens(model, SD3_T5_TOKENS)  # exact, 16x fewer text tokens (see dpok.attention)
+        fold_text_tokens(model, SD3_T5_TOKENS, text_tokens)  # exact, 16x fewer text tokens (see dpok.attention)
     ema = EMAModel(transformer.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
     empty_ids = _tokenize(parts["tokenizer"], [""])
     scale = parts["vae"].config.scaling_factor
@@ -217,7 +218,7 @@ def stage_report(ctx: Context) -> None:
     out = Path(cfg.output_dir or default_flow_model_dir())
     pipe = StableDiffusion3Pipeline.from_pretrained(out, local_files_only=True, **absent_components(str(out)))
     pipe.set_progress_bar_config(disable=True)
-    fold_text_tokens(pipe.transformer, SD3_T5_TOKENS)
+    fold_text_tokens(pipe.transformer, SD3_T5_TOKENS, pipe.tokenizer_max_length + 1)
     reward = AlignmentRewardModel.load(Path(cfg.reward_output_dir or default_reward_dir()))
     sets = prompt_sets()
     report: dict[str, Any] = {"guidance_scale": cfg.report_guidance, "steps": cfg.report_steps,
