@@ -104,3 +104,11 @@ def shipped_reward_dir() -> Path:
     if not (folder / "model.safetensors").is_file():
         pytest.fail(f"the shipped alignment reward is missing from {folder}")
     return folder
+
+
+@pytest.fixture(scope="session")
+def shipped_flow_model_dir() -> Path:
+    folder = ASSETS / "shapeworld-flow"
+    if not (folder / "model_index.json").is_file():
+        pytest.fail(f"the shipped flow-matching ShapeWorld model is missing from {folder}")
+    return folder
