@@ -358,7 +358,10 @@ PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
 
 # defaults that differ on flow-matching models (the family read from a local model folder): DDIM's
 # eta = 1 has no meaning there, and Flow-GRPO's SDE noise level is 0.7
-FLOW_DEFAULTS: dict[str, Any] = {"eta": 0.7}
+# and a transformer has no convolutions: LoRA goes on both streams of its joint attention, the
+# modules Flow-GRPO adapts on SD3 (the default's conv names would leave the text stream frozen)
+FLOW_DEFAULTS: dict[str, Any] = {"eta": 0.7,
+                                 "lora_targets": "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"}
 
 
 def model_family_of(model: str) -> str | None:

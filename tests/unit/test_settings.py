@@ -171,3 +171,6 @@ def test_flow_matching_models_default_to_flow_grpos_noise_level(tmp_path: Path) 
     assert build_config(None, {"model": str(folder), "eta": 0.3}).eta == 0.3  # the user's value wins
     assert build_config("ddpo-paper", {"model": str(folder)}).eta == 1.0  # and so does a preset's
     assert build_config(None, {}).eta == 1.0  # DDIM models keep DDPO's and DPOK's eta = 1
+    # LoRA on both streams of the joint attention (Flow-GRPO's modules), not on UNet convolutions
+    assert "add_q_proj" in build_config(None, {"model": str(folder)}).lora_targets
+    assert "conv1" in build_config(None, {}).lora_targets
