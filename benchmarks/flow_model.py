@@ -2,6 +2,7 @@
 
     python benchmarks/flow_model.py                  # grpo and diffusion-nft on shapeworld-flow, then the report
     python benchmarks/flow_model.py --report-only    # rewrite the report from runs/flow-model
+    python benchmarks/flow_model.py --methods grpo --variant mb8 --minibatch-size 8   # a variant, same report
 
 For each method: ``dpok train --model shapeworld-flow --algorithm METHOD --prompt PROMPT`` with
 otherwise default settings, then ``dpok eval`` of the base model and of the run's LoRA on the prompt
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "shapeworld-flow"
 PROMPT = "two white triangles"  # a rare pair: the default prompt of `dpok train` on the embedded models
 METHODS = ("grpo", "diffusion-nft")
+SHOWN = ("learning_rate", "minibatch_size", "timestep_fraction", "clip_range", "beta", "lora_targets")
 
 
 def _dpok(*args: str) -> None:
@@ -33,8 +35,8 @@ def _dpok(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "dpok", *args], check=True, env=env, cwd=ROOT)
 
 
-def run(out: Path, method: str, prompt: str, images: int, extra: list[str]) -> None:
-    folder = out / method
+def run(out: Path, method: str, prompt: str, images: int, extra: list[str], variant: str = "") -> None:
+    folder = out / (f"{method}-{variant}" if variant else method)
     if (folder / "eval-tuned" / "eval.json").is_file():
         print(f"{method}: done in {folder}, skipped")
         return
@@ -76,13 +78,14 @@ def report(out: Path, md: Path, prompt: str) -> Path:
              f"--prompt '{prompt}'` with otherwise default settings, then `dpok eval` of the base model and of "
              "the LoRA (the same noise for both).", "", f"Machine: {cpu_description()}, {os.cpu_count()} cores.", "",
              *_base_quality(),
-             "| method | rounds x samples | noise level | judge aligned: base → tuned | clean shapes | reward | "
+             "| run | settings | rounds x samples | noise level | judge aligned: base → tuned | clean shapes | reward | "
              "KL to base (nats) | training reward (5-round mean) first / best / last, largest fall | wall time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    done = [m for m in METHODS if (out / m / "eval-tuned" / "eval.json").is_file()]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    done = sorted(p.name for p in out.iterdir() if (p / "eval-tuned" / "eval.json").is_file()) if out.is_dir() else []
     for method in done:
         folder = out / method
         cfg = json.loads((folder / "run" / "config.json").read_text())
+        settings = ", ".join(f"`{k}={cfg[k]}`" for k in SHOWN if k in cfg)
         rewards = [r["reward/mean"] for r in read_metrics(folder / "run" / "metrics.jsonl")]
         smooth = smoothed(rewards)
         ev = {k: json.loads((folder / f"eval-{k}" / "eval.json").read_text())["splits"]["seen"]["prompts"][prompt]
@@ -90,12 +93,17 @@ def report(out: Path, md: Path, prompt: str) -> Path:
         b, t = ev["base"], ev["tuned"]
         wall = json.loads((folder / "timing.json").read_text())["train_wall_s"]
         lines.append(
-            f"| {method} | {cfg['rounds']} x {cfg['samples_per_round']} | {cfg.get('eta')} | "
+            f"| {method} | `{cfg['algorithm']}`, {settings} | {cfg['rounds']} x {cfg['samples_per_round']} | {cfg.get('eta')} | "
             f"{b['judge_aligned']:.3f} → **{t['judge_aligned']:.3f}** | {b['clean_share']:.3f} → {t['clean_share']:.3f} | "
             f"{b['reward_mean']:.3f} → {t['reward_mean']:.3f} | {t['kl_to_base']:.1f} | "
             f"{smooth[0]:.3f} / {max(smooth):.3f} / {smooth[-1]:.3f}, {largest_drop(smooth):.3f} | {wall / 60:.1f} min |")
         for name in ("samples_before.png", "samples_after.png", "curves.png"):
             shutil.copyfile(folder / "run" / name, figures / f"{method}_{name}")
+        raw = figures / "data" / method  # the raw results beside the report
+        raw.mkdir(parents=True, exist_ok=True)
+        for src in ("run/config.json", "run/metrics.jsonl", "eval-base/eval.json", "eval-tuned/eval.json",
+                    "timing.json"):
+            shutil.copyfile(folder / src, raw / src.replace("/", "_"))
     n = json.loads((out / done[0] / "eval-base" / "eval.json").read_text())["config"]["num_images"] if done else 0
     lines += ["", f"Judge, clean shapes and reward on {n} images of `{prompt}`.", ""]
     for method in done:
@@ -113,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--images", type=int, default=32)
+    p.add_argument("--variant", default="", help="name of a run with extra `dpok train` options (folder METHOD-NAME)")
     p.add_argument("--report-only", action="store_true")
     args, extra = p.parse_known_args(argv)  # anything else goes to `dpok train`
     out = Path(args.output_dir)
     if not args.report_only:
         for method in args.methods:
-            run(out, method, args.prompt, args.images, extra)
+            run(out, method, args.prompt, args.images, extra, args.variant)
     print(f"report: {report(out, Path(args.report), args.prompt)}")
     return 0
 
