@@ -103,7 +103,9 @@ def report(out: Path, md: Path, prompt: str) -> Path:
         raw.mkdir(parents=True, exist_ok=True)
         for src in ("run/config.json", "run/metrics.jsonl", "eval-base/eval.json", "eval-tuned/eval.json",
                     "timing.json"):
-            shutil.copyfile(folder / src, raw / src.replace("/", "_"))
+            # paths inside the repository are kept relative to it: the data must not name this machine
+            text = (folder / src).read_text().replace(f"{ROOT}/", "")
+            (raw / src.replace("/", "_")).write_text(text)
     n = json.loads((out / done[0] / "eval-base" / "eval.json").read_text())["config"]["num_images"] if done else 0
     lines += ["", f"Judge, clean shapes and reward on {n} images of `{prompt}`.", ""]
     for method in done:

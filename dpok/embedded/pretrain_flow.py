@@ -200,12 +200,25 @@ def stage_export(ctx: Context, argv: list[str] | None) -> None:
     for slot in ("tokenizer", "tokenizer_2"):  # what older transformers versions load
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(base / "tokenizer" / name, out / slot / name)
+    _relative_sources(out)
     write_domain_file(out, DOMAIN_MODULE)
     command = "dpok " + " ".join(argv) if argv else "dpok pretrain --family flow-matching"
     settings = json.dumps(dataclasses.asdict(cfg), indent=2)
     (out / "PRETRAIN_COMMAND.txt").write_text(f"{command}\n\nSettings:\n{settings}\n")
     write_checksums(out)
     ctx.log(f"export: flow-matching pipeline -> {_shown(out)}")
+
+
+def _relative_sources(out: Path) -> None:
+    """Configs record the folder a part was loaded from (``_name_or_path``): keep it relative to the
+    working directory, or just its name, so the shipped files name no machine's folders."""
+    for config in out.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        source = data.get("_name_or_path")
+        if source and Path(source).is_absolute():
+            data["_name_or_path"] = _shown(Path(source)) if not Path(_shown(Path(source))).is_absolute() \
+                else Path(source).name
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def stage_report(ctx: Context) -> None:
