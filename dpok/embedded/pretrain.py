@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from ..assets import default_model_dir, default_reward_dir
 from ..domains import write_domain_file
@@ -46,7 +44,6 @@ from ..shapeworld.distribution import (
     sample_training_example,
 )
 from ..shapeworld.render import Scene
-from ..utils.state_io import is_complete, load_state, save_state
 from .alignment import CELL, NUM_COUNT_CLASSES, AlignmentNet, AlignmentRewardModel, count_log_probs
 from .architecture import make_scheduler, make_text_encoder, make_unet, make_vae
 from .pretrain_config import FLOW_STAGES, STAGES, PretrainConfig, tiny_config  # noqa: F401 - where they were first
@@ -57,6 +54,7 @@ from .stages import (
     _run_stages,
     _shown,
     _tokenize,
+    encode_latent_pool,
     to_tensor,
     train_loop,
     write_checksums,
@@ -309,31 +307,6 @@ def stage_reward(ctx: Context) -> None:
     model.save(ctx.stage_dir("reward") / "model")
 
 
-def _encode_pool(ctx: Context, vae, tok) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """Render and VAE-encode the UNet's training images once (latent mean and std)."""
-    path = ctx.stage_dir("unet") / "latent_pool"
-    if is_complete(path):
-        return load_state(path)
-    cfg = ctx.cfg
-    rng = np.random.default_rng([cfg.seed, 4])
-    means, stds, ids = [], [], []
-    for start in tqdm(range(0, cfg.latent_pool, 256), desc="encode pool", file=sys.stderr, mininterval=2.0):
-        n = min(256, cfg.latent_pool - start)
-        examples = [sample_training_example(rng) for _ in range(n)]
-        with torch.no_grad():
-            dist = vae.encode(to_tensor([e[0] for e in examples]) * 2 - 1).latent_dist
-        # contiguous (NCHW): the VAE hands back channels-last views, and a pool reloaded from disk is
-        # contiguous; the UNet's convolutions round differently in the two layouts, so a resumed run
-        # would drift from an uninterrupted one in the last bits
-        means.append(dist.mean.contiguous())
-        stds.append(dist.std.contiguous())
-        ids.append(_tokenize(tok, [e[1] for e in examples]))
-    pool = {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": torch.cat(ids)}
-    save_state(path, pool)
-    ctx.log(f"unet: encoded a pool of {cfg.latent_pool} pretraining images")
-    return pool
-
-
 def sample_latents(unet, text_encoder, tok, scheduler, prompts: list[str], guidance: float, steps: int,  # noqa: ANN001
                    generator: torch.Generator) -> torch.Tensor:
     """Plain DDIM (eta 0) with classifier-free guidance, for monitoring; returns x_0 latents."""
@@ -362,7 +335,7 @@ def stage_unet(ctx: Context) -> None:
     tok = _load_tokenizer(ctx)
     text_encoder = CLIPTextModel.from_pretrained(ctx.stage_dir("text") / "text_encoder").eval().requires_grad_(False)
     vae = _load_vae(ctx)
-    pool = _encode_pool(ctx, vae, tok)
+    pool = encode_latent_pool(ctx, "unet", vae, tok)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 5])
     unet = make_unet()

@@ -23,25 +23,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from ..assets import default_flow_model_dir, default_model_dir, default_reward_dir
 from ..attention import fold_text_tokens
 from ..domains import write_domain_file
 from ..shapeworld import parse_prompt, prompt_sets
-from ..shapeworld.distribution import sample_training_example
-from ..utils.state_io import is_complete, load_state, save_state
 from .alignment import AlignmentRewardModel
 from .architecture import SD3_T5_TOKENS, make_flow_scheduler, make_sd3_transformer, text_encoder_with_projection
 from .pretrain_config import FLOW_STAGES
-from .stages import DOMAIN_MODULE, Context, _monitor_prompts, _shown, _tokenize, to_tensor, train_loop, write_checksums
+from .stages import (
+    DOMAIN_MODULE,
+    Context,
+    _monitor_prompts,
+    _shown,
+    _tokenize,
+    encode_latent_pool,
+    train_loop,
+    write_checksums,
+)
 
 
 def base_folder(ctx: Context) -> Path:
@@ -96,28 +101,6 @@ def encode_ids(parts: dict[str, Any], input_ids: torch.Tensor) -> tuple[torch.Te
     return torch.cat([clip, clip.new_zeros(clip.shape[0], 1, clip.shape[2])], 1), torch.cat(pooled, -1)
 
 
-def _encode_pool(ctx: Context, parts: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Render and VAE-encode the transformer's training images once (latent mean and std)."""
-    path = ctx.stage_dir("transformer") / "latent_pool"
-    if is_complete(path):
-        return load_state(path)
-    cfg = ctx.cfg
-    rng = np.random.default_rng([cfg.seed, 4])
-    means, stds, ids = [], [], []
-    for start in tqdm(range(0, cfg.latent_pool, 256), desc="encode pool", file=sys.stderr, mininterval=2.0):
-        n = min(256, cfg.latent_pool - start)
-        examples = [sample_training_example(rng) for _ in range(n)]
-        with torch.no_grad():
-            dist = parts["vae"].encode(to_tensor([e[0] for e in examples]) * 2 - 1).latent_dist
-        means.append(dist.mean.contiguous())
-        stds.append(dist.std.contiguous())
-        ids.append(_tokenize(parts["tokenizer"], [e[1] for e in examples]))
-    pool = {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": torch.cat(ids)}
-    save_state(path, pool)
-    ctx.log(f"transformer: encoded a pool of {cfg.latent_pool} pretraining images")
-    return pool
-
-
 def judge_pipeline(pipe: Any, prompts: list[str], images_per_prompt: int, steps: int, guidance: float,  # noqa: ANN401
                    seed: int) -> np.ndarray:
     """Images (N, H, W, 3) in [0, 1] of a (folded) SD3 pipeline, ``images_per_prompt`` per prompt."""
@@ -133,7 +116,7 @@ def stage_transformer(ctx: Context) -> None:
 
     cfg = ctx.cfg
     parts = load_components(ctx)
-    pool = _encode_pool(ctx, parts)
+    pool = encode_latent_pool(ctx, "transformer", parts["vae"], parts["tokenizer"])
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 5])
     transformer, ema_transformer = make_sd3_transformer(), make_sd3_transformer()

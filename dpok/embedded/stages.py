@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..shapeworld import prompt_sets
+from ..shapeworld.distribution import sample_training_example
 from ..utils.state_io import is_complete, load_state, rng_state, save_state, set_rng_state
 from .pretrain_config import PretrainConfig
 
@@ -197,3 +198,29 @@ def _run_stages(ctx: Context, runners: dict[str, Callable[[], None]], order: tup
         ctx.log(f"{name}: finished in {time.time() - t0:.0f}s")
     ctx.log(f"pretrain: all requested stages done in {time.time() - t_all:.0f}s")
     return 0
+
+
+def encode_latent_pool(ctx: Context, stage: str, vae, tok) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Render and VAE-encode the denoiser's training images once (latent mean and std, token ids),
+    kept in ``work_dir/<stage>/latent_pool``."""
+    path = ctx.stage_dir(stage) / "latent_pool"
+    if is_complete(path):
+        return load_state(path)
+    cfg = ctx.cfg
+    rng = np.random.default_rng([cfg.seed, 4])
+    means, stds, ids = [], [], []
+    for start in tqdm(range(0, cfg.latent_pool, 256), desc="encode pool", file=sys.stderr, mininterval=2.0):
+        n = min(256, cfg.latent_pool - start)
+        examples = [sample_training_example(rng) for _ in range(n)]
+        with torch.no_grad():
+            dist = vae.encode(to_tensor([e[0] for e in examples]) * 2 - 1).latent_dist
+        # contiguous (NCHW): the VAE hands back channels-last views, and a pool reloaded from disk is
+        # contiguous; the UNet's convolutions round differently in the two layouts, so a resumed run
+        # would drift from an uninterrupted one in the last bits
+        means.append(dist.mean.contiguous())
+        stds.append(dist.std.contiguous())
+        ids.append(_tokenize(tok, [e[1] for e in examples]))
+    pool = {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": torch.cat(ids)}
+    save_state(path, pool)
+    ctx.log(f"{stage}: encoded a pool of {cfg.latent_pool} pretraining images")
+    return pool
