@@ -238,6 +238,10 @@ def peft_to_kohya(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_kohya(weights)
 
 
+# --autocast: the dtype the denoiser's forward runs in under torch.autocast (None: no autocast)
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"no": None, "bf16": torch.bfloat16}
+
+
 class DiffusionAdapter:
     """A Stable Diffusion (1.x, 2.x, SDXL) or flow-matching (SD3, SD3.5, FLUX) pipeline seen as a policy
     over denoising steps. ``unet`` is the denoising network, a flow model's transformer included."""
@@ -268,6 +272,8 @@ class DiffusionAdapter:
         self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
         self.scheduler = pipe.scheduler
         self.reference_unet: torch.nn.Module | None = None  # frozen copy, full fine-tuning only
+        self.channels_last = False  # set_speed
+        self.autocast_dtype: torch.dtype | None = None
         self.lora_config = None
         self._flow_schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for module in (self.vae, self.text_encoder, self.unet):
@@ -451,11 +457,43 @@ class DiffusionAdapter:
             raise ValueError("SDXL needs the pooled text embeddings and time ids: build the PromptEmbeds with "
                              "encode_prompts (or index one from it), not from the encoder states alone")
         guided = self._flow_guided if self.is_flow else self._guided
-        if not reference:
-            return guided(self.unet, latents, timesteps, embeds, guidance_scale)
-        with torch.no_grad(), self.reference():
-            unet = self.reference_unet if self.reference_unet is not None else self.unet
-            return guided(unet, latents, timesteps, embeds, guidance_scale)
+        if self.channels_last and not self.is_flow:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        with contextlib.ExitStack() as stack:
+            unet = self.unet
+            if reference:
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(self.reference())
+                unet = self.reference_unet if self.reference_unet is not None else self.unet
+            if self.autocast_dtype is not None:
+                stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+            out = guided(unet, latents, timesteps, embeds, guidance_scale)
+        # the step's mean, log-prob and KL stay in the weights' precision under autocast
+        return out.to(self.dtype)
+
+    def set_speed(self, channels_last: bool = False, autocast: str = "no", compile_denoiser: bool = False) -> None:
+        """Speed options of the denoiser's calls in sampling and training (``benchmarks/denoiser_speed.py``
+        measures each against the stock call):
+
+        - ``channels_last``: UNet weights and inputs in NHWC, which oneDNN's and cuDNN's convolutions prefer;
+        - ``autocast="bf16"``: the forward (and so the backward) under ``torch.autocast`` in bfloat16 with
+          the weights kept in their dtype; outputs are cast back, so sampling and training still compute
+          the same thing (ratio 1 before an update, up to batch-size rounding);
+        - ``compile_denoiser``: ``torch.compile`` (inductor) of the denoiser in place, so its module, LoRA
+          and state-dict names are unchanged; the first calls of each shape pay the compilation.
+        """
+        if autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"--autocast must be one of {', '.join(AUTOCAST_DTYPES)} (got {autocast!r})")
+        self.autocast_dtype = AUTOCAST_DTYPES[autocast]
+        self.channels_last = channels_last
+        if channels_last:
+            for module in (self.unet, self.reference_unet):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+        if compile_denoiser:
+            for module in (self.unet, self.reference_unet):
+                if module is not None:
+                    module.compile()
 
     def _flow_guided(self, transformer, latents: torch.Tensor, timesteps: torch.Tensor,  # noqa: ANN001
                      embeds: PromptEmbeds, guidance_scale: float) -> torch.Tensor:

@@ -68,6 +68,11 @@ class TrainConfig:
                            "convolutions and the transformer projections; 'to_q,to_k,to_v,to_out.0' is attention only, "
                            "as in the papers)")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in the backward pass (less memory, slower)")
+    # ---- speed of the denoiser's calls (benchmarks/denoiser_speed.py measures each; docs/denoiser_speed.md)
+    channels_last: bool = _f(False, "UNet weights and inputs in channels-last (NHWC) memory format")
+    autocast: Literal["no", "bf16"] = _f("no", "run the denoiser's forward under bf16 autocast, weights kept in "
+                                               "their dtype (CPUs with fast bf16, GPUs)")
+    compile: bool = _f(False, "torch.compile (inductor) the denoiser; the first calls of each shape compile it")
 
     # ---- sampling (the policy)
     num_steps: int = _f(20, "denoising (DDIM) steps per trajectory")
@@ -203,14 +208,18 @@ class TrainConfig:
             raise ValueError("invalid settings:\n  " + "\n  ".join(errors))
 
     def resolved(self, num_processes: int = 1) -> TrainConfig:
-        """A copy with the automatic (0) batch sizes filled in for ``num_processes`` processes."""
+        """A copy with the automatic (0) batch sizes, and the algorithm's own automatic settings,
+        filled in for ``num_processes`` processes."""
         share = max(1, self.samples_per_round // num_processes)
         values: dict[str, int] = {}
         if self.sample_batch_size == 0:
             values["sample_batch_size"] = largest_divisor_at_most(share, 32)
+        algorithm = ALGORITHMS.get(self.algorithm)
         if self.minibatch_size == 0:
-            values["minibatch_size"] = ALGORITHMS.get(self.algorithm).minibatch_default(share)
-        return dataclasses.replace(self, **values)
+            values["minibatch_size"] = algorithm.minibatch_default(share)
+        groups = {name: dataclasses.replace(getattr(self, name), **auto)
+                  for name, auto in algorithm.auto_settings(self).items()}
+        return dataclasses.replace(self, **values, **groups)
 
     def eval_images_for(self, shown_prompts: int) -> int:
         """``--eval-images``, or for 0 (auto) the images per prompt that keep the before and after

@@ -99,10 +99,10 @@ def default_methods() -> list[Method]:
         Method("ddpo-is", "DDPO-IS", "ddpo-is"),
         Method("dpok", "DPOK (beta = 0.01)", "dpok", (("beta", 0.01),)),
         Method("dpok-no-kl", "DPOK without KL (beta = 0)", "dpok", (("beta", 0.0),)),
-        # the newer methods at the settings of their exploration runs (docs/tuning.md): GRPO on DPOK's
-        # per-round work (minibatches of 8 samples, 40 % of the trained steps), DiffusionNFT at the
+        # the newer methods at the settings of their exploration runs (docs/tuning.md): GRPO with its
+        # defaults (minibatches of 8 samples, 40 % of the trained steps), DiffusionNFT at the
         # authors' lr (2e-3 collapsed) with deterministic 10-step rollouts
-        Method("grpo", "GRPO", "grpo", (("minibatch_size", 8), ("timestep_fraction", 0.4))),
+        Method("grpo", "GRPO", "grpo"),
         Method("diffusion-nft", "DiffusionNFT", "diffusion-nft",
                (("learning_rate", 3e-4), ("lr_schedule", "constant"), ("rollout_steps", 10), ("rollout_eta", 0.0))),
     ]
@@ -225,17 +225,16 @@ class Experiment:
         c = self.cfg
         samples = (extra or {}).get("samples_per_round", c.samples_per_round)
         sample_minibatches = ALGORITHMS.get(method.algorithm).sample_minibatches
-        # batch sizes that divide the round (DDPO's minibatches split the round's samples)
+        # sampling batches that divide the round; DDPO's and GRPO's minibatches (whole samples) are
+        # their own automatic ones, which divide the round, unless the method sets them
         fit = {"sample_batch_size": math.gcd(32, samples)}
-        if sample_minibatches:
-            fit["minibatch_size"] = math.gcd(32, samples)
         reward = {k: v for k, v in to_options(c.reward).items() if v}
         settings = {"model": c.model, **reward, "prompt": list(task.seen), "algorithm": method.algorithm,
                     "rounds": rounds, "samples_per_round": samples, "seed": seed, **fit,
                     "num_steps": c.num_steps, "guidance_scale": c.guidance_scale, "output_dir": str(run_dir),
                     "eval_images": 1, "checkpoint_every": c.checkpoint_every, "keep_checkpoints": 1, "device": c.device,
                     **dict(method.overrides), **c.train_overrides, **(extra or {})}
-        if sample_minibatches:  # a method's own minibatch, fitted to a smaller round
+        if sample_minibatches and settings.get("minibatch_size"):  # a method's own, fitted to a smaller round
             settings["minibatch_size"] = math.gcd(settings["minibatch_size"], samples)
         if (run_dir / "config.json").is_file():
             if latest_checkpoint(run_dir) is not None:

@@ -115,6 +115,7 @@ def build_policy(cfg: TrainConfig, device: torch.device, pipeline: Any = None) -
         adapter.enable_full_finetuning()
     if cfg.gradient_checkpointing:
         adapter.unet.enable_gradient_checkpointing()
+    adapter.set_speed(cfg.channels_last, cfg.autocast, cfg.compile)
     return adapter
 
 
@@ -129,9 +130,12 @@ def build_run(cfg: TrainConfig, *, pipeline: Any = None, reward: Reward | None =
     rank, num_processes = distributed.rank(), distributed.world_size()
     cfg.validate(num_processes=num_processes)
     auto = [n for n in ("sample_batch_size", "minibatch_size") if getattr(cfg, n) == 0]
+    auto_own = ALGORITHMS.get(cfg.algorithm).auto_settings(cfg)
     cfg = cfg.resolved(num_processes)
-    if auto and rank == 0:
-        tqdm.write("batch sizes (auto): " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in auto))
+    if (auto or auto_own) and rank == 0:
+        shown = [f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in auto]
+        shown += [f"--{n.replace('_', '-')} {v}" for values in auto_own.values() for n, v in values.items()]
+        tqdm.write("settings (auto): " + ", ".join(shown))
     # the model's domain gives default prompts; a domain reward's checks the prompts on any model
     own = model_domain(cfg.model)
     domain = own or reward_domain(cfg.reward.name)

@@ -185,6 +185,11 @@ class Algorithm:
         """The automatic --minibatch-size for a process's ``share`` of the round's samples."""
         return largest_divisor_at_most(share, 32) if cls.sample_minibatches else 32
 
+    @classmethod
+    def auto_settings(cls, cfg: TrainConfig) -> dict[str, Any]:
+        """Values for this algorithm's own settings left at 0 (auto): ``{group: {name: value}}``."""
+        return {}
+
     def __init__(self, ctx: AlgorithmContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg

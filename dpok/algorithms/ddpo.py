@@ -15,7 +15,7 @@ gradients averaged before each step, and the per-prompt statistics see every pro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -30,10 +30,14 @@ from .base import (
     Rollout,
     UpdateResult,
     guarded_step,
+    largest_divisor_at_most,
     mean_stats,
     positive,
     trajectory_advantages,
 )
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 
 @dataclass
@@ -43,13 +47,14 @@ class DDPOSettings:
     title: ClassVar[str] = "DDPO-IS and GRPO (--algorithm ddpo-is, grpo)"
 
     inner_epochs: int = option(1, "DDPO-IS and GRPO passes over each round's samples")
-    timestep_fraction: float = option(1.0, "share of the window's steps trained on, drawn per sample and round "
-                                           "(DDPO, GRPO)")
+    timestep_fraction: float = option(0.0, "share of the window's steps trained on, drawn per sample and round "
+                                           "(DDPO, GRPO; 0: auto, 0.4 for ddpo-is and grpo as docs/tuning.md chose, "
+                                           "1 for ddpo-sf)")
 
     def validate(self) -> list[str]:
         errors = positive(self, ("inner_epochs",), least=1)
-        if not 0 < self.timestep_fraction <= 1:
-            errors.append(f"--timestep-fraction must be in (0, 1] (got {self.timestep_fraction})")
+        if not 0 <= self.timestep_fraction <= 1:
+            errors.append(f"--timestep-fraction must be in (0, 1], or 0 for auto (got {self.timestep_fraction})")
         return errors
 
 
@@ -68,8 +73,21 @@ class StepContext:
 class _DDPO(Algorithm):
     importance_sampling = True
     sample_minibatches = True  # a minibatch is whole samples, each with its trained steps
+    # the automatic update shape: samples per minibatch (at most) and the share of steps trained
+    minibatch_samples: ClassVar[int] = 32
+    timestep_fraction_default: ClassVar[float] = 1.0
     # log-probs of recorded steps: DDIM's Gaussian, or Flow-GRPO's SDE step on a flow model
     families = ("diffusion", "flow-matching")
+
+    @classmethod
+    def minibatch_default(cls, share: int) -> int:
+        return largest_divisor_at_most(share, cls.minibatch_samples)
+
+    @classmethod
+    def auto_settings(cls, cfg: TrainConfig) -> dict[str, Any]:
+        if cfg.ddpo.timestep_fraction == 0:
+            return {"ddpo": {"timestep_fraction": cls.timestep_fraction_default}}
+        return {}
 
     def __init__(self, ctx: AlgorithmContext) -> None:
         super().__init__(ctx)
@@ -154,3 +172,9 @@ class DDPOSF(_DDPO):
 class DDPOIS(_DDPO):
     name = "ddpo-is"
     importance_sampling = True
+    # chosen by the sweep of docs/tuning.md (benchmarks/tune.py) for DDPO-IS and GRPO on the embedded
+    # model: several PPO steps per round on minibatches of 8 samples, 40 % of each sample's steps;
+    # the same shape lifted the rare pair on the flow model where one whole-round step did not
+    # (docs/flow_model.md)
+    minibatch_samples = 8
+    timestep_fraction_default = 0.4

@@ -219,14 +219,18 @@ def test_batch_sizes_default_to_the_largest_fitting_divisor() -> None:
 
     assert [largest_divisor_at_most(n, 32) for n in (1, 2, 8, 24, 32, 48, 100, 37)] == [1, 2, 8, 24, 32, 24, 25, 1]
     # lowering the budget needs no other option (it used to fail on the default batch size of 32)
-    for algorithm in ("dpok", "ddpo-is"):
+    for algorithm in ("dpok", "ddpo-sf", "ddpo-is"):
         for samples in (2, 4, 8, 48):
             cfg = build_config(None, {"algorithm": algorithm, "samples_per_round": samples})
             r = cfg.resolved()
             assert samples % r.sample_batch_size == 0 and r.sample_batch_size <= 32
-            assert r.minibatch_size == (min(samples, 32) if samples != 48 else 24) if algorithm == "ddpo-is" else 32
+            # DDPO's minibatches are whole samples that divide the round: at most 32 (SF), 8 (IS, GRPO)
+            expected = {"dpok": 32, "ddpo-sf": min(samples, 32) if samples != 48 else 24, "ddpo-is": min(samples, 8)}
+            assert r.minibatch_size == expected[algorithm]
     two = TrainConfig.from_options(algorithm="ddpo-is", samples_per_round=12).resolved(num_processes=2)
     assert (two.sample_batch_size, two.minibatch_size) == (6, 6)  # each process's share is 6
+    two = TrainConfig.from_options(algorithm="ddpo-is", samples_per_round=20).resolved(num_processes=2)
+    assert (two.sample_batch_size, two.minibatch_size) == (10, 5)
     explicit = TrainConfig.from_options(samples_per_round=8, sample_batch_size=4, minibatch_size=3).resolved()
     assert (explicit.sample_batch_size, explicit.minibatch_size) == (4, 3)
     with pytest.raises(ValueError, match="sample-batch-size must be >= 0"):

@@ -62,7 +62,8 @@ def test_a_group_may_set_its_own_defaults_for_one_command() -> None:
 
 def test_each_settings_group_checks_its_own_values() -> None:
     for flat, message in ((dict(alpha=-1.0), "--alpha must be >= 0"), (dict(buffer_size=0), "--buffer-size must be >= 1"),
-                          (dict(timestep_fraction=0.0), "--timestep-fraction"),
+                          (dict(timestep_fraction=-0.1), "--timestep-fraction"),
+                          (dict(timestep_fraction=1.5), "--timestep-fraction"),
                           (dict(rwr_percentile=100.0), "--rwr-percentile"), (dict(nft_beta=0.0), "--nft-beta"),
                           (dict(best_of=0), "--best-of must be >= 1"), (dict(reward=" "), "--reward is empty"),
                           (dict(stat_min_count=20, stat_buffer=16), "--stat-min-count")):
@@ -100,8 +101,26 @@ def test_algorithm_names_and_constraints_come_from_the_registry() -> None:
         build_config(None, {"algorithm": "ddpo-is", "advantage": "value"})
     build_config(None, {"algorithm": "dpok", "advantage": "value"})
     assert ALGORITHMS.get("grpo").sample_minibatches and not ALGORITHMS.get("dpok").sample_minibatches
-    assert build_config(None, {"algorithm": "grpo", "samples_per_round": 24}).resolved().minibatch_size == 24
+    assert build_config(None, {"algorithm": "ddpo-sf", "samples_per_round": 24}).resolved().minibatch_size == 24
     assert build_config(None, {"samples_per_round": 24}).resolved().minibatch_size == 32
+
+
+def test_ddpo_is_and_grpo_default_to_the_update_shape_the_tuning_sweep_chose() -> None:
+    """docs/tuning.md: minibatches of 8 samples and 40 % of the steps for DDPO-IS and GRPO; DDPO-SF keeps
+    one pass over every step; what a user or a preset sets is kept."""
+    for algorithm in ("ddpo-is", "grpo"):
+        cfg = build_config(None, {"algorithm": algorithm}).resolved()
+        assert (cfg.minibatch_size, cfg.ddpo.timestep_fraction) == (8, 0.4)
+        assert build_config(None, {"algorithm": algorithm, "samples_per_round": 12}).resolved().minibatch_size == 6
+        cfg = build_config(None, {"algorithm": algorithm, "minibatch_size": 16, "timestep_fraction": 1.0}).resolved()
+        assert (cfg.minibatch_size, cfg.ddpo.timestep_fraction) == (16, 1.0)
+    cfg = build_config(None, {"algorithm": "ddpo-sf"}).resolved()
+    assert (cfg.minibatch_size, cfg.ddpo.timestep_fraction) == (32, 1.0)
+    cfg = build_config("flow-grpo-paper", {}).resolved()
+    assert (cfg.minibatch_size, cfg.ddpo.timestep_fraction) == (9, 0.99)
+    # resolving twice changes nothing (a resumed run re-reads its resolved config.json)
+    cfg = build_config(None, {"algorithm": "grpo"}).resolved()
+    assert cfg.resolved() == cfg
 
 
 def test_an_algorithm_refuses_a_model_family_it_is_not_defined_for_before_loading(

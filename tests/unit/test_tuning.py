@@ -65,8 +65,15 @@ def test_the_defaults_are_the_setting_the_committed_sweep_chose() -> None:
     defaults = TrainConfig().to_dict()
     # --eval-images 0 (auto) is sized to the run: at the default budget, on the one default prompt, the sweep's 32
     defaults["eval_images"] = TrainConfig().eval_images_for(1)
-    differ = {k: (tuned[k], defaults[k]) for k in tuned if k in defaults and tuned[k] != defaults[k]}
+    # timestep_fraction is DDPO's and GRPO's (0: their own automatic value, checked below); DPOK reads none
+    differ = {k: (tuned[k], defaults[k]) for k in tuned
+              if k in defaults and tuned[k] != defaults[k] and k != "timestep_fraction"}
     assert not differ, f"defaults that are not the tuned setting (tuned, default): {differ}"
+    # DDPO-IS's and GRPO's automatic update shape is the one their chosen candidates trained with
+    for method in ("ddpo-is", "grpo"):
+        shape = {k: v for k, v in Sweep(cfg).chosen()[method].overrides if k in ("minibatch_size", "timestep_fraction")}
+        resolved = TrainConfig(algorithm=method).resolved().to_dict()
+        assert shape == {k: resolved[k] for k in shape} and len(shape) == 2, (method, shape)
 
 
 def test_report_says_when_methods_did_not_get_equal_care() -> None:
