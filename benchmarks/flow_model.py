@@ -85,7 +85,9 @@ def report(out: Path, md: Path, prompt: str) -> Path:
     for method in done:
         folder = out / method
         cfg = json.loads((folder / "run" / "config.json").read_text())
-        settings = ", ".join(f"`{k}={cfg[k]}`" for k in SHOWN if k in cfg)
+        # a setting at 0 is "auto" for an algorithm that does not read it (DiffusionNFT's timestep fraction)
+        settings = ", ".join(f"`{k}={cfg[k]}`" for k in SHOWN if k in cfg
+                             and not (k == "timestep_fraction" and cfg[k] == 0))
         rewards = [r["reward/mean"] for r in read_metrics(folder / "run" / "metrics.jsonl")]
         smooth = smoothed(rewards)
         ev = {k: json.loads((folder / f"eval-{k}" / "eval.json").read_text())["splits"]["seen"]["prompts"][prompt]
