@@ -1,10 +1,11 @@
 """Reward per query: the independent judge against reward queries and seconds, per method and seed.
 
     python benchmarks/sample_efficiency.py                  # grpo, diffusion-nft, dpok, ddpo-is; 3 seeds
-    python benchmarks/sample_efficiency.py --tasks color composition
+    python benchmarks/sample_efficiency.py --tasks color    # one task (the report then shows that task only)
     python benchmarks/sample_efficiency.py --report-only    # rewrite the report from the kept results
 
-Each unit trains one method on one task of the paper experiment (the rare colour pair by default)
+Each unit trains one method on one task of the paper experiment (the rare colour pair, the count of
+four and the two-group composition by default)
 with the experiment's own settings for that method (``dpok.experiment.default_methods``), for
 ``--queries`` reward queries, and evaluates the policy every ``--eval-every`` rounds on fixed noise
 (``--eval-every``: the geometric judge, which shares no weights with the reward, on
@@ -12,7 +13,9 @@ with the experiment's own settings for that method (``dpok.experiment.default_me
 (sampling + scoring + update of the rounds before; evaluations, KL logging and start-up left out),
 at which the judge's aligned share first reaches ``--target``. Units run seed by seed with the methods
 in turn, so that a slower or busier stretch of the machine falls on every method alike; a finished
-unit keeps ``result.json`` and is not run again (stop and rerun at any time). Writes
+unit keeps ``result.json`` and is not run again (stop and rerun at any time); an empty output folder
+starts from the units kept in ``docs/sample_efficiency/data.json`` whose recorded settings are still
+the method's (so a fresh clone runs only what is missing). Writes
 docs/sample_efficiency.md, its figure and docs/sample_efficiency/data.json.
 """
 
@@ -35,7 +38,8 @@ METHODS = ("grpo", "diffusion-nft", "dpok", "ddpo-is")
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--tasks", nargs="+", default=["color"], help="tasks of the paper experiment (single-prompt ones)")
+    p.add_argument("--tasks", nargs="+", default=["color", "count", "composition"],
+                   help="tasks of the paper experiment (single-prompt ones)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--queries", type=int, default=512, help="reward queries per unit")
     p.add_argument("--samples-per-round", type=int, default=32)
@@ -83,35 +87,77 @@ def unit_result(run_dir: Path, samples: int, target: float) -> dict[str, Any]:
             "seconds_per_round": statistics.median([b - a for a, b in zip(seconds, seconds[1:])]) if rounds else None}
 
 
-def run_unit(args: argparse.Namespace, task_name: str, method_name: str, seed: int) -> dict[str, Any]:
-    import torch
+# what a unit's recorded settings leave out: where it ran, not what it trained
+UNRECORDED = ("output_dir", "resume")
 
+
+def unit_folder(args: argparse.Namespace, task_name: str, method_name: str, seed: int) -> Path:
+    return Path(args.output_dir) / task_name / method_name / f"seed-{seed}"
+
+
+def unit_config(args: argparse.Namespace, task_name: str, method_name: str, seed: int):  # noqa: ANN201
+    """The unit's TrainConfig (the paper experiment's settings for the method) and its task."""
     from dpok.experiment import Experiment, ExperimentConfig
-    from dpok.trainer import Trainer
-    from dpok.utils.machine import cpu_description
 
-    folder = Path(args.output_dir) / task_name / method_name / f"seed-{seed}"
-    done = folder / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    torch.set_num_threads(args.threads)
     exp_cfg = ExperimentConfig(output_dir=str(args.output_dir), tasks=[task_name], methods=[method_name],
                                seeds=[seed], samples_per_round=args.samples_per_round)
     exp_cfg.validate()
     experiment = Experiment(exp_cfg, log=lambda *a: None)
     task = next(t for t in exp_cfg.all_tasks() if t.name == task_name)
-    rounds = args.queries // args.samples_per_round
-    cfg = experiment.train_config(task, experiment.methods[method_name], seed, folder / "run", rounds,
+    folder = unit_folder(args, task_name, method_name, seed)
+    cfg = experiment.train_config(task, experiment.methods[method_name], seed, folder / "run",
+                                  args.queries // args.samples_per_round,
                                   extra={"eval_every": args.eval_every, "eval_every_images": args.eval_images,
                                          "checkpoint_every": 4, "report_to": ["none"]})
-    print(f"== {task_name} / {method_name} / seed {seed}: {rounds} rounds x {args.samples_per_round} samples",
+    return cfg, task
+
+
+def recorded_settings(cfg) -> dict[str, Any]:  # noqa: ANN001
+    return {k: v for k, v in cfg.resolved().to_dict().items() if k not in UNRECORDED}
+
+
+def run_unit(args: argparse.Namespace, task_name: str, method_name: str, seed: int) -> dict[str, Any]:
+    import torch
+
+    from dpok.trainer import Trainer
+    from dpok.utils.machine import cpu_description
+
+    folder = unit_folder(args, task_name, method_name, seed)
+    done = folder / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    torch.set_num_threads(args.threads)
+    cfg, task = unit_config(args, task_name, method_name, seed)
+    print(f"== {task_name} / {method_name} / seed {seed}: {cfg.rounds} rounds x {args.samples_per_round} samples",
           flush=True)
     Trainer(cfg).run()
     result = {"task": task_name, "prompt": task.seen[0], "method": method_name, "seed": seed,
               "machine": cpu_description(), "threads": args.threads, "samples_per_round": args.samples_per_round,
-              **unit_result(folder / "run", args.samples_per_round, args.target)}
+              "settings": recorded_settings(cfg), **unit_result(folder / "run", args.samples_per_round, args.target)}
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def import_kept(args: argparse.Namespace) -> None:
+    """Start an output folder from the report's kept raw results, so that only missing units run. A
+    kept unit whose recorded settings differ from what the method trains with today is left out (it
+    runs again); units kept before settings were recorded are taken as they are."""
+    kept = Path(args.report).parent / Path(args.report).stem / "data.json"
+    if not kept.is_file():
+        return
+    for result in json.loads(kept.read_text()):
+        done = unit_folder(args, result["task"], result["method"], result["seed"]) / "result.json"
+        if done.is_file() or result["samples_per_round"] != args.samples_per_round:
+            continue
+        if "settings" in result:
+            now = recorded_settings(unit_config(args, result["task"], result["method"], result["seed"])[0])
+            changed = sorted(k for k in now if result["settings"].get(k) != now[k])
+            if changed:
+                print(f"kept {result['task']} / {result['method']} / seed {result['seed']} is stale "
+                      f"({', '.join(changed)} changed): it runs again", flush=True)
+                continue
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(result, indent=1))
 
 
 def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -176,11 +222,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
+def write_report(args: argparse.Namespace, results: list[dict[str, Any]], kept: list[dict[str, Any]]) -> str:
+    """The report of ``results``; every finished unit (``kept``, all tasks and methods) goes to its raw data."""
     report = Path(args.report)
     data = report.parent / report.stem / "data.json"
     data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text(json.dumps(results, indent=1))
+    data.write_text(json.dumps(kept, indent=1))
     figure = report.parent / report.stem / "judge_vs_queries.png"
     plot(results, figure)
     machines = sorted({r["machine"] for r in results})
@@ -188,9 +235,10 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
         "# Reward per query: the judge against reward queries and seconds",
         "",
         "Generated by `benchmarks/sample_efficiency.py` from the unit results it keeps (raw: "
-        f"`docs/{report.stem}/data.json`). Machine: {'; '.join(machines)}; {results[0]['threads']} threads per unit, "
-        "one unit at a time (the machine was shared with other work, so seconds are comparable between methods "
-        "run in turn, not absolute).",
+        f"`docs/{report.stem}/data.json`). Machines: {'; '.join(machines)}; "
+        f"{', '.join(sorted({str(r['threads']) for r in results}))} thread(s) per unit, one or two units at a time "
+        "(the machine was shared with other work, so seconds are comparable between methods of a task run in "
+        "turn on the same machine, not absolute).",
         "",
         f"Each unit trains one method with the paper experiment's settings for it, {results[0]['samples_per_round']} "
         "samples (reward queries) per round, and evaluates the policy on fixed noise every "
@@ -221,6 +269,10 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
                 _fmt([held(u, "seconds", args.target) for u in mine], 1),
                 _fmt([u["seconds_per_round"] for u in mine], 1),
                 _fmt([u["evals"][-1]["clean"] for u in mine], 3)]) + " |")
+        ran_on = {m: sorted({u["machine"] for u in units if u["method"] == m}) for m in sorted({u["method"] for u in units})}
+        if len({machine for ms in ran_on.values() for machine in ms}) > 1:
+            lines += ["", "Units of this task ran on more than one machine, so their seconds compare only between "
+                      "methods on the same one: " + "; ".join(f"{m}: {', '.join(ms)}" for m, ms in ran_on.items()) + "."]
         lines += ["", *ratio_lines(units, args.target, budget), ""]
     lines += [f"![judge against queries and seconds]({report.stem}/judge_vs_queries.png)", ""]
     text = "\n".join(lines)
@@ -253,6 +305,7 @@ def ratio_lines(units: list[dict[str, Any]], target: float, budget: int) -> list
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    import_kept(args)
     if not args.report_only:
         for seed in args.seeds:
             for task in args.tasks:
@@ -261,11 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                     reached = result["queries_to_target"]
                     print(f"   judge {[e['judge'] for e in result['evals']]}; queries to {args.target}: "
                           f"{reached if reached is not None else 'not reached'}", flush=True)
-    results = [r for r in collect(args) if r["method"] in args.methods and r["task"] in args.tasks]
+    kept = collect(args)
+    results = [r for r in kept if r["method"] in args.methods and r["task"] in args.tasks]
     if not results:
         print("no finished units yet")
         return 1
-    print(write_report(args, results))
+    print(write_report(args, results, kept))
     return 0
 
 
