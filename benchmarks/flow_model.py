@@ -71,8 +71,11 @@ def report(out: Path, md: Path, prompt: str) -> Path:
     from dpok.tuning import largest_drop, smoothed
     from dpok.utils.machine import cpu_description
 
+    done = sorted(p.name for p in out.iterdir() if (p / "eval-tuned" / "eval.json").is_file()) if out.is_dir() else []
+    if not done:  # a fresh clone's --report-only: keep the committed report
+        raise SystemExit(f"no finished runs in {out}: nothing to report ({md} is left as it is)")
     figures = md.with_suffix("")
-    if figures.exists():  # the report shows the runs there are now; files of earlier runs would linger
+    if figures.exists():  # the report shows the runs there are now; earlier runs' files would linger
         shutil.rmtree(figures)
     figures.mkdir(parents=True)
     lines = ["# RL on the embedded flow-matching model", "",
@@ -83,7 +86,6 @@ def report(out: Path, md: Path, prompt: str) -> Path:
              "| run | settings | rounds x samples | noise level | judge aligned: base → tuned | clean shapes | reward | "
              "KL to base (nats) | training reward (5-round mean) first / best / last, largest fall | wall time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    done = sorted(p.name for p in out.iterdir() if (p / "eval-tuned" / "eval.json").is_file()) if out.is_dir() else []
     for method in done:
         folder = out / method
         cfg = json.loads((folder / "run" / "config.json").read_text())

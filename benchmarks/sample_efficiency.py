@@ -139,18 +139,23 @@ def run_unit(args: argparse.Namespace, task_name: str, method_name: str, seed: i
 
 
 def import_kept(args: argparse.Namespace) -> None:
-    """Start an output folder from the report's kept raw results, so that only missing units run. A
-    kept unit whose recorded settings differ from what the method trains with today is left out (it
-    runs again); units kept before settings were recorded are taken as they are."""
+    """Start an empty output folder from the report's kept raw results, so that only missing units
+    run. A kept unit whose recorded settings differ from what the method trains with today, or whose
+    task or method no longer exists, is left out (it runs again); units kept before settings were
+    recorded are taken as they are (the kept data holds none whose method has changed since)."""
     kept = Path(args.report).parent / Path(args.report).stem / "data.json"
-    if not kept.is_file():
+    if not kept.is_file() or collect(args):  # a folder with results of its own is left as it is
         return
     for result in json.loads(kept.read_text()):
         done = unit_folder(args, result["task"], result["method"], result["seed"]) / "result.json"
         if done.is_file() or result["samples_per_round"] != args.samples_per_round:
             continue
         if "settings" in result:
-            now = recorded_settings(unit_config(args, result["task"], result["method"], result["seed"])[0])
+            try:
+                now = recorded_settings(unit_config(args, result["task"], result["method"], result["seed"])[0])
+            except (ValueError, StopIteration):  # the task or method is gone
+                print(f"kept {result['task']} / {result['method']} is no longer a unit of the benchmark: left out")
+                continue
             changed = sorted(k for k in now if result["settings"].get(k) != now[k])
             if changed:
                 print(f"kept {result['task']} / {result['method']} / seed {result['seed']} is stale "

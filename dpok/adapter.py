@@ -475,7 +475,8 @@ class DiffusionAdapter:
         """Speed options of the denoiser's calls in sampling and training (``benchmarks/denoiser_speed.py``
         measures each against the stock call):
 
-        - ``channels_last``: UNet weights and inputs in NHWC, which oneDNN's and cuDNN's convolutions prefer;
+        - ``channels_last``: UNet weights and inputs in NHWC, which oneDNN's and cuDNN's convolutions prefer
+          (a flow model's transformer is left as it is);
         - ``autocast="bf16"``: the forward (and so the backward) under ``torch.autocast`` in bfloat16 with
           the weights kept in their dtype; outputs are cast back, so sampling and training still compute
           the same thing (ratio 1 before an update, up to batch-size rounding);
@@ -485,8 +486,9 @@ class DiffusionAdapter:
         if autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"--autocast must be one of {', '.join(AUTOCAST_DTYPES)} (got {autocast!r})")
         self.autocast_dtype = AUTOCAST_DTYPES[autocast]
-        self.channels_last = channels_last
-        if channels_last:
+        # a flow transformer's only convolution is its patch embedding: nothing for NHWC to speed up
+        self.channels_last = channels_last and not self.is_flow
+        if self.channels_last:
             for module in (self.unet, self.reference_unet):
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
@@ -717,7 +719,8 @@ class DiffusionAdapter:
         folder = Path(folder)
         part = "transformer" if self.is_flow else "unet"
         type(self.pipe).save_lora_weights(
-            folder, **{f"{part}_lora_layers": {k: v.detach().cpu() for k, v in self.lora_state_dict().items()},
+            folder, **{f"{part}_lora_layers": {k: v.detach().cpu().contiguous()  # channels-last convs
+                                     for k, v in self.lora_state_dict().items()},
                        f"{part}_lora_adapter_metadata": self.lora_config.to_dict()},
             safe_serialization=True,
         )

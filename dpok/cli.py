@@ -95,7 +95,9 @@ def _cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
     return run_pretrain(cfg, argv)
 
 
-RESUMABLE_CHANGES = {"reward_overlap", "rounds", "checkpoint_every", "keep_checkpoints", "device", "resume", "report_to"}
+# what may change on resume: bookkeeping, and speed options that compute the same to float rounding
+RESUMABLE_CHANGES = {"reward_overlap", "rounds", "checkpoint_every", "keep_checkpoints", "device", "resume", "report_to",
+                     "channels_last", "compile"}
 # settings added after runs were already saved: a run folder without them ran with these values
 # (not today's defaults), so a resume continues it as it was
 SETTINGS_BEFORE_THEY_EXISTED = {"lr_schedule": "constant", "lr_warmup_rounds": 0}

@@ -69,7 +69,8 @@ class TrainConfig:
                            "as in the papers)")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in the backward pass (less memory, slower)")
     # ---- speed of the denoiser's calls (benchmarks/denoiser_speed.py measures each; docs/denoiser_speed.md)
-    channels_last: bool = _f(False, "UNet weights and inputs in channels-last (NHWC) memory format")
+    channels_last: bool = _f(False, "UNet weights and inputs in channels-last (NHWC) memory format (no effect on a "
+                                    "flow model's transformer)")
     autocast: Literal["no", "bf16"] = _f("no", "run the denoiser's forward under bf16 autocast, weights kept in "
                                                "their dtype (CPUs with fast bf16, GPUs)")
     compile: bool = _f(False, "torch.compile (inductor) the denoiser; the first calls of each shape compile it")
@@ -109,7 +110,7 @@ class TrainConfig:
     minibatch_size: int = _f(0, "transitions (DPOK, SFT-KL, RWR) or samples (DDPO, GRPO) per backward pass, per "
                                 "process; with N processes a step averages N minibatches (0: auto, 32 transitions, or "
                                 "for DDPO and GRPO the largest divisor of each process's share of --samples-per-round "
-                                "that is at most 32)")
+                                "that is at most 8 for ddpo-is and grpo, as docs/tuning.md chose, 32 for ddpo-sf)")
     gradient_steps: int = _f(6, "optimizer steps per round (DPOK, SFT-KL, RWR, DiffusionNFT)")
     grad_accum: int = _f(1, "minibatches accumulated per optimizer step")
 

@@ -91,6 +91,9 @@ class _DDPO(Algorithm):
 
     def __init__(self, ctx: AlgorithmContext) -> None:
         super().__init__(ctx)
+        if self.cfg.ddpo.timestep_fraction == 0:
+            raise ValueError("--timestep-fraction 0 (auto) is resolved by TrainConfig.resolved(); build the run with "
+                             "dpok.run_parts.build_run or resolve the config first")
         pg = self.cfg.policy_gradient
         self.tracker = PerPromptStatTracker(pg.stat_buffer, pg.stat_min_count)
 

@@ -30,7 +30,7 @@ def small_cfg(**kw: object) -> TrainConfig:
     base = dict(num_steps=4, samples_per_round=2, sample_batch_size=2, minibatch_size=2, gradient_steps=1,
                 learning_rate=1e-2, eval_images=1, best_of=2, clip_range=0.2, stat_min_count=1, stat_buffer=4)
     base.update(kw)
-    return TrainConfig.from_options(base)
+    return TrainConfig.from_options(base).resolved()  # as build_run does: the algorithms' automatic settings
 
 
 def test_sampler_matches_the_plain_diffusers_pipeline(tiny_pipeline_dir: Path) -> None:

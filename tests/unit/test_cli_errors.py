@@ -48,3 +48,15 @@ def test_a_run_saved_before_a_setting_existed_resumes_as_it_ran(tmp_path: Path) 
     assert settings["lr_schedule"] == "constant" and settings["lr_warmup_rounds"] == 0
     assert TrainConfig().lr_schedule == "cosine"
 
+
+
+def test_a_resume_may_switch_the_exact_speed_options_but_not_autocast(tmp_path: Path) -> None:
+    """--compile and --channels-last compute the same to float rounding; bf16 autocast does not."""
+    from dpok.cli import resume_settings
+    from dpok.config import TrainConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(TrainConfig().to_dict()))
+    settings = resume_settings(str(tmp_path), {"resume": str(tmp_path), "compile": True, "channels_last": True})
+    assert settings["compile"] and settings["channels_last"]
+    with pytest.raises(ValueError, match="cannot change: autocast"):
+        resume_settings(str(tmp_path), {"resume": str(tmp_path), "autocast": "bf16"})
