@@ -38,8 +38,10 @@ def max_ratio_error(adapter: DiffusionAdapter) -> float:
                              logprob_reduce="mean")
     n, t = traj.batch_size, traj.num_steps
     embeds = traj.embeds[torch.arange(n).repeat_interleave(t)]
-    log_probs, _, _ = evaluate_log_probs(adapter, traj.latents.flatten(0, 1), traj.next_latents.flatten(0, 1),
-                                         traj.timesteps.repeat(n), embeds, GUIDANCE, ETA, STEPS, logprob_reduce="mean")
+    with torch.no_grad():
+        log_probs, _, _ = evaluate_log_probs(adapter, traj.latents.flatten(0, 1), traj.next_latents.flatten(0, 1),
+                                             traj.timesteps.repeat(n), embeds, GUIDANCE, ETA, STEPS,
+                                             logprob_reduce="mean")
     return float((torch.exp(log_probs - traj.log_probs.flatten()) - 1).abs().max())
 
 
