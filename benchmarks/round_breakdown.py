@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import cpu_info, describe_cpu, header, peak_memory_mb, timeit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import cpu_info, describe_cpu, header, peak_memory_mb, timeit  # noqa: E402
 
 from dpok.algorithms import ALGORITHMS  # noqa: E402
 from dpok.config import build_config  # noqa: E402
@@ -44,18 +46,27 @@ METRIC = {"sampling": "time/sample_s", "kl": "time/kl_s", "reward": "time/reward
 TITLES = {"sampling": "sampling", "kl": "KL logging", "reward": "reward", "update": "update", "other": "other"}
 
 
-class UNetCalls:
-    """Counts the UNet's calls per (phase, batch size, gradients on) while ``phase`` is set."""
+class NetworkCalls:
+    """Counts the calls of the networks per (network, phase, batch size, gradients on) while ``phase``
+    is set: the UNet, the VAE's decoder (latents to images) and the text encoder."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, adapter: Any) -> None:
         self.phase = ""
-        self.calls: Counter[tuple[str, int, bool]] = Counter()
-        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.calls: Counter[tuple[str, str, int, bool]] = Counter()
+        modules = {"unet": adapter.unet, "decode": adapter.vae.decoder, "text": adapter.text_encoder}
+        self.handles = [m.register_forward_pre_hook(self._hook(net), with_kwargs=True) for net, m in modules.items()]
 
-    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.phase:
-            sample = args[0] if args else kwargs["sample"]
-            self.calls[(self.phase, int(sample.shape[0]), torch.is_grad_enabled())] += 1
+    def _hook(self, network: str) -> Any:
+        def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.phase:
+                first = args[0] if args else next(iter(kwargs.values()))
+                self.calls[(network, self.phase, int(first.shape[0]), torch.is_grad_enabled())] += 1
+
+        return record
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
     def within(self, phase: str, fn: Any) -> Any:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -85,33 +96,53 @@ def _unet_seconds(unet: torch.nn.Module, adapter: Any, x: torch.Tensor, cond: to
     return seconds
 
 
-def bare_seconds(trainer: Trainer, calls: Counter[tuple[str, int, bool]], rounds: int) -> dict[str, float]:
-    """Per phase, the seconds the recorded UNet calls of one round take alone (see the module docstring)."""
+def _other_network_seconds(adapter: Any, network: str, batch: int) -> float:
+    """Median seconds of a no-grad VAE decode of ``batch`` latents, or of encoding ``batch`` prompts."""
+    c, h, w = adapter.latent_shape
+    if network == "decode":
+        z = torch.randn(batch, c, h, w)
+        return timeit(lambda: adapter.decode(z), 3)
+    ids = adapter.tokenizer([""] * batch, padding="max_length", max_length=adapter.tokenizer.model_max_length,
+                            return_tensors="pt").input_ids
+    with torch.no_grad():
+        return timeit(lambda: adapter.text_encoder(ids), 3)
+
+
+def bare_seconds(trainer: Trainer, calls: Counter[tuple[str, str, int, bool]],
+                 rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Per phase, the seconds the recorded calls of one round take alone (see the module docstring):
+    of the UNet, and of every network (the UNet, the VAE decoder and the text encoder)."""
     adapter = trainer.adapter
     unet = adapter.unet
     c, h, w = adapter.latent_shape
     cond = adapter.encode_prompts([trainer.prompts[0]]).cond
-    cost: dict[tuple[int, bool], float] = {}
-    for _, batch, grad in calls:
-        if (batch, grad) not in cost:
-            cost[(batch, grad)] = _unet_seconds(unet, adapter, torch.randn(batch, c, h, w), cond.expand(batch, -1, -1),
-                                                grad)
-    out = dict.fromkeys(("sampling", "kl", "update"), 0.0)
-    for (phase, batch, grad), n in calls.items():
-        out[phase] += n * cost[(batch, grad)] / rounds
-    return out
+    cost: dict[tuple[str, int, bool], float] = {}
+    for network, _, batch, grad in calls:
+        if (network, batch, grad) in cost:
+            continue
+        cost[(network, batch, grad)] = (
+            _unet_seconds(unet, adapter, torch.randn(batch, c, h, w), cond.expand(batch, -1, -1), grad)
+            if network == "unet" else _other_network_seconds(adapter, network, batch))
+    unet_only = dict.fromkeys(("sampling", "kl", "update"), 0.0)
+    networks = dict.fromkeys(("sampling", "kl", "update"), 0.0)
+    for (network, phase, batch, grad), n in calls.items():
+        seconds = n * cost[(network, batch, grad)] / rounds
+        networks[phase] += seconds
+        if network == "unet":
+            unet_only[phase] += seconds
+    return unet_only, networks
 
 
-def measure(name: str, settings: dict[str, Any], rounds: int) -> dict[str, Any]:
+def measure(name: str, settings: dict[str, Any], rounds: int, runs_dir: Path) -> dict[str, Any]:
     cfg = build_config(None, {**settings, "algorithm": name,
-                              "output_dir": str(ROOT / "runs" / f"benchmark-round-{name}-{time.strftime('%H%M%S')}")})
+                              "output_dir": str(runs_dir / f"benchmark-round-{name}-{time.strftime('%H%M%S')}")})
     trainer = Trainer(cfg)
     cfg = trainer.cfg
-    calls = UNetCalls(trainer.adapter.unet)
+    calls = NetworkCalls(trainer.adapter)
     trainer.sample = calls.within("sampling", trainer.sample)
     trainer.rollout_kl = calls.within("kl", trainer.rollout_kl)
     trainer.algorithm.update = calls.within("update", trainer.algorithm.update)
-    rows, bares, per_round_calls = [], [], Counter()
+    rows, bares, net_bares, per_round_calls = [], [], [], Counter()
     for r in range(rounds + 1):
         calls.calls.clear()
         t0 = time.perf_counter()
@@ -126,22 +157,28 @@ def measure(name: str, settings: dict[str, Any], rounds: int) -> dict[str, Any]:
             continue
         rows.append(row)
         # the bare calls right after their round: a shared machine's load falls on both alike
-        bares.append(bare_seconds(trainer, calls.calls, 1))
+        unet_only, networks = bare_seconds(trainer, calls.calls, 1)
+        bares.append(unet_only)
+        net_bares.append(networks)
         per_round_calls.update(calls.calls)
     med = {p: statistics.median(row[p] for row in rows) for p in (*PHASES, "round")}
     bare = {p: statistics.median(b[p] for b in bares) for p in bares[0]}
     ratios = {p: statistics.median(row[p] / b[p] for row, b in zip(rows, bares)) if bare[p] > 0 else None
               for p in bare}
+    net_bare = {p: statistics.median(b[p] for b in net_bares) for p in net_bares[0]}
+    net_ratios = {p: statistics.median(row[p] / b[p] for row, b in zip(rows, net_bares)) if net_bare[p] > 0
+                  else None for p in net_bare}
     calls.calls = per_round_calls
     steps, eta = trainer.algorithm.rollout_sampler()
     result = {"seconds": med, "bare_unet_seconds": bare, "ratio_to_bare": ratios,
-              "unet_calls_per_round": {f"{p}/batch {b}/{'fwd+bwd' if g else 'fwd'}": n / rounds
-                                       for (p, b, g), n in sorted(calls.calls.items())},
+              "bare_network_seconds": net_bare, "ratio_to_networks": net_ratios,
+              "network_calls_per_round": {f"{p}/{net}/batch {b}/{'fwd+bwd' if g else 'fwd'}": n / rounds
+                                          for (net, p, b, g), n in sorted(calls.calls.items())},
               "round_settings": {"samples_per_round": cfg.samples_per_round, "sample_batch_size": cfg.sample_batch_size,
                                  "rollout_steps": steps, "rollout_eta": eta, "gradient_steps": cfg.gradient_steps,
                                  "grad_accum": cfg.grad_accum, "minibatch_size": cfg.minibatch_size,
                                  "trains": trainer.algorithm.trains}}
-    calls.handle.remove()
+    calls.remove()
     del trainer
     gc.collect()
     return result
@@ -155,16 +192,21 @@ def report(data: dict[str, Any], command: str) -> str:
     s = data["settings"]
     rows = []
     for name, r in data["algorithms"].items():
-        sec, ratio = r["seconds"], r["ratio_to_bare"]
-        rows.append(f"| `{name}` | {sec['round']:.2f} | {sec['sampling']:.2f} ({_ratio(ratio['sampling'])}) | "
+        sec, ratio, net = r["seconds"], r["ratio_to_bare"], r["ratio_to_networks"]
+        rows.append(f"| `{name}` | {sec['round']:.2f} | {sec['sampling']:.2f} ({_ratio(ratio['sampling'])}; "
+                    f"{_ratio(net['sampling'])}) | "
                     f"{sec['kl']:.2f} ({_ratio(ratio['kl'])}) | {sec['reward']:.2f} | "
                     f"{sec['update']:.2f} ({_ratio(ratio['update'])}) | {sec['other']:.2f} |")
     table = "\n".join(rows)
     worst = {p: max((r["ratio_to_bare"][p], n) for n, r in data["algorithms"].items()
                     if r["ratio_to_bare"][p] is not None) for p in ("sampling", "update")}
+    worst_net = max((r["ratio_to_networks"]["sampling"], n) for n, r in data["algorithms"].items()
+                    if r["ratio_to_networks"]["sampling"] is not None)
+    decode = statistics.median(r["bare_network_seconds"]["sampling"] - r["bare_unet_seconds"]["sampling"]
+                               for r in data["algorithms"].values())
     return f"""# One training round, phase by phase, for every algorithm
 
-Written by `{command}`; the raw numbers (the UNet calls of each phase, the bare times, the settings
+Written by `{command}`; the raw numbers (the network calls of each phase, the bare times, the settings
 of each algorithm's round) are in `docs/round_breakdown/data.json`.
 
 Each algorithm ran its default settings on the embedded model with {s['samples_per_round']} samples per
@@ -172,7 +214,10 @@ round and {s['num_steps']} DDIM steps: a warm-up round, then {data['rounds']} ro
 shown. Seconds per round (median); in brackets the ratio to the bare UNet compute of the same calls: a
 forward of each recorded batch size for the sampling and the KL logging (the policy and the
 reference model), a forward and backward through the trainable weights for the update's calls with
-gradients plus a forward for its calls without (reference model, old policy). *Reward* is the wait
+gradients plus a forward for its calls without (reference model, old policy). Sampling also runs
+the text encoder and decodes its latents with the VAE; its second ratio is to the bare compute of
+all three networks' calls (the VAE decode's share: {decode:.2f} s a round), which leaves the RL
+machinery around them (the step's mean, noise, log-prob, guidance, bookkeeping). *Reward* is the wait
 for the scores (`shapeworld-alignment`, in line), *other* the rest of the round (prompts, statistics,
 bookkeeping). `rejection-sampling` trains nothing; its round is sampling and scoring.
 
@@ -183,7 +228,8 @@ CPU: {describe_cpu(data['cpu'])}; torch {data['torch']}; peak memory {data['peak
 {table}
 
 Largest ratios to the bare UNet: sampling {worst['sampling'][0]:.2f}x (`{worst['sampling'][1]}`), update
-{worst['update'][0]:.2f}x (`{worst['update'][1]}`) (the target is 1.2x for both). On a machine shared with
+{worst['update'][0]:.2f}x (`{worst['update'][1]}`); sampling against all its networks:
+{worst_net[0]:.2f}x (`{worst_net[1]}`) (the target is 1.05x). On a machine shared with
 other work the ratios move from run to run; the bare calls are timed right after each round, in the
 same process, and the ratio is the median over the rounds. A ratio below 1 is not a phase faster than its network: the bare
 calls run the UNet with its LoRA layers, while calls of the reference model (the KL logging's
@@ -198,11 +244,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithm", action="append", default=None,
                         help="only this algorithm (repeatable; default: every registered one)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no report")
+    parser.add_argument("--model", default="", help="a DDIM-family pipeline folder (default: the embedded model)")
+    parser.add_argument("--samples", type=int, default=0, help="samples per round (default: the algorithm's)")
+    parser.add_argument("--steps", type=int, default=0, help="denoising steps (default: the algorithm's)")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "round_breakdown.md")
+    parser.add_argument("--data", type=Path, default=ROOT / "docs" / "round_breakdown" / "data.json")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs", help="where the benchmark's run folders go")
     args = parser.parse_args(argv)
     settings: dict[str, Any] = {"eval_images": 1, "report_to": ["none"]}
     if args.quick:
         settings.update(samples_per_round=16, num_steps=10)
         args.rounds = 1
+    if args.model:
+        settings["model"] = args.model
+    if args.samples:
+        settings.update(samples_per_round=args.samples, sample_batch_size=min(args.samples, 32))
+    if args.steps:
+        settings["num_steps"] = args.steps
     names = args.algorithm or ALGORITHMS.names()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     full = build_config(None, settings)
@@ -211,19 +269,20 @@ def main(argv: list[str] | None = None) -> int:
                             "settings": {"samples_per_round": full.samples_per_round, "num_steps": full.num_steps},
                             "algorithms": {}}
     for name in names:
-        r = data["algorithms"][name] = measure(name, settings, args.rounds)
+        r = data["algorithms"][name] = measure(name, settings, args.rounds, args.runs_dir)
         sec, ratio = r["seconds"], r["ratio_to_bare"]
-        print(f"{name:20s} round {sec['round']:6.2f} s | sampling {sec['sampling']:5.2f} ({_ratio(ratio['sampling'])}) | "
+        print(f"{name:20s} round {sec['round']:6.2f} s | sampling {sec['sampling']:5.2f} ({_ratio(ratio['sampling'])}; "
+              f"{_ratio(r['ratio_to_networks']['sampling'])} of all networks) | "
               f"KL {sec['kl']:4.2f} ({_ratio(ratio['kl'])}) | reward {sec['reward']:4.2f} | update "
               f"{sec['update']:5.2f} ({_ratio(ratio['update'])}) | other {sec['other']:4.2f}")
     data["peak_memory_mb"] = peak_memory_mb()
     print(f"CPU: {describe_cpu(data['cpu'])}; peak memory {data['peak_memory_mb']:.0f} MB")
     if not args.no_write:
         command = "python benchmarks/round_breakdown.py" + (" --quick" if args.quick else "")
-        (ROOT / "docs" / "round_breakdown").mkdir(parents=True, exist_ok=True)
-        (ROOT / "docs" / "round_breakdown" / "data.json").write_text(json.dumps(data, indent=2) + "\n")
-        (ROOT / "docs" / "round_breakdown.md").write_text(report(data, command))
-        print("wrote docs/round_breakdown.md and docs/round_breakdown/data.json")
+        args.data.parent.mkdir(parents=True, exist_ok=True)
+        args.data.write_text(json.dumps(data, indent=2) + "\n")
+        args.report.write_text(report(data, command))
+        print(f"wrote {args.report} and {args.data}")
     return 0
 
 

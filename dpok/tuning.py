@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .algorithms.base import largest_divisor_at_most
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig, build_config
 from .evaluate import SampleSettings, evaluate_prompt, slug
@@ -33,6 +34,9 @@ from .rewards.config import RewardConfig
 from .runlog import read_metrics
 from .trainer import Trainer
 from .utils.machine import cpu_description
+
+# 2: a frozen base keeps --minibatch-size 0 as "the algorithm's own shape" (1: "the whole round")
+BASE_VERSION = 2
 
 REFERENCES = ("base", "rejection-sampling")  # evaluated without training, on every prompt
 
@@ -138,8 +142,13 @@ class Sweep:
         own outcome) do not change what later trials run from. A setting that did not exist then is
         frozen at its default when a stage first sees it (the behaviour the earlier trials had)."""
         path = self.out / "sweep.json"
-        saved = json.loads(path.read_text()).get("base") if path.is_file() else None
-        return {**TrainConfig().to_dict(), **(saved or {})}
+        kept = json.loads(path.read_text()) if path.is_file() else {}
+        base = {**TrainConfig().to_dict(), **(kept.get("base") or {})}
+        if kept.get("base") and kept.get("base_version", 1) < BASE_VERSION and base.get("minibatch_size") == 0:
+            # frozen before --minibatch-size 0 meant an algorithm's own update shape: then it was the
+            # whole round up to 32 samples for every method, which is what such a sweep's trials ran
+            base["minibatch_size"] = largest_divisor_at_most(self.cfg.samples_per_round, 32)
+        return base
 
     def _settings(self, values: dict[str, Any]) -> dict[str, Any]:
         """``values`` on top of the sweep's base (only settings the code still has)."""
@@ -213,7 +222,7 @@ class Sweep:
 
     def run(self, stage: str) -> int:
         _write_json(self.out / "sweep.json", {"config": _config_json(self.cfg), "budget": self.cfg.budget,
-                                              "base": self.base()})
+                                              "base": self.base(), "base_version": BASE_VERSION})
         jobs = self.jobs(stage)
         todo = [j for j in jobs if not (j[0] / "result.json").is_file()]
         self.log(f"{stage}: {len(todo)} of {len(jobs)} trial(s) left in {self.out}")

@@ -104,3 +104,21 @@ def test_a_candidate_changes_the_algorithms_own_settings_too(tmp_path: Path) -> 
         settings = Sweep(SweepConfig(output_dir=str(tmp_path)))._settings({"algorithm": algorithm, **chosen})
         flat = build_config(None, settings).to_dict()
         assert {k: flat[k] for k in keys} == chosen
+
+
+def test_a_base_frozen_before_the_automatic_update_shapes_keeps_its_whole_round_minibatch(tmp_path: Path) -> None:
+    # --minibatch-size 0 meant the whole round (up to 32 samples) when the committed sweep froze its
+    # base; read as today's automatic shape, an exploration of DDPO-IS from that base trained minibatches
+    # of 8 on every step (timestep_fraction 1.0 frozen too): a mix no sweep trial ran
+    from dpok.config import build_config
+
+    base = {**TrainConfig().to_dict(), "minibatch_size": 0, "timestep_fraction": 1.0}
+    (tmp_path / "sweep.json").write_text(json.dumps({"config": {}, "budget": {}, "base": base}))
+    sweep = Sweep(SweepConfig(output_dir=str(tmp_path), samples_per_round=32))
+    assert sweep.base()["minibatch_size"] == 32
+    resolved = build_config(None, sweep._settings({"algorithm": "ddpo-is"})).resolved()
+    assert (resolved.minibatch_size, resolved.to_dict()["timestep_fraction"]) == (32, 1.0)
+    # a base frozen by today's code keeps 0: the algorithm's own shape
+    (tmp_path / "sweep.json").write_text(json.dumps({"config": {}, "budget": {}, "base": base, "base_version": 2}))
+    assert sweep.base()["minibatch_size"] == 0
+    assert build_config(None, sweep._settings({"algorithm": "ddpo-is"})).resolved().minibatch_size == 8
