@@ -132,8 +132,8 @@ class ExperimentConfig:
     overopt_eval_every: int = option(15, "rounds between the over-optimisation run's evaluations")
     overopt_samples_per_round: int = option(32, "samples per round of the over-optimisation runs")
     overopt_eval_images: int = option(32, "images per evaluation of the over-optimisation runs")
-    overopt_learning_rate: float = option(1e-3, "learning rate of the over-optimisation runs (higher than the "
-                                                "default to reach over-optimisation sooner)")
+    overopt_learning_rate: float = option(1e-3, "constant learning rate of the over-optimisation runs (half the "
+                                                "default's peak, held for the whole run to reach over-optimisation)")
     train_overrides: dict[str, Any] = option({}, "extra dpok train settings for every method (flat option names)")
     device: str = option("auto", "'auto', 'cpu' or 'cuda[:N]'")
     # your own prompts instead of the ShapeWorld tasks: one task named "custom" (unseen ones optional)
@@ -307,6 +307,17 @@ class Experiment:
     def overopt_dir(self, beta: float) -> Path:
         return self.out / "overopt" / f"beta{beta:g}"
 
+    def overopt_config(self, beta: float, rounds: int):  # noqa: ANN201
+        """The training settings of the over-optimisation run with KL weight ``beta``, up to ``rounds``."""
+        c = self.cfg
+        task = Task("overopt", "over-optimisation", (c.overopt_prompt,))
+        method = Method(f"dpok-beta{beta:g}", f"DPOK beta = {beta:g}", "dpok", (("beta", beta),))
+        # a constant step: each segment resumes with more rounds, and a decaying schedule would
+        # restart its decay over the longer run at every resume
+        extra = {"learning_rate": c.overopt_learning_rate, "lr_schedule": "constant",
+                 "checkpoint_every": c.overopt_eval_every, "samples_per_round": c.overopt_samples_per_round}
+        return self.train_config(task, method, 0, self.overopt_dir(beta) / "run", rounds=rounds, extra=extra)
+
     def run_overopt(self, beta: float) -> None:
         """Train one prompt for ``overopt_rounds`` with KL weight ``beta``, evaluating every
         ``overopt_eval_every`` rounds (round 0 is the base model). Each segment resumes the last."""
@@ -314,8 +325,6 @@ class Experiment:
         folder = self.overopt_dir(beta)
         points_path = folder / "points.jsonl"
         done = {json.loads(line)["round"] for line in points_path.read_text().splitlines()} if points_path.is_file() else set()
-        task = Task("overopt", "over-optimisation", (c.overopt_prompt,))
-        method = Method(f"dpok-beta{beta:g}", f"DPOK beta = {beta:g}", "dpok", (("beta", beta),))
         settings = SampleSettings(c.overopt_eval_images, c.num_steps, c.guidance_scale, 1.0)
         domain = c.domain()
         for end in range(0, c.overopt_rounds + 1, c.overopt_eval_every):
@@ -324,10 +333,7 @@ class Experiment:
             if end == 0:
                 adapter = DiffusionAdapter.load(c.model, "", c.device)
             else:
-                extra = {"learning_rate": c.overopt_learning_rate, "checkpoint_every": c.overopt_eval_every,
-                         "samples_per_round": c.overopt_samples_per_round}
-                cfg = self.train_config(task, method, 0, folder / "run", rounds=end, extra=extra)
-                trainer = Trainer(cfg)
+                trainer = Trainer(self.overopt_config(beta, end))
                 trainer.run()
                 adapter = trainer.adapter
             row, images = evaluate_prompt(adapter, self.reward(), c.overopt_prompt, settings, 777_000, domain)

@@ -41,3 +41,19 @@ def test_bad_experiment_settings_are_named(tmp_path: Path) -> None:
         load_results(tmp_path / "nothing")
     json.dumps(to_options(tiny_config(tmp_path)))  # the config is plain data (written to experiment.json)
 
+
+
+def test_the_over_optimisation_runs_hold_a_constant_step(tmp_path: Path) -> None:
+    # the study trains in segments, each resuming with more rounds: under the default cosine decay
+    # the step fell to 0 at the end of every segment and jumped back at the next one
+    from dpok.config import TrainConfig
+    from dpok.experiment import Experiment
+
+    cfg = tiny_config(tmp_path)
+    cfg.overopt_learning_rate = 7e-4
+    exp = Experiment(cfg, log=lambda m: None)
+    assert TrainConfig().lr_schedule != "constant"
+    for rounds in (15, 30):
+        train = exp.overopt_config(0.01, rounds)
+        assert (train.lr_schedule, train.learning_rate, train.rounds) == ("constant", 7e-4, rounds)
+        assert train.policy_gradient.beta == 0.01
