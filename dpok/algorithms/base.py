@@ -44,6 +44,9 @@ class PolicyGradientSettings:
                  "its prompt's group of this round), 'tracker' (DDPO: per-prompt history of --stat-buffer rewards)")
     adv_clip: float = option(5.0, "advantage clip (DDPO, GRPO; DiffusionNFT maps [-clip, clip] onto its optimality "
                                   "[0, 1])")
+    adv_std_floor: float = option(0.0, "smallest reward std the 'group' and 'tracker' advantages divide by (reward "
+                                       "units; 0: none): rewards that barely differ, all near 0 on a prompt the model "
+                                       "cannot draw yet, then give small advantages instead of unit-scale noise")
     stat_buffer: int = option(16, "per-prompt reward history length (DDPO stat tracking)")
     stat_min_count: int = option(16, "rewards of a prompt needed before its own statistics are used")
     step_window_start: float = option(0.0, "first trained step, as a fraction of the trajectory (0 = the noisiest "
@@ -60,7 +63,7 @@ class PolicyGradientSettings:
             errors.append(f"--stat-min-count ({self.stat_min_count}) must be <= --stat-buffer ({self.stat_buffer})")
         errors += positive(self, ("clip_range", "adv_clip"), strict=True)
         errors += positive(self, ("stat_buffer", "stat_min_count"), least=1)
-        errors += positive(self, ("beta",))
+        errors += positive(self, ("beta", "adv_std_floor"))
         return errors
 
 
@@ -280,20 +283,20 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramet
 
 
 def trajectory_advantages(estimator: str, tracker: PerPromptStatTracker, prompts: list[str], rewards: torch.Tensor,
-                          valid: torch.Tensor, clip: float) -> torch.Tensor:
+                          valid: torch.Tensor, clip: float, std_floor: float = 0.0) -> torch.Tensor:
     """One advantage per trajectory (B,) for ``estimator`` 'group' or 'tracker', clipped to +-``clip``;
     zeros for 'value' (computed per transition by DPOK's value function instead).
 
     The statistics see every process's rewards (one process: this batch), so every process keeps
     the same tracker state and a group split over processes is still one group. Invalid samples
-    get 0 and enter no statistic.
+    get 0 and enter no statistic. ``std_floor``: the group's (the tracker has its own).
     """
     if estimator == "value":
         return torch.zeros_like(rewards, dtype=torch.float32)
     masked = torch.where(valid, rewards, torch.full_like(rewards, float("nan")))
     all_prompts, all_rewards, mine = gather_batch(prompts, masked)
     if estimator == "group":
-        advantages = group_advantages(all_prompts, all_rewards)
+        advantages = group_advantages(all_prompts, all_rewards, std_floor=std_floor)
     else:
         advantages = tracker.update(all_prompts, all_rewards)
     return clip_advantages(advantages, clip)[mine]

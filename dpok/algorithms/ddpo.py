@@ -95,14 +95,14 @@ class _DDPO(Algorithm):
             raise ValueError("--timestep-fraction 0 (auto) is resolved by TrainConfig.resolved(); build the run with "
                              "dpok.run_parts.build_run or resolve the config first")
         pg = self.cfg.policy_gradient
-        self.tracker = PerPromptStatTracker(pg.stat_buffer, pg.stat_min_count)
+        self.tracker = PerPromptStatTracker(pg.stat_buffer, pg.stat_min_count, pg.adv_std_floor)
 
     def update(self, rollout: Rollout) -> UpdateResult:
         cfg, pg, traj = self.cfg, self.cfg.policy_gradient, rollout.trajectory
         traj.check_reduce(cfg.logprob_reduce)
         # per-prompt statistics over the whole round, i.e. the rewards of every process
         advantages = trajectory_advantages(pg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
-                                           pg.adv_clip)
+                                           pg.adv_clip, pg.adv_std_floor)
         keep = rollout.valid.nonzero().flatten()
         # each optimizer step is a collective in a multi-process run: every process makes as many
         # as the process with the most valid samples needs (one process: len(keep))

@@ -192,7 +192,8 @@ class DPOK(Algorithm):
         self.value_optimizer = torch.optim.AdamW(self.value.parameters(), lr=self.cfg.dpok.value_lr)
         self.buffer = ReplayBuffer(self.cfg.dpok.buffer_size)
         self.tracker = PerPromptStatTracker(self.cfg.policy_gradient.stat_buffer,
-                                            self.cfg.policy_gradient.stat_min_count)
+                                            self.cfg.policy_gradient.stat_min_count,
+                                            self.cfg.policy_gradient.adv_std_floor)
         self.rounds_done = 0
         self._embeds: dict[str, Any] = {}
 
@@ -209,7 +210,7 @@ class DPOK(Algorithm):
         cfg, pg, own, traj = self.cfg, self.cfg.policy_gradient, self.cfg.dpok, rollout.trajectory
         traj.check_reduce(cfg.logprob_reduce)
         advantages = trajectory_advantages(pg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
-                                           pg.adv_clip)
+                                           pg.adv_clip, pg.adv_std_floor)
         keep = rollout.valid.nonzero().flatten()
         # skip only when no process has a valid sample: the steps below are collectives
         if distributed.all_sum(len(keep)) == 0:

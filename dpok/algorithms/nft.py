@@ -68,7 +68,7 @@ class DiffusionNFT(RWR):
         self.old = [p.detach().clone() for p in self.adapter.trainable_parameters()]
         self.optimizer_steps = 0
         pg = self.cfg.policy_gradient
-        self.tracker = PerPromptStatTracker(pg.stat_buffer, pg.stat_min_count)
+        self.tracker = PerPromptStatTracker(pg.stat_buffer, pg.stat_min_count, pg.adv_std_floor)
         self._r: torch.Tensor | None = None
 
     @contextlib.contextmanager
@@ -100,7 +100,7 @@ class DiffusionNFT(RWR):
     def update(self, rollout: Rollout) -> UpdateResult:
         cfg, pg = self.cfg, self.cfg.policy_gradient
         advantages = trajectory_advantages(pg.advantage, self.tracker, rollout.prompts, rollout.rewards,
-                                           rollout.valid, pg.adv_clip)
+                                           rollout.valid, pg.adv_clip, pg.adv_std_floor)
         self._r = nft_optimality(advantages, pg.adv_clip)[rollout.valid]
         result = super().update(rollout)
         if result.skipped_updates:  # nothing was trained: the sampling policy stays where it is

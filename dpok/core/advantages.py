@@ -27,20 +27,30 @@ def _check_rewards(rewards: Tensor) -> None:
         raise ValueError(f"rewards must have shape (B,), got {tuple(rewards.shape)}")
 
 
-def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+def _scale(std: Tensor, std_floor: float) -> Tensor:
+    """The divisor of a standardised advantage: max(std, floor) + eps."""
+    return std.clamp_min(std_floor) + DEFAULT_EPS
+
+
+def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_EPS, std_floor: float = 0.0) -> Tensor:
     """Group-relative advantages (GRPO): standardise each reward within its prompt's group of this round.
 
-        A_i = (r_i - mean_{g(i)}) / (std_{g(i)} + eps)
+        A_i = (r_i - mean_{g(i)}) / (max(std_{g(i)}, floor) + eps)
 
     where g(i) is the set of finite rewards of this batch with the same prompt as sample i, and
     mean / std are its mean and population std. No history is kept, so the baseline is the current
     policy's own reward for that prompt. A group of one sample (or of equal rewards) gives A = 0:
     it carries no information about which of its samples was better. Non-finite rewards get A = 0.
 
+    The floor keeps a group whose rewards barely differ (all near 0 on a prompt the model cannot
+    draw yet) from having its reward model's noise blown up to unit-scale advantages: a spread
+    below the floor gives advantages below 1 in size (floor 0: plain standardisation).
+
     Args:
         prompts: B prompt strings, ``prompts[i]`` produced ``rewards[i]``.
         rewards: (B,).
         eps: added to each group's std.
+        std_floor: >= 0, the smallest std a group is divided by (in reward units).
 
     Returns:
         advantages (B,) with the dtype and device of ``rewards``.
@@ -56,7 +66,7 @@ def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_E
         if int(rows.sum()) < 2:
             continue
         mean, std = _mean_std(values[rows])
-        advantages[rows] = (values[rows] - mean) / (std + eps)
+        advantages[rows] = (values[rows] - mean) / (std.clamp_min(std_floor) + eps)
     return advantages.to(dtype=rewards.dtype, device=rewards.device)
 
 
@@ -75,24 +85,28 @@ class PerPromptStatTracker:
     with the statistics of the whole current batch instead, because a handful of samples give a
     useless std:
 
-        A_i = (r_i - mean_p) / (std_p + 1e-6)
+        A_i = (r_i - mean_p) / (max(std_p, floor) + 1e-6)
 
     where (mean_p, std_p) are the statistics of the prompt's last max(buffer_size, n_p) rewards,
     n_p being the prompt's count in this batch, or of the finite rewards of the current batch
     while the history is too small. Every current reward of the prompt is in its own statistics:
     with a buffer shorter than the batch (DDPO's deque would keep only the batch's tail) the
     advantages of one batch would otherwise be standardised by the statistics of its last part
-    alone and no longer have mean 0. Non-finite rewards are not stored and get A = 0.
+    alone and no longer have mean 0. Non-finite rewards are not stored and get A = 0. ``std_floor``
+    as in :func:`group_advantages` (0: none).
     """
 
-    def __init__(self, buffer_size: int = 16, min_count: int = 16) -> None:
+    def __init__(self, buffer_size: int = 16, min_count: int = 16, std_floor: float = 0.0) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         if not 0 <= min_count <= buffer_size:
             # A min_count above buffer_size could never be reached: per-prompt statistics would silently never be used.
             raise ValueError(f"min_count must lie in [0, buffer_size={buffer_size}], got {min_count}")
+        if std_floor < 0:
+            raise ValueError(f"std_floor must be >= 0, got {std_floor}")
         self.buffer_size = buffer_size
         self.min_count = min_count
+        self.std_floor = std_floor
         self._buffers: dict[str, deque[float]] = {}
 
     def update(self, prompts: list[str], rewards: Tensor) -> Tensor:
@@ -124,7 +138,7 @@ class PerPromptStatTracker:
                 mean, std = _mean_std(torch.tensor(history, dtype=torch.float64))
             else:
                 mean, std = batch_stats
-            advantages[rows] = (values[rows] - mean) / (std + DEFAULT_EPS)
+            advantages[rows] = (values[rows] - mean) / _scale(std, self.std_floor)
         return advantages.to(dtype=rewards.dtype, device=rewards.device)
 
     def stats(self) -> dict[str, int]:

@@ -40,6 +40,28 @@ def test_group_advantages_ignore_non_finite_rewards() -> None:
     assert torch.equal(group_advantages(["a", "a"], torch.tensor([2.0, 2.0])), torch.zeros(2))
 
 
+def test_a_std_floor_keeps_near_equal_rewards_from_unit_scale_advantages() -> None:
+    # a prompt the model cannot draw yet: rewards 0.001-0.004 (noise) in group "a"; a clear spread in "b"
+    prompts = ["a"] * 4 + ["b"] * 2
+    rewards = torch.tensor([0.001, 0.002, 0.003, 0.004, 0.2, 0.8])
+    plain = group_advantages(prompts, rewards)
+    floored = group_advantages(prompts, rewards, std_floor=0.1)
+    sa = statistics.pstdev([0.001, 0.002, 0.003, 0.004])
+    assert float(plain[:4].abs().max()) > 1.3  # the noise standardised to unit scale
+    # (r - mean) / max(std, 0.1): -0.0015 / 0.1 ... 0.0015 / 0.1
+    torch.testing.assert_close(floored[:4], torch.tensor([-0.015, -0.005, 0.005, 0.015]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(floored[4:], plain[4:])  # std 0.3 is above the floor: unchanged
+    assert sa < 0.1
+    # the tracker divides by the same floor
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=4, std_floor=0.1)
+    torch.testing.assert_close(tracker.update(["a"] * 4, rewards[:4]), floored[:4], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="std_floor"):
+        PerPromptStatTracker(std_floor=-1.0)
+    with pytest.raises(ValueError, match="--adv-std-floor"):
+        build_config(None, {"adv_std_floor": -0.1})
+    assert build_config(None, {"adv_std_floor": 0.1}).policy_gradient.adv_std_floor == 0.1
+
+
 def test_tracker_standardises_a_batch_larger_than_its_buffer_with_the_whole_batch() -> None:
     # review defect 6: 32 samples, buffer 16; halves with means 0.69 and 0.50 gave mean advantage 0.19
     tracker = PerPromptStatTracker(buffer_size=16, min_count=16)
