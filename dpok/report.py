@@ -125,6 +125,13 @@ def plot_quality_vs_reward(summary: Summary, tasks: list, methods: list, path: P
                             "Fréchet distance to true renders (lower = better)", path)
 
 
+def _kept_figure(path: Path, units: list[dict], task: str) -> Path | None:
+    """A figure drawn earlier from the same units, when the folder being reported holds their results
+    but not their images (the raw data kept in the repository): ``path`` if it exists and the task
+    has units, else None."""
+    return path if path.is_file() and any(u["task"] == task for u in units) else None
+
+
 def labelled_rows(rows: list[tuple[str, Path]], path: Path, scale: int = 2) -> Path | None:
     """Stack image strips (PNG files) with a label above each; missing files are left out."""
     strips = [(label, Image.open(p).convert("RGB")) for label, p in rows if p.is_file()]
@@ -301,7 +308,8 @@ def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str |
             prompt = (task.seen if split == "seen" else task.unseen)[0]
             rows = [(f"{m.name} (seed {seed0})", Path(results_dir) / "units" / task.name / m.name / f"seed{seed0}"
                      / "images" / f"{split}_00.png") for m in methods]
-            grid = labelled_rows(rows, fig_dir / f"grid_{task.name}_{split}.png")
+            grid = labelled_rows(rows, fig_dir / f"grid_{task.name}_{split}.png") or _kept_figure(
+                fig_dir / f"grid_{task.name}_{split}.png", units, task.name)
             if grid:
                 lines += [f"Samples for `{prompt}` ({task.title}, {split}); first row is the base model:", "",
                           f"![{task.name} {split}]({rel(grid)})", ""]

@@ -98,3 +98,14 @@ def test_the_newer_methods_run_as_units_of_the_experiment(tmp_path: Path) -> Non
     assert sorted(u["method"] for u in units) == ["diffusion-nft", "grpo"]
     assert all(u["train_queries"] == 8 for u in units)
 
+    # a report rewritten from results without their images (the raw data kept in the repository)
+    # keeps the sample grid drawn earlier from the same units, and draws none where there is none
+    import shutil
+
+    report = tmp_path / "docs" / "results.md"
+    assert "grid_color_seen.png" in write_report(cfg.output_dir, report).read_text()
+    for images in (tmp_path / "out" / "units").glob("*/*/*/images"):
+        shutil.rmtree(images)
+    assert "grid_color_seen.png" in write_report(cfg.output_dir, report).read_text()
+    (tmp_path / "docs" / "results" / "grid_color_seen.png").unlink()
+    assert "grid_color_seen.png" not in write_report(cfg.output_dir, report).read_text()
