@@ -1,17 +1,20 @@
-"""Time of one training round of every registered algorithm, phase by phase, against the bare UNet
-compute of the same batches; writes docs/round_breakdown.md and docs/round_breakdown/data.json.
+"""Time of one training round of every registered algorithm, phase by phase, against the bare
+compute of its networks on the same batches; writes docs/round_breakdown.md and
+docs/round_breakdown/data.json.
 
-For each algorithm (read from the registry) one trainer on the embedded model runs a warm-up round
-and then ``--rounds`` rounds; each round's phases come from its metrics: sampling, rollout KL
-logging, reward (the wait for the scores), update, and other (the rest of the round: prompt draws,
-statistics, bookkeeping). While the rounds run, a hook on the UNet records every call: the phase
-it falls in, its batch size and whether gradients are on. The bare compute of a phase is then what
-the same calls cost alone: a UNet forward of each recorded batch size (under ``no_grad``) for calls
-without gradients, a forward and a backward through the trainable weights for calls with them,
-each timed on random inputs of the same shapes (median of 3). The bare calls are timed right
-after each round, so that the load of a shared machine falls on both alike; the ratio phase / bare
-(the median over the rounds) is the overhead of the RL machinery around the network (target:
-sampling and update each within 1.2x).
+For each algorithm (read from the registry) one trainer on the embedded model (or ``--model``, a
+Stable Diffusion 1.x/2.x pipeline folder) runs a warm-up round and then ``--rounds`` rounds; each
+round's phases come from its metrics: sampling, rollout KL logging, reward (the wait for the
+scores), update, and other (the rest of the round: prompt draws, statistics, bookkeeping). While
+the rounds run, hooks on the UNet, the VAE decoder and the text encoder record every call: the
+network, the phase it falls in, its batch size and whether gradients are on. The bare compute of a
+phase is then what the same calls cost alone: a UNet forward of each recorded batch size (under
+``no_grad``) for calls without gradients, a forward and a backward through the trainable weights
+for calls with them, a decode of each recorded batch of latents and an encoding of each recorded
+batch of prompts, each timed on inputs of the same shapes (median of 3). The bare calls are timed
+right after each round, so that the load of a shared machine falls on both alike. Two ratios
+(medians over the rounds): phase / bare UNet, and phase / bare compute of all its networks; the
+second is the overhead of the RL machinery around the networks (target: 1.05x).
 
     python benchmarks/round_breakdown.py            # the default round (32 samples x 20 steps), 2 rounds each
     python benchmarks/round_breakdown.py --quick    # 16 samples x 10 steps, 1 round each: a few minutes on 2 cores
@@ -42,6 +45,7 @@ from dpok.config import build_config  # noqa: E402
 from dpok.trainer import Trainer  # noqa: E402
 
 PHASES = ("sampling", "kl", "reward", "update", "other")
+NETWORKS = ("unet", "decode", "text")
 METRIC = {"sampling": "time/sample_s", "kl": "time/kl_s", "reward": "time/reward_s", "update": "time/update_s"}
 TITLES = {"sampling": "sampling", "kl": "KL logging", "reward": "reward", "update": "update", "other": "other"}
 
@@ -59,7 +63,8 @@ class NetworkCalls:
     def _hook(self, network: str) -> Any:
         def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if self.phase:
-                first = args[0] if args else next(iter(kwargs.values()))
+                # the batched input: the first tensor the call is given
+                first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
                 self.calls[(network, self.phase, int(first.shape[0]), torch.is_grad_enabled())] += 1
 
         return record
@@ -82,7 +87,7 @@ class NetworkCalls:
 def _unet_seconds(unet: torch.nn.Module, adapter: Any, x: torch.Tensor, cond: torch.Tensor, grad: bool) -> float:
     """Median seconds of a UNet forward on ``x`` (B, C, h, w) and ``cond`` (B, L, D): under ``no_grad``,
     or with ``grad`` followed by a backward through the trainable weights."""
-    t = torch.full((x.shape[0],), 500)
+    t = torch.full((x.shape[0],), 500, device=x.device)
     if not grad:
         with torch.no_grad():
             return timeit(lambda: unet(x, t, cond).sample, 3)
@@ -100,20 +105,19 @@ def _other_network_seconds(adapter: Any, network: str, batch: int) -> float:
     """Median seconds of a no-grad VAE decode of ``batch`` latents, or of encoding ``batch`` prompts."""
     c, h, w = adapter.latent_shape
     if network == "decode":
-        z = torch.randn(batch, c, h, w)
+        z = torch.randn(batch, c, h, w, device=adapter.device)
         return timeit(lambda: adapter.decode(z), 3)
     ids = adapter.tokenizer([""] * batch, padding="max_length", max_length=adapter.tokenizer.model_max_length,
-                            return_tensors="pt").input_ids
+                            return_tensors="pt").input_ids.to(adapter.device)
     with torch.no_grad():
         return timeit(lambda: adapter.text_encoder(ids), 3)
 
 
 def bare_seconds(trainer: Trainer, calls: Counter[tuple[str, str, int, bool]],
-                 rounds: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Per phase, the seconds the recorded calls of one round take alone (see the module docstring):
-    of the UNet, and of every network (the UNet, the VAE decoder and the text encoder)."""
+                 rounds: int) -> dict[str, dict[str, float]]:
+    """Per network ("unet", "decode", "text") and phase, the seconds the recorded calls of one round
+    take alone (see the module docstring)."""
     adapter = trainer.adapter
-    unet = adapter.unet
     c, h, w = adapter.latent_shape
     cond = adapter.encode_prompts([trainer.prompts[0]]).cond
     cost: dict[tuple[str, int, bool], float] = {}
@@ -121,16 +125,13 @@ def bare_seconds(trainer: Trainer, calls: Counter[tuple[str, str, int, bool]],
         if (network, batch, grad) in cost:
             continue
         cost[(network, batch, grad)] = (
-            _unet_seconds(unet, adapter, torch.randn(batch, c, h, w), cond.expand(batch, -1, -1), grad)
+            _unet_seconds(adapter.unet, adapter, torch.randn(batch, c, h, w, device=adapter.device),
+                          cond.expand(batch, -1, -1), grad)
             if network == "unet" else _other_network_seconds(adapter, network, batch))
-    unet_only = dict.fromkeys(("sampling", "kl", "update"), 0.0)
-    networks = dict.fromkeys(("sampling", "kl", "update"), 0.0)
+    out = {network: dict.fromkeys(("sampling", "kl", "update"), 0.0) for network in NETWORKS}
     for (network, phase, batch, grad), n in calls.items():
-        seconds = n * cost[(network, batch, grad)] / rounds
-        networks[phase] += seconds
-        if network == "unet":
-            unet_only[phase] += seconds
-    return unet_only, networks
+        out[network][phase] += n * cost[(network, batch, grad)] / rounds
+    return out
 
 
 def measure(name: str, settings: dict[str, Any], rounds: int, runs_dir: Path) -> dict[str, Any]:
@@ -142,7 +143,7 @@ def measure(name: str, settings: dict[str, Any], rounds: int, runs_dir: Path) ->
     trainer.sample = calls.within("sampling", trainer.sample)
     trainer.rollout_kl = calls.within("kl", trainer.rollout_kl)
     trainer.algorithm.update = calls.within("update", trainer.algorithm.update)
-    rows, bares, net_bares, per_round_calls = [], [], [], Counter()
+    rows, bares, net_bares, decodes, per_round_calls = [], [], [], [], Counter()
     for r in range(rounds + 1):
         calls.calls.clear()
         t0 = time.perf_counter()
@@ -157,9 +158,10 @@ def measure(name: str, settings: dict[str, Any], rounds: int, runs_dir: Path) ->
             continue
         rows.append(row)
         # the bare calls right after their round: a shared machine's load falls on both alike
-        unet_only, networks = bare_seconds(trainer, calls.calls, 1)
-        bares.append(unet_only)
-        net_bares.append(networks)
+        per_network = bare_seconds(trainer, calls.calls, 1)
+        bares.append(per_network["unet"])
+        net_bares.append({p: sum(per_network[n][p] for n in NETWORKS) for p in per_network["unet"]})
+        decodes.append(per_network["decode"]["sampling"])
         per_round_calls.update(calls.calls)
     med = {p: statistics.median(row[p] for row in rows) for p in (*PHASES, "round")}
     bare = {p: statistics.median(b[p] for b in bares) for p in bares[0]}
@@ -172,6 +174,7 @@ def measure(name: str, settings: dict[str, Any], rounds: int, runs_dir: Path) ->
     steps, eta = trainer.algorithm.rollout_sampler()
     result = {"seconds": med, "bare_unet_seconds": bare, "ratio_to_bare": ratios,
               "bare_network_seconds": net_bare, "ratio_to_networks": net_ratios,
+              "bare_decode_seconds": statistics.median(decodes),
               "network_calls_per_round": {f"{p}/{net}/batch {b}/{'fwd+bwd' if g else 'fwd'}": n / rounds
                                           for (net, p, b, g), n in sorted(calls.calls.items())},
               "round_settings": {"samples_per_round": cfg.samples_per_round, "sample_batch_size": cfg.sample_batch_size,
@@ -198,25 +201,24 @@ def report(data: dict[str, Any], command: str) -> str:
                     f"{sec['kl']:.2f} ({_ratio(ratio['kl'])}) | {sec['reward']:.2f} | "
                     f"{sec['update']:.2f} ({_ratio(ratio['update'])}) | {sec['other']:.2f} |")
     table = "\n".join(rows)
-    worst = {p: max((r["ratio_to_bare"][p], n) for n, r in data["algorithms"].items()
-                    if r["ratio_to_bare"][p] is not None) for p in ("sampling", "update")}
-    worst_net = max((r["ratio_to_networks"]["sampling"], n) for n, r in data["algorithms"].items()
-                    if r["ratio_to_networks"]["sampling"] is not None)
-    decode = statistics.median(r["bare_network_seconds"]["sampling"] - r["bare_unet_seconds"]["sampling"]
-                               for r in data["algorithms"].values())
+    def worst(key: str, phase: str) -> str:
+        found = [(r[key][phase], n) for n, r in data["algorithms"].items() if r[key][phase] is not None]
+        return f"{max(found)[0]:.2f}x (`{max(found)[1]}`)" if found else "–"
+
+    decode = statistics.median(r["bare_decode_seconds"] for r in data["algorithms"].values())
     return f"""# One training round, phase by phase, for every algorithm
 
 Written by `{command}`; the raw numbers (the network calls of each phase, the bare times, the settings
 of each algorithm's round) are in `docs/round_breakdown/data.json`.
 
-Each algorithm ran its default settings on the embedded model with {s['samples_per_round']} samples per
+Each algorithm ran its default settings on `{s.get('model', 'shapeworld')}` with {s['samples_per_round']} samples per
 round and {s['num_steps']} DDIM steps: a warm-up round, then {data['rounds']} round(s) whose median is
 shown. Seconds per round (median); in brackets the ratio to the bare UNet compute of the same calls: a
 forward of each recorded batch size for the sampling and the KL logging (the policy and the
 reference model), a forward and backward through the trainable weights for the update's calls with
 gradients plus a forward for its calls without (reference model, old policy). Sampling also runs
 the text encoder and decodes its latents with the VAE; its second ratio is to the bare compute of
-all three networks' calls (the VAE decode's share: {decode:.2f} s a round), which leaves the RL
+all three networks' calls (the VAE decode's share alone: {decode:.2f} s a round), which leaves the RL
 machinery around them (the step's mean, noise, log-prob, guidance, bookkeeping). *Reward* is the wait
 for the scores (`shapeworld-alignment`, in line), *other* the rest of the round (prompts, statistics,
 bookkeeping). `rejection-sampling` trains nothing; its round is sampling and scoring.
@@ -227,9 +229,9 @@ CPU: {describe_cpu(data['cpu'])}; torch {data['torch']}; peak memory {data['peak
 | --- | --- | --- | --- | --- | --- | --- |
 {table}
 
-Largest ratios to the bare UNet: sampling {worst['sampling'][0]:.2f}x (`{worst['sampling'][1]}`), update
-{worst['update'][0]:.2f}x (`{worst['update'][1]}`); sampling against all its networks:
-{worst_net[0]:.2f}x (`{worst_net[1]}`) (the target is 1.05x). On a machine shared with
+Largest ratios to the bare UNet: sampling {worst('ratio_to_bare', 'sampling')}, update
+{worst('ratio_to_bare', 'update')}; sampling against all its networks:
+{worst('ratio_to_networks', 'sampling')} (the target is 1.05x). On a machine shared with
 other work the ratios move from run to run; the bare calls are timed right after each round, in the
 same process, and the ratio is the median over the rounds. A ratio below 1 is not a phase faster than its network: the bare
 calls run the UNet with its LoRA layers, while calls of the reference model (the KL logging's
@@ -244,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithm", action="append", default=None,
                         help="only this algorithm (repeatable; default: every registered one)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no report")
-    parser.add_argument("--model", default="", help="a DDIM-family pipeline folder (default: the embedded model)")
+    parser.add_argument("--model", default="", help="a Stable Diffusion 1.x/2.x pipeline folder (default: the "
+                                                    "embedded model)")
     parser.add_argument("--samples", type=int, default=0, help="samples per round (default: the algorithm's)")
     parser.add_argument("--steps", type=int, default=0, help="denoising steps (default: the algorithm's)")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "round_breakdown.md")
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         settings["model"] = args.model
     if args.samples:
-        settings.update(samples_per_round=args.samples, sample_batch_size=min(args.samples, 32))
+        settings["samples_per_round"] = args.samples  # sampling batches: the automatic divisor of the round
     if args.steps:
         settings["num_steps"] = args.steps
     names = args.algorithm or ALGORITHMS.names()
@@ -266,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     full = build_config(None, settings)
     header(f"round breakdown of {', '.join(names)}: {full.samples_per_round} samples x {full.num_steps} steps")
     data: dict[str, Any] = {"cpu": cpu_info(), "torch": torch.__version__, "rounds": args.rounds,
-                            "settings": {"samples_per_round": full.samples_per_round, "num_steps": full.num_steps},
+                            "settings": {"samples_per_round": full.samples_per_round, "num_steps": full.num_steps,
+                                         "model": full.model},
                             "algorithms": {}}
     for name in names:
         r = data["algorithms"][name] = measure(name, settings, args.rounds, args.runs_dir)
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     data["peak_memory_mb"] = peak_memory_mb()
     print(f"CPU: {describe_cpu(data['cpu'])}; peak memory {data['peak_memory_mb']:.0f} MB")
     if not args.no_write:
-        command = "python benchmarks/round_breakdown.py" + (" --quick" if args.quick else "")
+        command = " ".join(["python benchmarks/round_breakdown.py", *(argv if argv is not None else sys.argv[1:])])
         args.data.parent.mkdir(parents=True, exist_ok=True)
         args.data.write_text(json.dumps(data, indent=2) + "\n")
         args.report.write_text(report(data, command))

@@ -125,11 +125,12 @@ def plot_quality_vs_reward(summary: Summary, tasks: list, methods: list, path: P
                             "Fréchet distance to true renders (lower = better)", path)
 
 
-def _kept_figure(path: Path, units: list[dict], task: str) -> Path | None:
-    """A figure drawn earlier from the same units, when the folder being reported holds their results
-    but not their images (the raw data kept in the repository): ``path`` if it exists and the task
-    has units, else None."""
-    return path if path.is_file() and any(u["task"] == task for u in units) else None
+def _kept_figure(path: Path, has_results: bool) -> Path | None:
+    """The figure at ``path`` drawn by an earlier report, for results whose images the folder being
+    reported does not hold (the raw data kept in docs/results/data are JSON only): ``path`` if it
+    exists and there are results it shows, else None. Which run drew it is not checked: rewrite a
+    report from data without images only into the folder whose figures came from those runs."""
+    return path if has_results and path.is_file() else None
 
 
 def labelled_rows(rows: list[tuple[str, Path]], path: Path, scale: int = 2) -> Path | None:
@@ -309,7 +310,7 @@ def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str |
             rows = [(f"{m.name} (seed {seed0})", Path(results_dir) / "units" / task.name / m.name / f"seed{seed0}"
                      / "images" / f"{split}_00.png") for m in methods]
             grid = labelled_rows(rows, fig_dir / f"grid_{task.name}_{split}.png") or _kept_figure(
-                fig_dir / f"grid_{task.name}_{split}.png", units, task.name)
+                fig_dir / f"grid_{task.name}_{split}.png", any(u["task"] == task.name for u in units))
             if grid:
                 lines += [f"Samples for `{prompt}` ({task.title}, {split}); first row is the base model:", "",
                           f"![{task.name} {split}]({rel(grid)})", ""]
@@ -318,15 +319,16 @@ def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str |
     f3 = plot_overopt(overopt, fig_dir / "overoptimization.png")
     if f3:
         lines += [f"DPOK on `{cfg['overopt_prompt']}` for up to {cfg['overopt_rounds']} rounds × "
-                  f"{cfg['overopt_samples_per_round']} samples (learning rate {cfg['overopt_learning_rate']}), evaluated "
-                  f"every {cfg['overopt_eval_every']} "
+                  f"{cfg['overopt_samples_per_round']} samples (constant learning rate "
+                  f"{cfg['overopt_learning_rate']}), evaluated every {cfg['overopt_eval_every']} "
                   f"rounds on {cfg['overopt_eval_images']} images:", "", f"![over-optimisation]({rel(f3)})", ""]
         lines += overopt_reading(overopt) + [""]
         for beta, points in overopt.items():
             rows = [(f"beta {beta}, {p['queries']} queries: reward {p['reward_mean']:.2f}"
                      + (f", judge {p['judge_aligned']:.2f}" if "judge_aligned" in p else ""),
                      Path(results_dir) / "overopt" / f"beta{beta}" / "images" / f"round{p['round']:04d}.png") for p in points]
-            grid = labelled_rows(rows, fig_dir / f"overopt_beta{beta}.png")
+            grid = labelled_rows(rows, fig_dir / f"overopt_beta{beta}.png") or _kept_figure(
+                fig_dir / f"overopt_beta{beta}.png", bool(points))
             if grid:
                 lines += [f"Samples along the run, beta = {beta}:", "", f"![beta {beta}]({rel(grid)})", ""]
     else:

@@ -4,7 +4,6 @@ that were not tuned on. Every number is read from the result files."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -122,8 +121,8 @@ def write_report(sweep: Sweep, out_md: Path) -> Path:
         "'drop' is the largest fall of the 5-round mean training reward below its best so far.",
         "",
     ]
-    saved = sweep.out / "sweep.json"
-    base = json.loads(saved.read_text()).get("base") if saved.is_file() else None
+    # what the trials ran from, as the sweep reads it (a base frozen by older code converted)
+    base = sweep.base() if (sweep.out / "sweep.json").is_file() else None
     if base:
         keys = sorted({k for cands in cfg.methods.values() for c in cands for k, _ in c.overrides}
                       | {"advantage", "surrogate", "step_window_end", "beta", "gradient_steps"})

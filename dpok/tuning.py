@@ -140,7 +140,9 @@ class Sweep:
         """The settings every candidate's overrides apply to: the defaults of the code that ran the
         sweep's first stage, kept in ``sweep.json``, so that defaults changed later (by the sweep's
         own outcome) do not change what later trials run from. A setting that did not exist then is
-        frozen at its default when a stage first sees it (the behaviour the earlier trials had)."""
+        frozen at its default when a stage first sees it (the behaviour the earlier trials had). A base
+        frozen before ``--minibatch-size 0`` meant an algorithm's own update shape (``base_version`` 1)
+        gets the whole round, up to 32 samples, that 0 meant then."""
         path = self.out / "sweep.json"
         kept = json.loads(path.read_text()) if path.is_file() else {}
         base = {**TrainConfig().to_dict(), **(kept.get("base") or {})}

@@ -165,7 +165,8 @@ class PerPromptStatTracker:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state written by :meth:`state_dict`, configuration included, replacing the current one."""
+        """Restore the state written by :meth:`state_dict` (buffers, ``buffer_size`` and ``min_count``;
+        ``std_floor`` stays this tracker's), replacing the current one."""
         missing = {"buffer_size", "min_count", "buffers"} - set(state)
         if missing:
             raise ValueError(f"state dict is missing keys {sorted(missing)}")

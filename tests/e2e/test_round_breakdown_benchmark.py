@@ -39,6 +39,7 @@ def test_the_breakdown_records_every_network_and_writes_both_ratios(tmp_path: Pa
         assert networks["sampling"] > bare["sampling"] > 0  # the decode and text encoder add to the UNet
         assert networks["update"] == bare["update"]  # the update runs the UNet only
         assert r["ratio_to_networks"]["sampling"] < r["ratio_to_bare"]["sampling"]
+        assert 0 < r["bare_decode_seconds"] < networks["sampling"] - bare["sampling"]  # the text encoder too
     assert any(k.startswith("update/unet/") and k.endswith("fwd+bwd")
                for k in data["algorithms"]["ddpo-sf"]["network_calls_per_round"])
     text = (tmp_path / "report.md").read_text()
