@@ -39,6 +39,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--quick", action="store_true", help="a tiny version (two methods, one seed, two rounds)")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--raw-dir", default=str(ROOT / "docs" / "results" / "data"),
+                   help="where the report's raw results (JSON) are kept, beside the report ('': not kept)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal: one worker process
     return p.parse_args(argv)
 
@@ -96,7 +98,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"experiment: {time.perf_counter() - t0:.0f} s; finished: {exp.finished()}")
     path = write_report(cfg.output_dir, args.report)
     print(f"wrote {path}")
+    if args.raw_dir and Path(args.raw_dir).resolve() != Path(cfg.output_dir).resolve():
+        if Experiment(cfg).finished():
+            print(f"kept {keep_raw(Path(cfg.output_dir), Path(args.raw_dir))} raw result file(s) in {args.raw_dir}")
+        else:  # a partial experiment does not replace the kept results of a whole one
+            print(f"not every job has finished: the raw results in {args.raw_dir} are left as they are")
     return 0
+
+
+def keep_raw(out: Path, raw: Path) -> int:
+    """Copy the experiment's JSON results (its settings, each unit's result, each over-optimisation
+    run's points) from ``out`` into ``raw``, replacing what was there: the report can be rewritten
+    from them (``--report-only --output-dir RAW``) on a clone that has no run folders."""
+    import shutil
+
+    files = [out / "experiment.json", *out.glob("units/*/*/seed*/result.json"), *out.glob("overopt/beta*/points.jsonl")]
+    if raw.exists():
+        shutil.rmtree(raw)
+    for f in files:
+        if f.is_file():
+            (raw / f.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, raw / f.relative_to(out))
+    return sum(f.is_file() for f in files)
 
 
 if __name__ == "__main__":

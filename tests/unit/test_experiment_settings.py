@@ -57,3 +57,23 @@ def test_the_over_optimisation_runs_hold_a_constant_step(tmp_path: Path) -> None
         train = exp.overopt_config(0.01, rounds)
         assert (train.lr_schedule, train.learning_rate, train.rounds) == ("constant", 7e-4, rounds)
         assert train.policy_gradient.beta == 0.01
+
+
+def test_the_kept_raw_results_are_the_json_of_the_experiment_only(tmp_path: Path) -> None:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("paper_experiment", root / "benchmarks" / "paper_experiment.py")
+    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    out, raw = tmp_path / "out", tmp_path / "raw"
+    files = {"experiment.json": "{}", "units/color/dpok/seed0/result.json": "{}",
+             "units/color/dpok/seed0/images/seen_00.png": "png", "units/color/dpok/seed0/run/metrics.jsonl": "",
+             "overopt/beta0.01/points.jsonl": "{}", "overopt/beta0.01/images/round0000.png": "png"}
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    (raw / "units" / "gone" / "base" / "seed0").mkdir(parents=True)  # a unit of an earlier experiment
+    assert bench.keep_raw(out, raw) == 3
+    kept = sorted(str(p.relative_to(raw)) for p in raw.rglob("*") if p.is_file())
+    assert kept == ["experiment.json", "overopt/beta0.01/points.jsonl", "units/color/dpok/seed0/result.json"]
