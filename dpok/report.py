@@ -3,6 +3,7 @@ figures and a reading of the four claims. Every number is computed here from the
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,15 @@ def _tally(summary: Summary, tasks: list, a: str, b: str, split: str, key: str, 
     return wins, total
 
 
-def overopt_reading(overopt: dict[str, list[dict[str, Any]]]) -> list[str]:
+def share_difference_noise(a: float, b: float, n: int) -> float:
+    """Two standard errors of the difference of two shares measured on ``n`` images each
+    (binomial): a smaller change of a judged share is within the noise of the evaluation."""
+    return 2.0 * math.sqrt((a * (1 - a) + b * (1 - b)) / max(n, 1))
+
+
+def overopt_reading(overopt: dict[str, list[dict[str, Any]]], images: int) -> list[str]:
+    """What each over-optimisation run shows; a judge change smaller than two standard errors of
+    ``images`` evaluation images is called noise, not a trend."""
     lines = []
     for beta, points in overopt.items():
         if len(points) < 2 or "judge_aligned" not in points[0]:
@@ -219,11 +228,15 @@ def overopt_reading(overopt: dict[str, list[dict[str, Any]]]) -> list[str]:
             f"distance {first['frechet']:.3f} → {last['frechet']:.3f}, the clean-shape share {first['clean_share']:.3f} → "
             f"{last['clean_share']:.3f}, the KL to the base {last['kl_to_base']:.2f} nats at the end.")
         if last["reward_mean"] < first["reward_mean"] - 0.1:
-            lines.append(f"  Training collapsed rather than over-optimised: the training reward itself fell "
+            lines.append(f"  Training collapsed rather than over-optimised: the evaluation reward itself fell "
                          f"({first['reward_mean']:.3f} → {last['reward_mean']:.3f}) as the policy moved far from the base.")
         after = [p for p in points if p["round"] > peak["round"]]
         if after and after[-1]["reward_mean"] > peak["reward_mean"] and after[-1]["judge_aligned"] < peak["judge_aligned"]:
-            lines.append(f"  Over-optimisation is visible: after {peak['queries']} queries the reward kept rising "
+            fall = peak["judge_aligned"] - after[-1]["judge_aligned"]
+            noise = share_difference_noise(peak["judge_aligned"], after[-1]["judge_aligned"], images)
+            trend = ("Over-optimisation is visible" if fall > noise else
+                     f"A hint of over-optimisation, within the noise of {images} images (a fall below {noise:.3f})")
+            lines.append(f"  {trend}: after {peak['queries']} queries the reward kept rising "
                          f"({peak['reward_mean']:.3f} → {after[-1]['reward_mean']:.3f}) while the judge fell "
                          f"({peak['judge_aligned']:.3f} → {after[-1]['judge_aligned']:.3f}).")
         elif after:
@@ -322,7 +335,7 @@ def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str |
                   f"{cfg['overopt_samples_per_round']} samples (constant learning rate "
                   f"{cfg['overopt_learning_rate']}), evaluated every {cfg['overopt_eval_every']} "
                   f"rounds on {cfg['overopt_eval_images']} images:", "", f"![over-optimisation]({rel(f3)})", ""]
-        lines += overopt_reading(overopt) + [""]
+        lines += overopt_reading(overopt, int(cfg["overopt_eval_images"])) + [""]
         for beta, points in overopt.items():
             rows = [(f"beta {beta}, {p['queries']} queries: reward {p['reward_mean']:.2f}"
                      + (f", judge {p['judge_aligned']:.2f}" if "judge_aligned" in p else ""),

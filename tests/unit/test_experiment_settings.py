@@ -77,3 +77,21 @@ def test_the_kept_raw_results_are_the_json_of_the_experiment_only(tmp_path: Path
     assert bench.keep_raw(out, raw) == 3
     kept = sorted(str(p.relative_to(raw)) for p in raw.rglob("*") if p.is_file())
     assert kept == ["experiment.json", "overopt/beta0.01/points.jsonl", "units/color/dpok/seed0/result.json"]
+
+
+def test_the_over_optimisation_reading_calls_a_fall_within_the_noise_of_its_images_noise() -> None:
+    from dpok.report import overopt_reading, share_difference_noise
+
+    def point(rnd: int, reward: float, judge: float) -> dict:
+        return {"round": rnd, "queries": 32 * rnd, "reward_mean": reward, "judge_aligned": judge, "frechet": 0.4,
+                "clean_share": 0.9, "kl_to_base": 10.0 * rnd}
+
+    # one image of 32 fewer at the end while the reward creeps up: noise, not a trend
+    small = overopt_reading({"0.01": [point(0, 0.5, 0.5), point(30, 0.756, 0.75), point(60, 0.774, 0.719)]}, 32)
+    assert any("within the noise of 32 images" in line for line in small)
+    assert not any("Over-optimisation is visible" in line for line in small)
+    # the judge halves while the reward rises: a trend
+    large = overopt_reading({"0": [point(0, 0.5, 0.5), point(30, 0.8, 0.8), point(60, 0.95, 0.3)]}, 32)
+    assert any("Over-optimisation is visible" in line for line in large)
+    # two standard errors of a difference of shares on n images each
+    assert abs(share_difference_noise(0.5, 0.5, 32) - 2 * (0.5 / 32) ** 0.5) < 1e-12
