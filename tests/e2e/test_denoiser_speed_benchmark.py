@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_benchmark():  # noqa: ANN201
-    spec = importlib.util.spec_from_file_location("denoiser_speed", ROOT / "benchmarks" / "denoiser_speed.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_the_benchmark_times_each_option_checks_its_ratio_and_writes_its_report(
         tiny_pipeline_dir: Path, tmp_path: Path) -> None:
-    bench = load_benchmark()
+    bench = load_benchmark("denoiser_speed")
     options = ["stock", "channels-last", "bf16", "channels-last+bf16"]
     threads = torch.get_num_threads()
     try:  # the script sets torch's threads for the process; later tests' rounding depends on them

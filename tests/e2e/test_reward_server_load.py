@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMORY_BOUND_MIB = 128  # the limits allow ~1 MiB body + 16 decoded 64x64 images per request, 8 at a time
 
 
 def _load_benchmark():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("reward_server_load", ROOT / "benchmarks" / "reward_server_load.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["reward_server_load"] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_benchmark("reward_server_load")
 
 
 def _check(result, load) -> None:  # noqa: ANN001

@@ -3,24 +3,15 @@ per network and phase, both ratios, and the report it writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_benchmark():  # noqa: ANN201
-    spec = importlib.util.spec_from_file_location("round_breakdown", ROOT / "benchmarks" / "round_breakdown.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_the_breakdown_records_every_network_and_writes_both_ratios(tmp_path: Path) -> None:
-    bench = load_benchmark()
+    bench = load_benchmark("round_breakdown")
     threads = torch.get_num_threads()
     try:  # the script sets torch's threads for the process; later tests' rounding depends on them
         bench.main(["--algorithm", "ddpo-sf", "--algorithm", "rejection-sampling", "--samples", "2", "--steps", "2",

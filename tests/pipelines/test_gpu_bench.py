@@ -3,18 +3,14 @@ and a flow-matching configuration, and the report is written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from benchmark_scripts import load_benchmark
 
 
 def _bench():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_bench")
 
 
 def test_the_scaled_down_gpu_benchmark_reports_every_measure(tmp_path: Path) -> None:

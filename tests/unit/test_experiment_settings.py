@@ -60,12 +60,9 @@ def test_the_over_optimisation_runs_hold_a_constant_step(tmp_path: Path) -> None
 
 
 def test_the_kept_raw_results_are_the_json_of_the_experiment_only(tmp_path: Path) -> None:
-    import importlib.util
+    from benchmark_scripts import load_benchmark
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("paper_experiment", root / "benchmarks" / "paper_experiment.py")
-    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    bench = load_benchmark("paper_experiment")
     out, raw = tmp_path / "out", tmp_path / "raw"
     files = {"experiment.json": "{}", "units/color/dpok/seed0/result.json": "{}",
              "units/color/dpok/seed0/images/seen_00.png": "png", "units/color/dpok/seed0/run/metrics.jsonl": "",

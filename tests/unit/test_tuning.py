@@ -49,12 +49,10 @@ def test_chosen_is_the_best_mean_judge_then_reward_among_finished_candidates(tmp
 def test_the_defaults_are_the_setting_the_committed_sweep_chose() -> None:
     """docs/tuning.md's raw results: the chosen DPOK candidate, applied to the settings the sweep ran
     from, gives today's defaults (a default changed without a new sweep fails here)."""
-    import importlib.util
+    from benchmark_scripts import load_benchmark
 
     root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("tune", root / "benchmarks" / "tune.py")
-    tune = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(tune)  # type: ignore[union-attr]
+    tune = load_benchmark("tune")
     raw = root / "docs" / "tuning" / "data"
     saved = json.loads((raw / "sweep.json").read_text())
     config = saved["config"]
