@@ -182,8 +182,9 @@ class Sweep:
         rows = read_metrics(run_dir / "metrics.jsonl")
         rewards = [r["reward/mean"] for r in rows]
         eval_settings = SampleSettings(c.eval_images, trainer.cfg.num_steps, trainer.cfg.guidance_scale, 1.0)
-        row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, eval_settings, 555_000 + seed,
-                                      trainer.domain)
+        with trainer.parts.evaluated_weights():  # the EMA weights with --ema-decay, as the run's own evaluations
+            row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, eval_settings, 555_000 + seed,
+                                          trainer.domain)
         _save_strip(images, folder / "samples.png")
         result = {"method": method, "candidate": cand.name, "overrides": dict(cand.overrides), "prompt": prompt,
                   "seed": seed, "queries": trainer.reward_queries, "train_s": train_s, "machine": cpu_description(),

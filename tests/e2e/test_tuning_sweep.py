@@ -41,3 +41,33 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path: Path) -> None:
     # the kept raw results are a sweep folder of their own: the report can be rebuilt from them
     assert Sweep(SweepConfig(output_dir=str(raw), prompts=cfg.prompts, methods=cfg.methods)).chosen() == sweep.chosen()
 
+
+
+def test_a_trial_with_an_ema_is_judged_on_the_ema_weights(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import torch
+    from safetensors.torch import load_file
+
+    import dpok.tuning as tuning
+
+    seen: list[float] = []
+    real = tuning.evaluate_prompt
+
+    def spy(adapter, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(float(sum(p.detach().double().pow(2).sum() for p in adapter.trainable_parameters())))
+        return real(adapter, *args, **kwargs)
+
+    monkeypatch.setattr(tuning, "evaluate_prompt", spy)
+    tiny = {"num_steps": 3, "sample_batch_size": 4, "minibatch_size": 4, "gradient_steps": 2, "ema_decay": 0.5,
+            "learning_rate": 1e-2}
+    cfg = SweepConfig(output_dir=str(tmp_path / "sweep"), prompts=["a red circle"], rounds=2, samples_per_round=4,
+                      eval_images=2, checkpoint_every=0, common=tiny, methods={"dpok": [Candidate("defaults")]})
+    assert Sweep(cfg, log=lambda *_: None).run("trials") == 1
+    run = tmp_path / "sweep" / "trials" / "dpok" / "defaults" / "a-red-circle" / "seed0" / "run"
+
+    def squares(folder: str) -> float:
+        tensors = load_file(str(run / folder / "pytorch_lora_weights.safetensors"))
+        return float(sum(t.double().pow(2).sum() for t in tensors.values()))
+
+    assert len(seen) == 1
+    assert torch.isclose(torch.tensor(seen[0]), torch.tensor(squares("lora_ema")), rtol=1e-6)
+    assert not torch.isclose(torch.tensor(seen[0]), torch.tensor(squares("lora")), rtol=1e-6)
