@@ -118,7 +118,8 @@ def initial_noise(adapter: DiffusionAdapter, n: int, generator: torch.Generator)
 @torch.inference_mode()
 def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps: int, eta: float,
                         guidance_scale: float, generator: torch.Generator, reference: bool = False,
-                        logprob_reduce: str = "sum", with_log_probs: bool = True, keep_means: int = 0) -> Trajectory:
+                        logprob_reduce: str = "sum", with_log_probs: bool = True, keep_means: int = 0,
+                        initial: torch.Tensor | None = None) -> Trajectory:
     """Sample one trajectory per prompt with DDIM (eta > 0 makes it a stochastic policy), or with
     Flow-GRPO's SDE at noise level a = ``eta`` for a flow model (a = 0: the flow-match Euler ODE).
 
@@ -126,13 +127,14 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
     gives the same images. ``reference=True`` samples the pretrained model (SFT's data).
     ``with_log_probs=False`` (a likelihood-free method's rollouts) allows eta = 0, deterministic
     DDIM; its ``log_probs`` are then zeros. ``keep_means``: how many of the leading trajectories keep
-    their step means (``Trajectory.means``).
+    their step means (``Trajectory.means``). ``initial``: the initial noise x_T (B, C, h, w) to start
+    from instead of a draw from ``generator``.
     """
     if eta < 0 or (eta == 0 and with_log_probs):
         raise ValueError(f"eta must be > 0 to sample a trajectory with log-probs (got {eta}); "
                          "eta = 0 is deterministic (DDIM, or a flow model's Euler ODE) and has no log-prob")
     embeds = adapter.encode_prompts(prompts)
-    x = initial_noise(adapter, len(prompts), generator)
+    x = initial_noise(adapter, len(prompts), generator) if initial is None else initial.to(adapter.device)
     timesteps = adapter.timesteps(num_steps)
     latents, next_latents, log_probs, means = [], [], [], []
     for t in timesteps:
@@ -159,17 +161,26 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
 def sample_in_batches(adapter: DiffusionAdapter, prompts: list[str], batch_size: int, num_steps: int, eta: float,
                       guidance_scale: float, generator: torch.Generator, reference: bool = False,
                       logprob_reduce: str = "sum", with_log_probs: bool = True,
-                      on_batch: Callable[[Trajectory], None] | None = None, keep_means: int = 0) -> Trajectory:
+                      on_batch: Callable[[Trajectory], None] | None = None, keep_means: int = 0,
+                      shared_noise: int = 0) -> Trajectory:
     """:func:`sample_trajectories` over ``prompts`` in batches of ``batch_size``, joined in order.
 
     ``on_batch`` is handed each batch as soon as it is sampled (the trainer starts scoring it
     there, beside the next batch's sampling); it does not change what is sampled. The first
-    ``keep_means`` trajectories keep their step means."""
+    ``keep_means`` trajectories keep their step means. ``shared_noise`` = k > 1: each run of k
+    trajectories in a row (a prompt's group) starts from one initial noise x_T, drawn for every
+    group before the first batch (groups may straddle batches); only the steps' noise differs."""
+    initial = None
+    if shared_noise > 1:
+        if len(prompts) % shared_noise:
+            raise ValueError(f"{len(prompts)} trajectories do not split into groups of {shared_noise} sharing x_T")
+        initial = initial_noise(adapter, len(prompts) // shared_noise, generator).repeat_interleave(shared_noise, 0)
     parts = []
     for i in range(0, len(prompts), batch_size):
         parts.append(sample_trajectories(adapter, prompts[i : i + batch_size], num_steps, eta, guidance_scale,
                                          generator, reference, logprob_reduce, with_log_probs,
-                                         keep_means=max(0, keep_means - i)))
+                                         keep_means=max(0, keep_means - i),
+                                         initial=None if initial is None else initial[i : i + batch_size]))
         if on_batch is not None:
             on_batch(parts[-1])
     return Trajectory.cat(parts)

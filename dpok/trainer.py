@@ -118,8 +118,10 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------- phases
-    def sample(self, prompts: list[str], on_batch: Callable[[Trajectory], None] | None = None) -> Trajectory:
-        """The round's trajectories, in sampling batches; ``on_batch`` gets each batch once sampled."""
+    def sample(self, prompts: list[str], on_batch: Callable[[Trajectory], None] | None = None,
+               shared_noise: int = 0) -> Trajectory:
+        """The round's trajectories, in sampling batches; ``on_batch`` gets each batch once sampled;
+        ``shared_noise`` = k: each group of k in a row starts from one x_T."""
         cfg = self.cfg
         steps, eta = self.algorithm.rollout_sampler()
         with self.algorithm.sampling_policy():
@@ -127,7 +129,15 @@ class Trainer:
                                      cfg.guidance_scale, self.generator,
                                      reference=self.algorithm.samples_from_reference,
                                      logprob_reduce=cfg.logprob_reduce, with_log_probs=eta > 0, on_batch=on_batch,
-                                     keep_means=self.rollout_kl_samples if eta > 0 else 0)
+                                     keep_means=self.rollout_kl_samples if eta > 0 else 0, shared_noise=shared_noise)
+
+    def noise_groups(self, prompts: list[str]) -> tuple[int, list[str] | None]:
+        """(k, a group key per sample) with --shared-noise, else (0, None): each run of k samples of a
+        prompt shares its x_T and is its own advantage group (keys unique over processes)."""
+        if not self.cfg.policy_gradient.shared_noise:
+            return 0, None
+        k = self.cfg.group_size(self.num_processes)
+        return k, [f"{p}\x1f{self.rank}:{i // k}" for i, p in enumerate(prompts)]
 
     def score(self, traj: Trajectory, attempts: int = 3) -> RewardOutput:
         """Score samples (one call per sampling batch, as a round does). If the reward fails (e.g. its
@@ -163,7 +173,8 @@ class Trainer:
         overlap = overlap_enabled(cfg.reward_overlap, self.reward, batches)
         # with overlap each batch is scored while the next is sampled; the worker ends with the block
         with RoundScorer(self.reward, overlap, self.round + 1) as scorer:
-            traj = self.sample(prompts, on_batch=scorer.submit)
+            shared, groups = self.noise_groups(prompts)
+            traj = self.sample(prompts, on_batch=scorer.submit, shared_noise=shared)
             t1 = time.perf_counter()
             # before the update: the KL of the policy that sampled these trajectories (beside the
             # last batch's scoring, with overlap)
@@ -176,7 +187,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.adapter.train(True)
-        update = self.algorithm.update(Rollout(traj, scored.scores, scored.valid))
+        update = self.algorithm.update(Rollout(traj, scored.scores, scored.valid, groups))
         self.adapter.train(False)
         t4 = time.perf_counter()
         # reward statistics over every process's samples (one process: its own)

@@ -47,6 +47,10 @@ class PolicyGradientSettings:
     adv_std_floor: float = option(0.0, "smallest reward std the 'group' and 'tracker' advantages divide by (reward "
                                        "units; 0: none): rewards that barely differ, all near 0 on a prompt the model "
                                        "cannot draw yet, then give small advantages instead of unit-scale noise")
+    shared_noise: bool = option(False, "the k samples of each prompt's group of a round (--samples-per-prompt) start "
+                                       "from one initial noise x_T, and --advantage group standardises within each "
+                                       "such group (DanceGRPO): the spread of rewards that x_T alone decides leaves "
+                                       "the advantages, which then credit the steps' noise, what the policy chooses")
     stat_buffer: int = option(16, "per-prompt reward history length (DDPO stat tracking)")
     stat_min_count: int = option(16, "rewards of a prompt needed before its own statistics are used")
     step_window_start: float = option(0.0, "first trained step, as a fraction of the trajectory (0 = the noisiest "
@@ -93,10 +97,17 @@ class Rollout:
     trajectory: Trajectory
     rewards: torch.Tensor
     valid: torch.Tensor
+    groups: list[str] | None = None  # a key per sample naming its advantage group (default: its prompt)
 
     @property
     def prompts(self) -> list[str]:
         return self.trajectory.prompts
+
+    @property
+    def advantage_groups(self) -> list[str]:
+        """The key of each sample's group for --advantage group: its prompt, or its group of one
+        initial noise with --shared-noise."""
+        return self.groups if self.groups is not None else self.trajectory.prompts
 
 
 @dataclass
@@ -159,6 +170,7 @@ class Algorithm:
     sample_minibatches: ClassVar[bool] = False
     families: ClassVar[tuple[str, ...]] = ("diffusion",)  # see dpok.adapter.model_family
     own_rollout_sampler: ClassVar[bool] = False  # samples its rounds with --rollout-steps / --rollout-eta
+    takes_shared_noise: ClassVar[bool] = False  # its advantages come from trajectory_advantages (--shared-noise)
 
     @classmethod
     def check(cls, cfg: TrainConfig, num_processes: int) -> list[str]:
@@ -175,12 +187,33 @@ class Algorithm:
         if family is not None and family not in cls.families:
             errors.append(f"--algorithm {cls.name} is not defined for {family} models (--model {cfg.model}); it "
                           f"trains {', '.join(cls.families)} models")
+        errors += cls._check_shared_noise(cfg, num_processes)
         minibatch = cfg.minibatch_size
         if cls.sample_minibatches and minibatch >= 1 and cfg.samples_per_round % (num_processes * minibatch):
             times = f"{num_processes} x " if num_processes > 1 else ""
             total = f" (it is the total over the {num_processes} processes)" if num_processes > 1 else ""
             errors.append(f"--samples-per-round ({cfg.samples_per_round}) must be a multiple of {times}--minibatch-size "
                           f"({minibatch}) for {cls.name}{total}")
+        return errors
+
+    @classmethod
+    def _check_shared_noise(cls, cfg: TrainConfig, num_processes: int) -> list[str]:
+        """Errors of --shared-noise: it needs group advantages, groups of two or more and stochastic rollouts."""
+        if not cfg.policy_gradient.shared_noise:
+            return []
+        if not cls.takes_shared_noise:
+            return [f"--shared-noise is for the methods with group advantages (dpok, ddpo-sf, ddpo-is, grpo, "
+                    f"diffusion-nft), not --algorithm {cls.name}"]
+        errors = []
+        if cfg.policy_gradient.advantage != "group":
+            errors.append(f"--shared-noise needs --advantage group (got {cfg.policy_gradient.advantage}): only "
+                          "advantages standardised within each group of one x_T leave out what x_T decides")
+        if cfg.group_size(num_processes) < 2:
+            errors.append(f"--shared-noise needs groups of at least 2 samples (--samples-per-prompt, got "
+                          f"{cfg.group_size(num_processes)})")
+        if cls.own_rollout_sampler and cfg.nft.rollout_eta == 0:
+            errors.append("--shared-noise with --rollout-eta 0: deterministic rollouts from one x_T are all the same "
+                          "image (use --rollout-eta > 0)")
         return errors
 
     @classmethod
@@ -283,22 +316,26 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramet
 
 
 def trajectory_advantages(estimator: str, tracker: PerPromptStatTracker, prompts: list[str], rewards: torch.Tensor,
-                          valid: torch.Tensor, clip: float, std_floor: float = 0.0) -> torch.Tensor:
+                          valid: torch.Tensor, clip: float, std_floor: float = 0.0,
+                          groups: list[str] | None = None) -> torch.Tensor:
     """One advantage per trajectory (B,) for ``estimator`` 'group' or 'tracker', clipped to +-``clip``;
     zeros for 'value' (computed per transition by DPOK's value function instead).
 
     The statistics see every process's rewards (one process: this batch), so every process keeps
     the same tracker state and a group split over processes is still one group. Invalid samples
-    get 0 and enter no statistic. ``std_floor``: the group's (the tracker has its own).
+    get 0 and enter no statistic. ``std_floor``: the group's (the tracker has its own). ``groups``:
+    the key of each sample's group for 'group' (default: its prompt; :attr:`Rollout.advantage_groups`);
+    the tracker keeps its history per prompt either way.
     """
     if estimator == "value":
         return torch.zeros_like(rewards, dtype=torch.float32)
     masked = torch.where(valid, rewards, torch.full_like(rewards, float("nan")))
-    all_prompts, all_rewards, mine = gather_batch(prompts, masked)
+    keys = groups if (estimator == "group" and groups is not None) else prompts
+    all_keys, all_rewards, mine = gather_batch(keys, masked)
     if estimator == "group":
-        advantages = group_advantages(all_prompts, all_rewards, std_floor=std_floor)
+        advantages = group_advantages(all_keys, all_rewards, std_floor=std_floor)
     else:
-        advantages = tracker.update(all_prompts, all_rewards)
+        advantages = tracker.update(all_keys, all_rewards)
     return clip_advantages(advantages, clip)[mine]
 
 

@@ -73,6 +73,7 @@ class StepContext:
 class _DDPO(Algorithm):
     importance_sampling = True
     sample_minibatches = True  # a minibatch is whole samples, each with its trained steps
+    takes_shared_noise = True
     # the automatic update shape: samples per minibatch (at most) and the share of steps trained
     minibatch_samples: ClassVar[int] = 32
     timestep_fraction_default: ClassVar[float] = 1.0
@@ -102,7 +103,7 @@ class _DDPO(Algorithm):
         traj.check_reduce(cfg.logprob_reduce)
         # per-prompt statistics over the whole round, i.e. the rewards of every process
         advantages = trajectory_advantages(pg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
-                                           pg.adv_clip, pg.adv_std_floor)
+                                           pg.adv_clip, pg.adv_std_floor, rollout.advantage_groups)
         keep = rollout.valid.nonzero().flatten()
         # each optimizer step is a collective in a multi-process run: every process makes as many
         # as the process with the most valid samples needs (one process: len(keep))

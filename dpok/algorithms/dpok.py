@@ -182,6 +182,7 @@ class ReplayBuffer:
 class DPOK(Algorithm):
     name = "dpok"
     advantages = ("value", "group", "tracker")
+    takes_shared_noise = True
     families = ("diffusion", "flow-matching")  # per-step Gaussians and their closed-form KL, either family
 
     def __init__(self, ctx: AlgorithmContext) -> None:
@@ -210,7 +211,7 @@ class DPOK(Algorithm):
         cfg, pg, own, traj = self.cfg, self.cfg.policy_gradient, self.cfg.dpok, rollout.trajectory
         traj.check_reduce(cfg.logprob_reduce)
         advantages = trajectory_advantages(pg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
-                                           pg.adv_clip, pg.adv_std_floor)
+                                           pg.adv_clip, pg.adv_std_floor, rollout.advantage_groups)
         keep = rollout.valid.nonzero().flatten()
         # skip only when no process has a valid sample: the steps below are collectives
         if distributed.all_sum(len(keep)) == 0:

@@ -61,6 +61,7 @@ class NFTSettings:
 @ALGORITHMS.register
 class DiffusionNFT(RWR):
     name = "diffusion-nft"
+    takes_shared_noise = True
     own_rollout_sampler = True
 
     def __init__(self, ctx: AlgorithmContext) -> None:
@@ -100,7 +101,7 @@ class DiffusionNFT(RWR):
     def update(self, rollout: Rollout) -> UpdateResult:
         cfg, pg = self.cfg, self.cfg.policy_gradient
         advantages = trajectory_advantages(pg.advantage, self.tracker, rollout.prompts, rollout.rewards,
-                                           rollout.valid, pg.adv_clip, pg.adv_std_floor)
+                                           rollout.valid, pg.adv_clip, pg.adv_std_floor, rollout.advantage_groups)
         self._r = nft_optimality(advantages, pg.adv_clip)[rollout.valid]
         result = super().update(rollout)
         if result.skipped_updates:  # nothing was trained: the sampling policy stays where it is
