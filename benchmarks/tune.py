@@ -89,6 +89,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="", help="name of the --explore trial (default: from its settings)")
     p.add_argument("--prompt", default="two white triangles", help="prompt of the --explore trial")
     p.add_argument("--seed", type=int, default=0, help="seed of the --explore trial")
+    p.add_argument("--references", nargs="*", default=["base", "rejection-sampling"],
+                   choices=["base", "rejection-sampling"],
+                   help="references run beside an --explore trial on its prompt (best-of-8 costs 8 samples per image)")
+    p.add_argument("--eval-images", type=int, default=0,
+                   help="images the --explore trial (and its base and best-of-8) is judged on (default: the sweep's)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -102,11 +107,13 @@ def build(args: argparse.Namespace):  # noqa: ANN201
     cfg = SweepConfig(output_dir=args.output_dir, methods=methods)
     if args.rounds:
         cfg.rounds = args.rounds
+    if args.explore and args.eval_images:
+        cfg.eval_images = args.eval_images
     return cfg
 
 
 def explore(args: argparse.Namespace) -> None:
-    from dpok.tuning import Candidate, Sweep
+    from dpok.tuning import Candidate, Sweep, SweepConfig
 
     method, text = args.explore
     overrides = json.loads(text)
@@ -116,8 +123,11 @@ def explore(args: argparse.Namespace) -> None:
     r = sweep.run_trial(folder, method, Candidate(name, tuple(overrides.items())), args.prompt, args.seed)
     print(json.dumps({k: r[k] for k in ("method", "candidate", "prompt", "smoothed_drop", "train_s")} | r["eval"]))
     # the base model and best-of-8 on the same prompt and noise, once, for the report's comparison
-    for reference in ("base", "rejection-sampling"):
-        ref_dir = sweep.trial_dir("explore", reference, "none", args.prompt, args.seed)
+    # judged on other than the sweep's number of images: references of their own, on the same images
+    default_images = SweepConfig().eval_images
+    ref_name = "none" if sweep.cfg.eval_images == default_images else f"none-{sweep.cfg.eval_images}images"
+    for reference in args.references:
+        ref_dir = sweep.trial_dir("explore", reference, ref_name, args.prompt, args.seed)
         if not (ref_dir / "result.json").is_file():
             sweep.run_reference(ref_dir, reference, args.prompt, args.seed)
 

@@ -186,13 +186,15 @@ def _exploration(results: list[dict[str, Any]]) -> list[str]:
     lines = ["## Exploration runs (`tune.py --explore`, not part of the choice)", "",
              "Each is one seed at the sweep's budget; settings are changes of the sweep's base settings (above).",
              "The base model and best-of-8 rejection sampling are evaluated on the same fixed noise.", "",
-             "| method | name | prompt | settings | judge | clean | reward | drop | KL (nats, last round) | s/round |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | name | prompt | settings | judged images | judge | clean | reward | drop | KL (nats, last round) "
+             "| s/round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["prompt"], r["method"] not in REFERENCES, r["method"], r["candidate"])):
         e = r["eval"]
         kl = r["curve"]["kl"][-1] if r["curve"]["kl"] else None
         settings = "no training" if r["method"] in REFERENCES else _settings(r["overrides"])
-        lines.append(f"| {r['method']} | {r['candidate']} | {r['prompt']} | {settings} | "
+        # results from before the field was recorded were judged on the sweep's 32 images
+        lines.append(f"| {r['method']} | {r['candidate']} | {r['prompt']} | {settings} | {r.get('eval_images', 32)} | "
                      f"{_fmt(e['judge_aligned'])} | {_fmt(e['clean_share'])} | {_fmt(e['reward_mean'])} | "
                      f"{_fmt(r['smoothed_drop'])} | {_fmt(kl, 1)} | {_fmt(r['seconds_per_round'] or None, 1)} |")
     return lines + [""]

@@ -188,6 +188,7 @@ class Sweep:
         _save_strip(images, folder / "samples.png")
         result = {"method": method, "candidate": cand.name, "overrides": dict(cand.overrides), "prompt": prompt,
                   "seed": seed, "queries": trainer.reward_queries, "train_s": train_s, "machine": cpu_description(),
+                  "eval_images": c.eval_images,
                   "threads": torch.get_num_threads(),
                   "seconds_per_round": float(np.mean([sum(r.get(k, 0.0) for k in ROUND_PHASES) for r in rows]))
                   if rows else 0.0,
@@ -217,6 +218,7 @@ class Sweep:
                                       images)
         _save_strip(images, folder / "samples.png")
         result = {"method": method, "candidate": "none", "overrides": {}, "prompt": prompt, "seed": seed,
+                  "eval_images": c.eval_images,
                   "queries": 0, "train_s": time.perf_counter() - t0, "seconds_per_round": 0.0, "machine": cpu_description(),
                   "curve": {"reward": [], "kl": []}, "smoothed_drop": 0.0, "eval": row,
                   "queries_per_image": trainer.algorithm.reward_queries_per_image()}
