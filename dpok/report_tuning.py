@@ -184,17 +184,22 @@ def _exploration(results: list[dict[str, Any]]) -> list[str]:
     if not results:
         return []
     lines = ["## Exploration runs (`tune.py --explore`, not part of the choice)", "",
-             "Each is one seed at the sweep's budget; settings are changes of the sweep's base settings (above).",
-             "The base model and best-of-8 rejection sampling are evaluated on the same fixed noise.", "",
-             "| method | name | prompt | settings | judged images | judge | clean | reward | drop | KL (nats, last round) "
+             "Each row is one trial (one seed) at the sweep's budget; settings are changes of the sweep's base "
+             "settings (above). `judged images`: the fixed-noise images it was judged on (the sweep's 32 unless "
+             "`--eval-images` said otherwise; with 32 images the judge's standard error is up to 0.09).",
+             "The base model and best-of-8 rejection sampling are evaluated on the same fixed noise and number of "
+             "images as the trials of their prompt and seed.", "",
+             "| method | name | prompt | seed | settings | judged images | judge | clean | reward | drop | KL (nats, last round) "
              "| s/round |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["prompt"], r["method"] not in REFERENCES, r["method"], r["candidate"])):
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["prompt"], r["method"] not in REFERENCES, r["method"], r["candidate"],
+                                            r["seed"])):
         e = r["eval"]
         kl = r["curve"]["kl"][-1] if r["curve"]["kl"] else None
         settings = "no training" if r["method"] in REFERENCES else _settings(r["overrides"])
         # results from before the field was recorded were judged on the sweep's 32 images
-        lines.append(f"| {r['method']} | {r['candidate']} | {r['prompt']} | {settings} | {r.get('eval_images', 32)} | "
+        images = r.get("eval_images", 32)
+        lines.append(f"| {r['method']} | {r['candidate']} | {r['prompt']} | {r['seed']} | {settings} | {images} | "
                      f"{_fmt(e['judge_aligned'])} | {_fmt(e['clean_share'])} | {_fmt(e['reward_mean'])} | "
                      f"{_fmt(r['smoothed_drop'])} | {_fmt(kl, 1)} | {_fmt(r['seconds_per_round'] or None, 1)} |")
     return lines + [""]

@@ -128,8 +128,8 @@ def test_the_exploration_table_names_how_many_images_judged_each_trial() -> None
     def result(candidate: str, **extra: object) -> dict:
         return {"method": "dpok", "candidate": candidate, "prompt": "p", "overrides": {"learning_rate": 1e-3},
                 "eval": {"judge_aligned": 0.5, "clean_share": 1.0, "reward_mean": 0.5}, "smoothed_drop": 0.0,
-                "curve": {"reward": [0.5], "kl": [1.0]}, "seconds_per_round": 1.0, **extra}
+                "curve": {"reward": [0.5], "kl": [1.0]}, "seconds_per_round": 1.0, "seed": 0, **extra}
 
     lines = _exploration([result("old"), result("new", eval_images=256)])
-    rows = {line.split(" | ")[1]: line.split(" | ")[4] for line in lines if line.startswith("| dpok")}
+    rows = {line.split(" | ")[1]: line.split(" | ")[5] for line in lines if line.startswith("| dpok")}
     assert rows == {"old": "32", "new": "256"}
