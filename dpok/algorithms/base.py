@@ -209,8 +209,9 @@ class Algorithm:
             errors.append(f"--shared-noise needs --advantage group (got {cfg.policy_gradient.advantage}): only "
                           "advantages standardised within each group of one x_T leave out what x_T decides")
         if cfg.group_size(num_processes) < 2:
-            errors.append(f"--shared-noise needs groups of at least 2 samples (--samples-per-prompt, got "
-                          f"{cfg.group_size(num_processes)})")
+            errors.append(f"--shared-noise needs groups of at least 2 samples of a prompt per process (got "
+                          f"{cfg.group_size(num_processes)}, from --samples-per-prompt or, at 0, from each process's "
+                          "share of --samples-per-round): raise --samples-per-prompt")
         if cls.own_rollout_sampler and cfg.nft.rollout_eta == 0:
             errors.append("--shared-noise with --rollout-eta 0: deterministic rollouts from one x_T are all the same "
                           "image (use --rollout-eta > 0)")

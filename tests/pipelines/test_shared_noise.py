@@ -51,9 +51,7 @@ def test_group_advantages_are_taken_within_each_noise_group() -> None:
     valid = torch.ones(4, dtype=torch.bool)
     torch.testing.assert_close(trajectory_advantages("tracker", t1, prompts, rewards, valid, 5.0, groups=rollout_groups),
                                trajectory_advantages("tracker", t2, prompts, rewards, valid, 5.0))
-    rollout = Rollout(None, rewards, valid)  # type: ignore[arg-type]
     assert Rollout(None, rewards, valid, rollout_groups).advantage_groups == rollout_groups  # type: ignore[arg-type]
-    assert rollout.groups is None
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -67,9 +65,13 @@ def test_shared_noise_settings_are_checked_before_loading(settings: dict, messag
         build_config(None, {"shared_noise": True, "model": "no-such-model-folder", **settings})
 
 
-@pytest.mark.parametrize("algorithm", ["dpok", "grpo"])
+@pytest.mark.parametrize(("algorithm", "module"), [("dpok", "dpok"), ("grpo", "ddpo"), ("ddpo-sf", "ddpo"),
+                                                 ("diffusion-nft", "nft")])
 def test_a_round_with_shared_noise_trains_on_per_noise_groups(tiny_pipeline_dir: Path, tmp_path: Path,
-                                                              algorithm: str) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch, algorithm: str,
+                                                              module: str) -> None:
+    import importlib
+
     from dpok.trainer import Trainer
 
     cfg = build_config(None, dict(model=str(tiny_pipeline_dir), reward="jpeg-compressibility", prompt=["a red circle"],
@@ -78,16 +80,38 @@ def test_a_round_with_shared_noise_trains_on_per_noise_groups(tiny_pipeline_dir:
                                   device="cpu", shared_noise=True))
     trainer = Trainer(cfg)
     seen: list[Rollout] = []
+    advantages: list[tuple[list[str] | None, torch.Tensor]] = []
     update = trainer.algorithm.update
+    target = importlib.import_module(f"dpok.algorithms.{module}")
+    real = target.trajectory_advantages
 
-    def spy(rollout: Rollout):  # noqa: ANN202
+    def spy_update(rollout: Rollout):  # noqa: ANN202
         seen.append(rollout)
         return update(rollout)
 
-    trainer.algorithm.update = spy  # type: ignore[method-assign]
+    def spy_advantages(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = real(*args, **kwargs)
+        advantages.append((args[7] if len(args) > 7 else kwargs.get("groups"), out))
+        return out
+
+    monkeypatch.setattr(target, "trajectory_advantages", spy_advantages)
+    trainer.algorithm.update = spy_update  # type: ignore[method-assign]
     trainer.run()
     (rollout,) = seen
     x_t = rollout.trajectory.latents[:, 0]
     assert torch.equal(x_t[0], x_t[3]) and not torch.equal(x_t[3], x_t[4])
     assert len(set(rollout.advantage_groups)) == 2 and rollout.advantage_groups[:4] == [rollout.advantage_groups[0]] * 4
+    # the algorithm standardised within each group of one x_T: every group's advantages average 0
+    (groups, adv), = advantages
+    assert groups == rollout.advantage_groups
+    for half in (adv[:4], adv[4:]):
+        assert abs(float(half.mean())) < 1e-4 and float(half.abs().max()) > 0
     assert (tmp_path / "run" / "lora").is_dir()
+
+
+def test_without_shared_noise_the_groups_are_the_prompts() -> None:
+    from types import SimpleNamespace
+
+    traj = SimpleNamespace(prompts=["a", "a", "b"])
+    rollout = Rollout(traj, torch.zeros(3), torch.ones(3, dtype=torch.bool))  # type: ignore[arg-type]
+    assert rollout.groups is None and rollout.advantage_groups == ["a", "a", "b"]
