@@ -101,7 +101,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, default=0,
                    help="images the --explore trial (and its base and best-of-8) is judged on (default: the sweep's)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.eval_images < 0:
+        p.error(f"--eval-images must be a positive number of images, got {args.eval_images}")
+    if args.eval_images and not args.explore:
+        # the sweep's trials are compared with each other: all are judged on the sweep's own number
+        p.error("--eval-images applies to an --explore trial only; the sweep judges every trial on the same images")
+    return args
 
 
 def build(args: argparse.Namespace):  # noqa: ANN201

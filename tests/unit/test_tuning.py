@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from dpok.config import TrainConfig
 from dpok.tuning import Candidate, Sweep, SweepConfig, largest_drop, smoothed
 
@@ -133,3 +135,15 @@ def test_the_exploration_table_names_how_many_images_judged_each_trial() -> None
     lines = _exploration([result("old"), result("new", eval_images=256)])
     rows = {line.split(" | ")[1]: line.split(" | ")[5] for line in lines if line.startswith("| dpok")}
     assert rows == {"old": "32", "new": "256"}
+
+
+def test_tune_rejects_eval_images_it_would_not_use() -> None:
+    """A negative count, or a count without --explore (the sweep judges every trial alike), is an
+    error naming the option, not a silently ignored value."""
+    from benchmark_scripts import load_benchmark
+
+    tune = load_benchmark("tune")
+    for argv in (["--explore", "dpok", "{}", "--eval-images", "-4"], ["--eval-images", "256"]):
+        with pytest.raises(SystemExit):
+            tune.parse(argv)
+    assert tune.parse(["--explore", "dpok", "{}", "--eval-images", "256"]).eval_images == 256
