@@ -1,7 +1,8 @@
 """The tuning sweep behind the embedded model's defaults, then docs/tuning.md.
 
-    python benchmarks/tune.py                      # trials, then validation of the chosen settings, then the report
-    python benchmarks/tune.py --stage trials       # only the tuning trials
+    python benchmarks/tune.py                      # references, screening trials, confirmation of each method's
+                                                   # best two, validation of the chosen settings, the report
+    python benchmarks/tune.py --stage trials       # only the screening trials
     python benchmarks/tune.py --report-only        # rewrite docs/tuning.md from the finished trials
     python benchmarks/tune.py --explore dpok '{"surrogate": "ppo"}' --prompt "two white triangles"
                                                    # one ad-hoc trial, with the base model and best-of-8
@@ -24,6 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# in the order they depend on each other: the confirmation retrains the screening's best, the
+# validation the confirmation's choice
+STAGES = ("references", "trials", "confirmation", "validation")
 
 
 # The one change of every method's optimisation that the exploration runs pointed to: a 5/3 larger
@@ -86,7 +90,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=str(ROOT / "runs" / "tuning"))
     p.add_argument("--report", default=str(ROOT / "docs" / "tuning.md"))
-    p.add_argument("--stage", choices=["references", "trials", "validation", "all"], default="all")
+    p.add_argument("--stage", choices=[*STAGES, "all"], default="all")
     p.add_argument("--rounds", type=int, default=None, help="rounds per trial (default: the sweep's)")
     p.add_argument("--methods", nargs="+", default=None, help="default: dpok ddpo-is sft-kl rwr grpo diffusion-nft")
     p.add_argument("--workers", type=int, default=1, help="trials at a time (threads are split between them)")
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = build(args)
     seed_from_kept(Path(cfg.output_dir), Path(args.report).with_suffix("") / "data")
-    stages = ["references", "trials", "validation"] if args.stage == "all" else [args.stage]
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
     if not args.report_only:
         for stage in stages:
             if args.worker or args.workers <= 1:

@@ -9,9 +9,13 @@ written last and atomically: an interrupted sweep resumes where it stopped (trai
 trial resumes from its checkpoints), and several workers can share one folder (lock files, as the
 paper experiment).
 
-The candidate of a method with the best mean judge over the tuning prompts (ties: the reward) is
-that method's tuned setting. The *validation* stage trains the tuned settings on prompts that were
-not tuned on. :func:`write_report` writes ``docs/tuning.md`` from the result files only.
+The *screening* (stage ``trials``) ranks a method's candidates by their mean judge over the tuning
+prompts (ties: the reward). A judge on 32 images has a standard error up to 0.09, too coarse to
+separate good candidates, so the *confirmation* stage trains each method's ``confirm_top`` best
+candidates again on other prompts and seeds and judges them on ``confirm_images`` images; the better
+there is the method's tuned setting (the screening's best until its confirmation is finished). The
+*validation* stage trains the tuned settings on prompts that were not tuned on. :func:`write_report`
+writes ``docs/tuning.md`` from the result files only.
 """
 
 from __future__ import annotations
@@ -86,6 +90,12 @@ class SweepConfig:
     rounds: int = 25
     samples_per_round: int = 32
     eval_images: int = 32
+    # the confirmation of the screening's best: another prompt (the default run's) and another seed,
+    # judged on 8x the images (standard error at most 0.03)
+    confirm_top: int = 2
+    confirm_prompts: list[str] = field(default_factory=lambda: ["two white triangles"])
+    confirm_seeds: list[int] = field(default_factory=lambda: [1])
+    confirm_images: int = 256
     checkpoint_every: int = 10
     common: dict[str, Any] = field(default_factory=dict)  # TrainConfig values of every trial and reference
     methods: dict[str, list[Candidate]] = field(default_factory=dict)
@@ -119,6 +129,17 @@ class Sweep:
                 for prompt in c.prompts:
                     for method, candidates in c.methods.items():
                         for cand in candidates:
+                            jobs.append((self.trial_dir(stage, method, cand.name, prompt, seed),
+                                         (method, cand, prompt, seed)))
+        elif stage == "confirmation":
+            finalists = self.finalists()
+            for seed in c.confirm_seeds:
+                for prompt in c.confirm_prompts:
+                    # the base model on the same images, for the report's comparison
+                    jobs.append((self.trial_dir(stage, "base", "none", prompt, seed),
+                                 ("base", Candidate("none"), prompt, seed)))
+                    for method, cands in finalists.items():
+                        for cand in cands:
                             jobs.append((self.trial_dir(stage, method, cand.name, prompt, seed),
                                          (method, cand, prompt, seed)))
         elif stage == "references":
@@ -158,10 +179,15 @@ class Sweep:
         known = set(TrainConfig().to_dict())
         return {k: v for k, v in {**self.base(), **values}.items() if k in known}
 
+    def images(self, folder: Path) -> int:
+        """How many fixed-noise images judge a trial in ``folder``: the confirmation's or the sweep's."""
+        return self.cfg.confirm_images if folder.is_relative_to(self.out / "confirmation") else self.cfg.eval_images
+
     def run_trial(self, folder: Path, method: str, cand: Candidate, prompt: str, seed: int) -> dict[str, Any]:
         c = self.cfg
         if method in REFERENCES:
             return self.run_reference(folder, method, prompt, seed)
+        n = self.images(folder)
         run_dir = folder / "run"
         settings: dict[str, Any] = {
             "algorithm": method, "prompt": [prompt], "seed": seed, "rounds": c.rounds,
@@ -181,14 +207,14 @@ class Sweep:
         train_s = time.perf_counter() - t0
         rows = read_metrics(run_dir / "metrics.jsonl")
         rewards = [r["reward/mean"] for r in rows]
-        eval_settings = SampleSettings(c.eval_images, trainer.cfg.num_steps, trainer.cfg.guidance_scale, 1.0)
+        eval_settings = SampleSettings(n, trainer.cfg.num_steps, trainer.cfg.guidance_scale, 1.0)
         with trainer.parts.evaluated_weights():  # the EMA weights with --ema-decay, as the run's own evaluations
             row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, eval_settings, 555_000 + seed,
                                           trainer.domain)
         _save_strip(images, folder / "samples.png")
         result = {"method": method, "candidate": cand.name, "overrides": dict(cand.overrides), "prompt": prompt,
                   "seed": seed, "queries": trainer.reward_queries, "train_s": train_s, "machine": cpu_description(),
-                  "eval_images": c.eval_images,
+                  "eval_images": n,
                   "threads": torch.get_num_threads(),
                   "seconds_per_round": float(np.mean([sum(r.get(k, 0.0) for k in ROUND_PHASES) for r in rows]))
                   if rows else 0.0,
@@ -200,6 +226,7 @@ class Sweep:
     def run_reference(self, folder: Path, method: str, prompt: str, seed: int) -> dict[str, Any]:
         """The base model, or best-of-``best_of`` rejection sampling of it: nothing trained."""
         c = self.cfg
+        n = self.images(folder)
         t0 = time.perf_counter()
         cfg = build_config(None, self._settings({
             "algorithm": "rejection-sampling", "prompt": [prompt], "seed": seed, "rounds": 1,
@@ -210,15 +237,15 @@ class Sweep:
 
             shutil.rmtree(folder / "run")
         trainer = Trainer(cfg)
-        settings = SampleSettings(c.eval_images, cfg.num_steps, cfg.guidance_scale, 1.0)
+        settings = SampleSettings(n, cfg.num_steps, cfg.guidance_scale, 1.0)
         images = None
         if method == "rejection-sampling":
-            images = trainer.algorithm.generate([prompt] * c.eval_images, torch.Generator().manual_seed(555_000 + seed))
+            images = trainer.algorithm.generate([prompt] * n, torch.Generator().manual_seed(555_000 + seed))
         row, images = evaluate_prompt(trainer.adapter, self.reward(), prompt, settings, 555_000 + seed, trainer.domain,
                                       images)
         _save_strip(images, folder / "samples.png")
         result = {"method": method, "candidate": "none", "overrides": {}, "prompt": prompt, "seed": seed,
-                  "eval_images": c.eval_images,
+                  "eval_images": n,
                   "queries": 0, "train_s": time.perf_counter() - t0, "seconds_per_round": 0.0, "machine": cpu_description(),
                   "curve": {"reward": [], "kl": []}, "smoothed_drop": 0.0, "eval": row,
                   "queries_per_image": trainer.algorithm.reward_queries_per_image()}
@@ -249,20 +276,39 @@ class Sweep:
     def results(self, stage: str) -> list[dict[str, Any]]:
         return [json.loads(p.read_text()) for p in sorted((self.out / stage).glob("*/*/*/seed*/result.json"))]
 
-    def chosen(self) -> dict[str, Candidate]:
-        """Per method, the candidate with the best mean judge over the tuning trials (ties: reward);
-        only candidates whose every trial is finished compete."""
-        results = self.results("trials")
-        expected = len(self.cfg.prompts) * len(self.cfg.seeds)
-        best: dict[str, Candidate] = {}
-        for method, candidates in self.cfg.methods.items():
+    def ranked(self, stage: str = "trials") -> dict[str, list[Candidate]]:
+        """Per method, its candidates whose every trial of ``stage`` is finished, best first by the
+        mean judge over those trials (ties: the mean reward)."""
+        c = self.cfg
+        results = self.results(stage)
+        expected = (len(c.prompts) * len(c.seeds) if stage == "trials"
+                    else len(c.confirm_prompts) * len(c.confirm_seeds))
+        ranking: dict[str, list[Candidate]] = {}
+        for method, candidates in c.methods.items():
             scored = []
-            for cand in candidates:
+            for i, cand in enumerate(candidates):
                 mine = [r for r in results if r["method"] == method and r["candidate"] == cand.name]
                 if len(mine) == expected:
-                    scored.append(((_mean(mine, "judge_aligned"), _mean(mine, "reward_mean")), cand))
+                    # -i: of equal scores the earlier candidate first, as max() over the list chose it
+                    scored.append(((_mean(mine, "judge_aligned"), _mean(mine, "reward_mean"), -i), cand))
             if scored:
-                best[method] = max(scored, key=lambda x: x[0])[1]
+                ranking[method] = [cand for _, cand in sorted(scored, key=lambda x: x[0], reverse=True)]
+        return ranking
+
+    def finalists(self) -> dict[str, list[Candidate]]:
+        """Per method whose screening is complete (every candidate finished: equal care), its
+        ``confirm_top`` best candidates by the screening."""
+        return {m: cands[: self.cfg.confirm_top] for m, cands in self.ranked("trials").items()
+                if len(cands) == len(self.cfg.methods[m])}
+
+    def chosen(self) -> dict[str, Candidate]:
+        """Per method, the better of its finalists in the confirmation once every finalist's
+        confirmation trial is finished; until then the screening's best among its finished candidates."""
+        best = {m: cands[0] for m, cands in self.ranked("trials").items()}
+        confirmed = self.ranked("confirmation")
+        for method, finalists in self.finalists().items():
+            if set(finalists) <= set(confirmed.get(method, [])):
+                best[method] = next(cand for cand in confirmed[method] if cand in finalists)
         return best
 
 

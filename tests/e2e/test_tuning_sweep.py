@@ -1,4 +1,5 @@
-"""A tiny tuning sweep end to end: it runs, resumes and writes its report."""
+"""A tiny tuning sweep end to end: it runs (screening, confirmation, validation), resumes and writes
+its report."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path: Path) -> None:
                       rounds=2, samples_per_round=4, eval_images=2, checkpoint_every=1, common=tiny,
                       methods={"dpok": [Candidate("defaults"), Candidate("clip", (("clip_range", 1e-2),))],
                                "sft-kl": [Candidate("defaults"), Candidate("gamma", (("gamma", 0.1),))]},
-                      validation_methods=["dpok"])
+                      validation_methods=["dpok"], confirm_top=1, confirm_prompts=["a green circle"],
+                      confirm_seeds=[1], confirm_images=3)
     logs: list[str] = []
     sweep = Sweep(cfg, log=logs.append)
     assert sweep.run("trials") == 4
@@ -30,14 +32,20 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path: Path) -> None:
     assert all(json.loads((tmp_path / "sweep" / "trials" / m / c / "a-red-circle" / "seed0" / "run" / "config.json")
                           .read_text())["num_steps"] == 3 for m, c in (("dpok", "clip"), ("sft-kl", "gamma")))
     assert sweep.run("references") == 4  # base and best-of-8 on both prompts
+    assert sweep.run("confirmation") == 3  # the base model and each method's one finalist, on 3 images
+    confirmed = sweep.results("confirmation")
+    assert {(r["method"], r["prompt"], r["seed"], r["eval_images"]) for r in confirmed} == {
+        (m, "a green circle", 1, 3) for m in ("base", "dpok", "sft-kl")}
+    assert sweep.chosen() == {m: cands[0] for m, cands in sweep.finalists().items()}
     assert sweep.run("validation") == 1  # only the chosen dpok setting, on the one validation prompt
     report = write_report(sweep, tmp_path / "docs" / "tuning.md")
     text = report.read_text()
-    for needle in ("## dpok", "## sft-kl", "(chosen)", "References without training", "not tuned on", "a blue square"):
+    for needle in ("## dpok", "## sft-kl", "(chosen)", "References without training", "not tuned on", "a blue square",
+                   "## Confirmation of the finalists", "`a green circle`, seed 1, the same 3 images"):
         assert needle in text, needle
     assert (tmp_path / "docs" / "tuning" / "curves.png").is_file()
     raw = tmp_path / "docs" / "tuning" / "data"
-    assert len(list(raw.glob("*/*/*/*/seed*/result.json"))) == 4 + 4 + 1
+    assert len(list(raw.glob("*/*/*/*/seed*/result.json"))) == 4 + 4 + 3 + 1
     # the kept raw results are a sweep folder of their own: the report can be rebuilt from them
     assert Sweep(SweepConfig(output_dir=str(raw), prompts=cfg.prompts, methods=cfg.methods)).chosen() == sweep.chosen()
 

@@ -26,12 +26,13 @@ def test_largest_drop_is_the_fall_below_the_best_so_far() -> None:
     assert abs(largest_drop([0.5, 0.2, 1.0, 0.95]) - 0.3) < 1e-12
 
 
-def _result(folder: Path, method: str, cand: str, prompt: str, judge: float, reward: float) -> None:
+def _result(folder: Path, method: str, cand: str, prompt: str, judge: float, reward: float,
+            stage: str = "trials", seed: int = 0) -> None:
     from dpok.evaluate import slug
 
-    path = folder / "trials" / method / cand / slug(prompt) / "seed0" / "result.json"
+    path = folder / stage / method / cand / slug(prompt) / f"seed{seed}" / "result.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"method": method, "candidate": cand, "prompt": prompt, "seed": 0,
+    path.write_text(json.dumps({"method": method, "candidate": cand, "prompt": prompt, "seed": seed,
                                 "eval": {"judge_aligned": judge, "reward_mean": reward}}))
 
 
@@ -46,6 +47,29 @@ def test_chosen_is_the_best_mean_judge_then_reward_among_finished_candidates(tmp
     assert Sweep(cfg).chosen() == {"m": cands[2]}
 
 
+
+
+def test_the_confirmation_chooses_among_the_screenings_best_two(tmp_path: Path) -> None:
+    """Screening ranks a > b > c; the confirmation (other prompt and seed, more images) reverses a
+    and b, and c, third in the screening, is no finalist whatever it scores. Until every finalist is
+    confirmed the screening's best stays chosen; a method with unfinished candidates has no finalists."""
+    cands = [Candidate("a"), Candidate("b"), Candidate("c")]
+    cfg = SweepConfig(output_dir=str(tmp_path), prompts=["p"], methods={"m": cands, "n": cands},
+                      confirm_top=2, confirm_prompts=["q"], confirm_seeds=[1])
+    for cand, j in zip("abc", (0.9, 0.8, 0.1)):
+        _result(tmp_path, "m", cand, "p", j, 0.5)
+    _result(tmp_path, "n", "a", "p", 0.9, 0.5)  # n's b and c never finished
+    sweep = Sweep(cfg)
+    assert sweep.finalists() == {"m": cands[:2]}
+    jobs = {(m, c.name, prompt, seed) for _, (m, c, prompt, seed) in sweep.jobs("confirmation")}
+    assert jobs == {("base", "none", "q", 1), ("m", "a", "q", 1), ("m", "b", "q", 1)}
+    _result(tmp_path, "m", "b", "q", 0.7, 0.5, stage="confirmation", seed=1)
+    assert sweep.chosen() == {"m": cands[0], "n": cands[0]}  # a not confirmed yet
+    _result(tmp_path, "m", "c", "q", 1.0, 0.5, stage="confirmation", seed=1)
+    _result(tmp_path, "m", "a", "q", 0.6, 0.5, stage="confirmation", seed=1)
+    assert sweep.chosen() == {"m": cands[1], "n": cands[0]}
+    assert sweep.images(sweep.trial_dir("confirmation", "m", "a", "q", 1)) == cfg.confirm_images
+    assert sweep.images(sweep.trial_dir("trials", "m", "a", "p", 0)) == cfg.eval_images
 
 
 def test_the_defaults_are_the_setting_the_committed_sweep_chose() -> None:
