@@ -107,7 +107,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.eval_images < 0:
-        p.error(f"--eval-images must be a positive number of images, got {args.eval_images}")
+        p.error(f"--eval-images must be a number of images (0: the sweep's), got {args.eval_images}")
     if args.eval_images and not args.explore:
         # the sweep's trials are compared with each other: all are judged on the sweep's own number
         p.error("--eval-images applies to an --explore trial only; the sweep judges every trial on the same images")

@@ -90,16 +90,24 @@ class SweepConfig:
     rounds: int = 25
     samples_per_round: int = 32
     eval_images: int = 32
-    # the confirmation of the screening's best: another prompt (the default run's) and another seed,
-    # judged on 8x the images (standard error at most 0.03)
+    # the confirmation of the screening's best (confirm_top 0: none, the screening decides): another
+    # prompt (the default run's) and a seed no exploration run used, judged on 8x the images (a
+    # standard error of at most 0.5 / sqrt(256) = 0.031)
     confirm_top: int = 2
     confirm_prompts: list[str] = field(default_factory=lambda: ["two white triangles"])
-    confirm_seeds: list[int] = field(default_factory=lambda: [1])
+    confirm_seeds: list[int] = field(default_factory=lambda: [2])
     confirm_images: int = 256
     checkpoint_every: int = 10
     common: dict[str, Any] = field(default_factory=dict)  # TrainConfig values of every trial and reference
     methods: dict[str, list[Candidate]] = field(default_factory=dict)
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "samples_per_round", "eval_images", "confirm_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SweepConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.confirm_top < 0:
+            raise ValueError(f"SweepConfig.confirm_top must be 0 (no confirmation) or more, got {self.confirm_top}")
 
     @property
     def budget(self) -> int:
@@ -135,9 +143,9 @@ class Sweep:
             finalists = self.finalists()
             for seed in c.confirm_seeds:
                 for prompt in c.confirm_prompts:
-                    # the base model on the same images, for the report's comparison
-                    jobs.append((self.trial_dir(stage, "base", "none", prompt, seed),
-                                 ("base", Candidate("none"), prompt, seed)))
+                    if finalists:  # the base model on the same images, for the report's comparison
+                        jobs.append((self.trial_dir(stage, "base", "none", prompt, seed),
+                                     ("base", Candidate("none"), prompt, seed)))
                     for method, cands in finalists.items():
                         for cand in cands:
                             jobs.append((self.trial_dir(stage, method, cand.name, prompt, seed),
@@ -276,39 +284,49 @@ class Sweep:
     def results(self, stage: str) -> list[dict[str, Any]]:
         return [json.loads(p.read_text()) for p in sorted((self.out / stage).glob("*/*/*/seed*/result.json"))]
 
-    def ranked(self, stage: str = "trials") -> dict[str, list[Candidate]]:
-        """Per method, its candidates whose every trial of ``stage`` is finished, best first by the
-        mean judge over those trials (ties: the mean reward)."""
+    def scores(self, stage: str) -> dict[str, dict[Candidate, tuple[float, float]]]:
+        """Per method, (mean judge, mean reward) of each candidate whose every trial of ``stage`` on the
+        stage's configured prompts and seeds is finished (results of other prompts or seeds, kept from
+        an earlier configuration, do not count)."""
         c = self.cfg
-        results = self.results(stage)
-        expected = (len(c.prompts) * len(c.seeds) if stage == "trials"
-                    else len(c.confirm_prompts) * len(c.confirm_seeds))
-        ranking: dict[str, list[Candidate]] = {}
+        wanted = ({(p, s) for p in c.prompts for s in c.seeds} if stage == "trials"
+                  else {(p, s) for p in c.confirm_prompts for s in c.confirm_seeds})
+        results = [r for r in self.results(stage) if (r["prompt"], r["seed"]) in wanted]
+        out: dict[str, dict[Candidate, tuple[float, float]]] = {}
         for method, candidates in c.methods.items():
-            scored = []
-            for i, cand in enumerate(candidates):
+            for cand in candidates:
                 mine = [r for r in results if r["method"] == method and r["candidate"] == cand.name]
-                if len(mine) == expected:
-                    # -i: of equal scores the earlier candidate first, as max() over the list chose it
-                    scored.append(((_mean(mine, "judge_aligned"), _mean(mine, "reward_mean"), -i), cand))
-            if scored:
-                ranking[method] = [cand for _, cand in sorted(scored, key=lambda x: x[0], reverse=True)]
+                if wanted and len(mine) == len(wanted):
+                    out.setdefault(method, {})[cand] = (_mean(mine, "judge_aligned"), _mean(mine, "reward_mean"))
+        return out
+
+    def ranked(self) -> dict[str, list[Candidate]]:
+        """Per method, its finished screening candidates, best first by the mean judge over the tuning
+        prompts (ties: the mean reward, then the order the candidates are listed in)."""
+        ranking = {}
+        for method, scored in self.scores("trials").items():
+            order = self.cfg.methods[method]
+            ranking[method] = sorted(scored, key=lambda cand: (scored[cand], -order.index(cand)), reverse=True)
         return ranking
 
     def finalists(self) -> dict[str, list[Candidate]]:
         """Per method whose screening is complete (every candidate finished: equal care), its
-        ``confirm_top`` best candidates by the screening."""
-        return {m: cands[: self.cfg.confirm_top] for m, cands in self.ranked("trials").items()
-                if len(cands) == len(self.cfg.methods[m])}
+        ``confirm_top`` best candidates by the screening (none without confirmation prompts or seeds)."""
+        c = self.cfg
+        if not (c.confirm_top and c.confirm_prompts and c.confirm_seeds):
+            return {}
+        return {m: cands[: c.confirm_top] for m, cands in self.ranked().items() if len(cands) == len(c.methods[m])}
 
     def chosen(self) -> dict[str, Candidate]:
-        """Per method, the better of its finalists in the confirmation once every finalist's
-        confirmation trial is finished; until then the screening's best among its finished candidates."""
-        best = {m: cands[0] for m, cands in self.ranked("trials").items()}
-        confirmed = self.ranked("confirmation")
+        """Per method, the better of its finalists in the confirmation (ties: reward, then the screening's
+        order) once every finalist's confirmation is finished; until then the screening's best among its
+        finished candidates."""
+        best = {m: cands[0] for m, cands in self.ranked().items()}
+        confirmed = self.scores("confirmation")
         for method, finalists in self.finalists().items():
-            if set(finalists) <= set(confirmed.get(method, [])):
-                best[method] = next(cand for cand in confirmed[method] if cand in finalists)
+            scored = confirmed.get(method, {})
+            if all(cand in scored for cand in finalists):
+                best[method] = max(finalists, key=lambda cand: (scored[cand], -finalists.index(cand)))
         return best
 
 

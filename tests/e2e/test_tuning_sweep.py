@@ -36,10 +36,12 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path: Path) -> None:
     confirmed = sweep.results("confirmation")
     assert {(r["method"], r["prompt"], r["seed"], r["eval_images"]) for r in confirmed} == {
         (m, "a green circle", 1, 3) for m in ("base", "dpok", "sft-kl")}
+    assert sweep.run("confirmation") == 0  # finished, not repeated
     assert sweep.chosen() == {m: cands[0] for m, cands in sweep.finalists().items()}
     assert sweep.run("validation") == 1  # only the chosen dpok setting, on the one validation prompt
     report = write_report(sweep, tmp_path / "docs" / "tuning.md")
     text = report.read_text()
+    assert "earlier trial(s)" not in text  # the base model's confirmation is no trial of unknown threads
     for needle in ("## dpok", "## sft-kl", "(chosen)", "References without training", "not tuned on", "a blue square",
                    "## Confirmation of the finalists", "`a green circle`, seed 1, the same 3 images"):
         assert needle in text, needle
@@ -47,7 +49,9 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path: Path) -> None:
     raw = tmp_path / "docs" / "tuning" / "data"
     assert len(list(raw.glob("*/*/*/*/seed*/result.json"))) == 4 + 4 + 3 + 1
     # the kept raw results are a sweep folder of their own: the report can be rebuilt from them
-    assert Sweep(SweepConfig(output_dir=str(raw), prompts=cfg.prompts, methods=cfg.methods)).chosen() == sweep.chosen()
+    kept = SweepConfig(output_dir=str(raw), prompts=cfg.prompts, methods=cfg.methods, confirm_top=cfg.confirm_top,
+                       confirm_prompts=cfg.confirm_prompts, confirm_seeds=cfg.confirm_seeds)
+    assert Sweep(kept).chosen() == sweep.chosen()
 
 
 

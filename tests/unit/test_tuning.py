@@ -68,8 +68,38 @@ def test_the_confirmation_chooses_among_the_screenings_best_two(tmp_path: Path) 
     _result(tmp_path, "m", "c", "q", 1.0, 0.5, stage="confirmation", seed=1)
     _result(tmp_path, "m", "a", "q", 0.6, 0.5, stage="confirmation", seed=1)
     assert sweep.chosen() == {"m": cands[1], "n": cands[0]}
+    # a result of a seed the configuration does not name (kept from an earlier one) does not count
+    _result(tmp_path, "m", "b", "q", 0.0, 0.0, stage="confirmation", seed=7)
+    assert sweep.chosen()["m"] == cands[1]
+    # without confirmation prompts, seeds or finalists the screening decides
+    for off in ({"confirm_top": 0}, {"confirm_seeds": []}, {"confirm_prompts": []}):
+        other = Sweep(SweepConfig(output_dir=str(tmp_path), prompts=["p"], methods={"m": cands},
+                                  **{"confirm_prompts": ["q"], "confirm_seeds": [1], **off}))
+        assert other.finalists() == {} and other.chosen() == {"m": cands[0]} and other.jobs("confirmation") == []
     assert sweep.images(sweep.trial_dir("confirmation", "m", "a", "q", 1)) == cfg.confirm_images
     assert sweep.images(sweep.trial_dir("trials", "m", "a", "p", 0)) == cfg.eval_images
+
+
+def test_ties_go_to_the_reward_then_to_the_earlier_candidate(tmp_path: Path) -> None:
+    """Screening: a, b, c tie on judge and reward, d ties on the judge with more reward: d, a, b, c.
+    Confirmation of the two finalists d and a, tied on both: the screening's better, d."""
+    cands = [Candidate(n) for n in "abcd"]
+    cfg = SweepConfig(output_dir=str(tmp_path), prompts=["p"], methods={"m": cands}, confirm_top=2,
+                      confirm_prompts=["q"], confirm_seeds=[1])
+    for cand in "abcd":
+        _result(tmp_path, "m", cand, "p", 0.5, 0.9 if cand == "d" else 0.1)
+    sweep = Sweep(cfg)
+    assert sweep.ranked() == {"m": [cands[3], cands[0], cands[1], cands[2]]}
+    assert sweep.finalists() == {"m": [cands[3], cands[0]]}
+    for cand in "ad":
+        _result(tmp_path, "m", cand, "q", 0.6, 0.6, stage="confirmation", seed=1)
+    assert sweep.chosen() == {"m": cands[3]}
+
+
+def test_a_sweep_config_rejects_sizes_it_cannot_run() -> None:
+    for bad in ({"confirm_top": -1}, {"confirm_images": 0}, {"eval_images": 0}, {"rounds": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SweepConfig(**bad)
 
 
 def test_the_defaults_are_the_setting_the_committed_sweep_chose() -> None:
@@ -82,7 +112,9 @@ def test_the_defaults_are_the_setting_the_committed_sweep_chose() -> None:
     raw = root / "docs" / "tuning" / "data"
     saved = json.loads((raw / "sweep.json").read_text())
     config = saved["config"]
-    cfg = SweepConfig(output_dir=str(raw), prompts=config["prompts"], seeds=config["seeds"], methods=tune.candidates())
+    confirm = {k: config[k] for k in ("confirm_top", "confirm_prompts", "confirm_seeds") if k in config}
+    cfg = SweepConfig(output_dir=str(raw), prompts=config["prompts"], seeds=config["seeds"], methods=tune.candidates(),
+                      **confirm)
     chosen = Sweep(cfg).chosen()["dpok"]
     tuned = {**saved["base"], **dict(chosen.overrides), "rounds": config["rounds"],
              "samples_per_round": config["samples_per_round"]}
@@ -161,7 +193,7 @@ def test_the_exploration_table_names_how_many_images_judged_each_trial() -> None
     assert rows == {"old": "32", "new": "256"}
 
 
-def test_tune_rejects_eval_images_it_would_not_use() -> None:
+def test_tune_rejects_eval_images_it_would_not_use(capsys: pytest.CaptureFixture[str]) -> None:
     """A negative count, or a count without --explore (the sweep judges every trial alike), is an
     error naming the option, not a silently ignored value."""
     from benchmark_scripts import load_benchmark
@@ -170,4 +202,5 @@ def test_tune_rejects_eval_images_it_would_not_use() -> None:
     for argv in (["--explore", "dpok", "{}", "--eval-images", "-4"], ["--eval-images", "256"]):
         with pytest.raises(SystemExit):
             tune.parse(argv)
+        assert "--eval-images" in capsys.readouterr().err
     assert tune.parse(["--explore", "dpok", "{}", "--eval-images", "256"]).eval_images == 256
