@@ -99,7 +99,7 @@ class TrainConfig:
                                    "divisor of each process's share of --samples-per-round that is at most 32)")
 
     # ---- optimisation
-    learning_rate: float = _f(2e-3, "policy learning rate (AdamW); the peak of --lr-schedule")
+    learning_rate: float = _f(1e-3, "policy learning rate (AdamW); the peak of --lr-schedule")
     lr_schedule: Literal["constant", "cosine", "linear"] = _f(
         "cosine", "learning-rate schedule over the rounds: 'constant', 'cosine' or 'linear' (decay towards 0 at the "
                   "last round, after the warm-up)")
@@ -249,8 +249,9 @@ def preset_shapeworld_cpu() -> dict[str, Any]:
     prompt), 6 gradient steps of 32 transitions from the replay buffer, advantages standardised within
     each prompt's group of the round, PPO's clipped surrogate at clip 1e-3 on log-probs averaged over
     latent elements (the DPOK code's scale), the first 75 % of the denoising steps trained, LoRA rank
-    8 on attention, ResNet convolutions and transformer projections at lr 2e-3 decayed by a cosine
-    over the rounds, beta 0.01. Chosen by the sweep of docs/tuning.md (``benchmarks/tune.py``)."""
+    8 on attention, ResNet convolutions and transformer projections at lr 1e-3 decayed by a cosine
+    over the rounds, beta 0.01. Chosen by the sweep of docs/tuning.md (``benchmarks/tune.py``): its
+    screening and the confirmation of the screening's best two on 256 images."""
     return {}
 
 

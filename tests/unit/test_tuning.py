@@ -121,9 +121,12 @@ def test_the_defaults_are_the_setting_the_committed_sweep_chose() -> None:
     defaults = TrainConfig().to_dict()
     # --eval-images 0 (auto) is sized to the run: at the default budget, on the one default prompt, the sweep's 32
     defaults["eval_images"] = TrainConfig().eval_images_for(1)
+    # an automatic default (0) agrees with the value it resolves to for DPOK at the default budget (the
+    # sweep's frozen base records --minibatch-size 0 of older code as the 32 it meant then)
+    resolved = TrainConfig().resolved().to_dict()
     # timestep_fraction is DDPO's and GRPO's (0: their own automatic value, checked below); DPOK reads none
     differ = {k: (tuned[k], defaults[k]) for k in tuned
-              if k in defaults and tuned[k] != defaults[k] and k != "timestep_fraction"}
+              if k in defaults and tuned[k] not in (defaults[k], resolved[k]) and k != "timestep_fraction"}
     assert not differ, f"defaults that are not the tuned setting (tuned, default): {differ}"
     # DDPO-IS's and GRPO's automatic update shape is the one their chosen candidates trained with
     for method in ("ddpo-is", "grpo"):
