@@ -3,7 +3,7 @@
 TRL 0.23.1 is the last release with ``DDPOTrainer``; it goes into a separate cached virtual
 environment (torch pinned to the same CPU build, diffusers / transformers / peft / accelerate at the
 versions dpok runs with, and dpok itself so that both score with the same reward code). Then, in
-one run and alternating which goes first, each repeat runs
+one run and rotating which goes first, each repeat runs
 
 * ``benchmarks/_trl_ddpo.py``: TRL's ``DDPOTrainer.train()``;
 * ``dpok train --algorithm ddpo-is`` with the same work: rounds = epochs, samples per round,
@@ -35,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TRL_VERSION = "0.23.1"
 SHARED_PACKAGES = ("diffusers", "transformers", "peft", "accelerate")
 ATTENTION = "to_q,to_k,to_v,to_out.0"  # the layers TRL's DDPO pipeline puts its rank-4 LoRA on
+# dpok's own speed options (docs/denoiser_speed.md), each run as one more tool beside the stock call;
+# TRL calls the stock diffusers UNet and has no counterpart
+VARIANTS = {"compile": ("--compile",), "channels-last": ("--channels-last",), "bf16": ("--autocast", "bf16")}
 
 
 def ensure_trl_env(venv: Path, log: Any = print) -> Path:
@@ -73,7 +76,12 @@ def run_trl(python: Path, model: Path, args: argparse.Namespace) -> dict[str, An
     return {"tool": "trl", "train_s": result["train_s"], "process_s": wall, "samples": result["samples"]}
 
 
-def run_dpok(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def run_dpok(args: argparse.Namespace, out_dir: Path, variant: str = "", cache: Path | None = None) -> dict[str, Any]:
+    """dpok's run of the same work: stock, or with the speed option ``variant`` (one of VARIANTS).
+
+    ``cache``: the inductor cache folder of a compiling run. The benchmark gives compiling runs a
+    folder of their own, empty before the first repeat: that run pays the whole compilation (as a
+    first run on a machine does) and later ones find the compiled graphs (as later runs do)."""
     cmd = [sys.executable, "-m", "dpok", "train", "--algorithm", "ddpo-is", "--prompt", args.prompt,
            "--output-dir", str(out_dir), "--rounds", str(args.rounds), "--samples-per-round", str(args.samples),
            "--sample-batch-size", str(args.batch), "--minibatch-size", str(args.batch),
@@ -81,24 +89,35 @@ def run_dpok(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
            "--lora-rank", "4", "--lora-alpha", "4", "--lora-targets", ATTENTION, "--inner-epochs", "1",
            "--timestep-fraction", "1", "--advantage", "tracker", "--stat-buffer", str(args.samples),
            "--stat-min-count", str(args.samples), "--learning-rate", str(args.learning_rate),
-           "--eval-images", str(args.eval_images), "--device", "cpu"]
+           "--eval-images", str(args.eval_images), "--device", "cpu", *VARIANTS.get(variant, ())]
+    env = {**os.environ, **({"TORCHINDUCTOR_CACHE_DIR": str(cache)} if cache else {})}
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rounds = [r for r in rows if "time/sample_s" in r]
     train_s = sum(r["time/sample_s"] + r["time/reward_s"] + r["time/update_s"] for r in rounds)
-    return {"tool": "dpok", "train_s": train_s, "process_s": wall, "samples": args.rounds * args.samples,
+    return {"tool": f"dpok+{variant}" if variant else "dpok", "train_s": train_s, "process_s": wall,
+            "samples": args.rounds * args.samples,
             "rounds_logged": len(rounds)}
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median samples/s of each tool, training phases and whole process; each dpok tool's ratio to
+    TRL ("ratio" for stock dpok, "ratio:<tool>" for a variant); "first:<tool>", a variant's first repeat
+    (its cold compilation) alone."""
     out: dict[str, Any] = {}
-    for tool in ("trl", "dpok"):
-        mine = [r for r in runs if r["tool"] == tool]
+    tools = list(dict.fromkeys(r["tool"] for r in runs))
+    for tool in tools:
+        mine = sorted((r for r in runs if r["tool"] == tool), key=lambda r: r["repeat"])
         out[tool] = {key: statistics.median(r["samples"] / r[f"{key}_s"] for r in mine)
                      for key in ("train", "process")}
-    out["ratio"] = {key: out["dpok"][key] / out["trl"][key] for key in ("train", "process")}
+        if tool.startswith("dpok+"):
+            out[f"first:{tool}"] = {key: mine[0]["samples"] / mine[0][f"{key}_s"] for key in ("train", "process")}
+    for tool in tools:
+        if tool.startswith("dpok"):
+            name = "ratio" if tool == "dpok" else f"ratio:{tool}"
+            out[name] = {key: out[tool][key] / out["trl"][key] for key in ("train", "process")}
     return out
 
 
@@ -108,7 +127,7 @@ def write_report(data: dict[str, Any], path: Path) -> None:
         "# dpok against TRL's DDPOTrainer",
         "",
         f"Written by `benchmarks/vs_trl.py` on {data['cpu']}, {data['threads']} threads, torch {data['torch']}, "
-        f"TRL {TRL_VERSION}; {a['repeats']} repeats, alternating which tool goes first.",
+        f"TRL {TRL_VERSION}; {a['repeats']} repeats, rotating which tool goes first.",
         "",
         f"Equal work: {a['rounds']} rounds (epochs) x {a['samples']} samples of `{a['prompt']}`, sampling and "
         f"training batches of {a['batch']}, {a['steps']} DDIM steps, guidance {a['guidance']}, eta 1, LoRA rank 4 "
@@ -124,6 +143,26 @@ def write_report(data: dict[str, Any], path: Path) -> None:
         "Medians over the repeats; every run's seconds are in `docs/vs_trl/data.json`.",
         "",
     ]
+    variants = [t for t in s if t.startswith("dpok+")]
+    if variants:
+        lines += [
+            "## dpok with a speed option",
+            "",
+            "The same work with one of dpok's denoiser options (docs/denoiser_speed.md); TRL has no counterpart "
+            "and runs as above. A compiling run's first repeat starts from an empty compilation cache and pays "
+            "the whole compilation, as a machine's first run does; later repeats reuse the compiled graphs, "
+            "as later runs do. The median is over all repeats, the first one included.",
+            "",
+            "| dpok option | training phases samples/s | / TRL | first repeat / TRL | whole process samples/s | / TRL "
+            "| first repeat / TRL |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for tool in variants:
+            r, first = s[f"ratio:{tool}"], s[f"first:{tool}"]
+            lines.append(f"| `{' '.join(VARIANTS[tool[5:]])}` | {s[tool]['train']:.3f} | {r['train']:.2f}x "
+                         f"| {first['train'] / s['trl']['train']:.2f}x | {s[tool]['process']:.3f} "
+                         f"| {r['process']:.2f}x | {first['process'] / s['trl']['process']:.2f}x |")
+        lines.append("")
     path.write_text("\n".join(lines))
 
 
@@ -143,6 +182,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of both tools' processes (0: torch's default, one per core)")
     p.add_argument("--report", type=Path, default=ROOT / "docs" / "vs_trl.md")
+    p.add_argument("--variants", nargs="*", default=["compile"], choices=sorted(VARIANTS),
+                   help="dpok speed options run as more tools beside stock dpok (none: stock only)")
     args = p.parse_args()
     if args.samples % args.batch:
         p.error("--samples must be a multiple of --batch (TRL draws whole sampling batches)")
@@ -158,14 +199,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        tools = ["trl", "dpok", *args.variants]
         for repeat in range(args.repeats):
-            order = ("trl", "dpok") if repeat % 2 == 0 else ("dpok", "trl")
+            # each tool goes first in turn
+            order = tools[repeat % len(tools):] + tools[:repeat % len(tools)]
             for tool in order:
-                run = (run_trl(python, default_model_dir(), args) if tool == "trl"
-                       else run_dpok(args, Path(tmp) / f"dpok{repeat}"))
+                if tool == "trl":
+                    run = run_trl(python, default_model_dir(), args)
+                else:
+                    variant = "" if tool == "dpok" else tool
+                    cache = Path(tmp) / "inductor" if "compile" in variant else None
+                    run = run_dpok(args, Path(tmp) / f"dpok{repeat}{variant}", variant, cache)
                 run["repeat"] = repeat
                 runs.append(run)
-                print(f"repeat {repeat} {tool:>4}: training phases {run['train_s']:.1f} s, "
+                print(f"repeat {repeat} {run['tool']:>12}: training phases {run['train_s']:.1f} s, "
                       f"whole process {run['process_s']:.1f} s", flush=True)
     data = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "settings": {**vars(args), "venv": None, "report": None}, "runs": runs, "summary": summarise(runs)}
@@ -176,6 +223,10 @@ def main() -> None:
     s = data["summary"]
     print(f"dpok / TRL samples/s: training phases {s['ratio']['train']:.2f}x, whole process {s['ratio']['process']:.2f}x"
           f"  ({data['cpu']})")
+    for tool in args.variants:
+        r = s[f"ratio:dpok+{tool}"]
+        print(f"dpok {' '.join(VARIANTS[tool])} / TRL: training phases {r['train']:.2f}x, whole process "
+              f"{r['process']:.2f}x")
     print(f"wrote {args.report}")
 
 
