@@ -3,12 +3,16 @@
 TRL 0.23.1 is the last release with ``DDPOTrainer``; it goes into a separate cached virtual
 environment (torch pinned to the same CPU build, diffusers / transformers / peft / accelerate at the
 versions dpok runs with, and dpok itself so that both score with the same reward code). Then, in
-one run and rotating which goes first, each repeat runs
+one run and alternating which goes first, each repeat runs
 
 * ``benchmarks/_trl_ddpo.py``: TRL's ``DDPOTrainer.train()``;
 * ``dpok train --algorithm ddpo-is`` with the same work: rounds = epochs, samples per round,
   sampling and training batches, DDIM steps, guidance, eta, LoRA rank 4 on the attention
   projections (TRL's fixed LoRA), all timesteps, one inner epoch, per-prompt statistics.
+
+``--variants`` then runs dpok with its own denoiser options (``--compile`` and others), in a block
+of their own after every TRL and stock run, so that nothing a compiling run leaves behind lands on
+the comparison with TRL.
 
 It prints and writes (``docs/vs_trl.md``, raw runs in ``docs/vs_trl/data.json``) the samples per
 second of the training phases (sampling, reward, update: TRL's ``train()``, dpok's per-round
@@ -38,6 +42,25 @@ ATTENTION = "to_q,to_k,to_v,to_out.0"  # the layers TRL's DDPO pipeline puts its
 # dpok's own speed options (docs/denoiser_speed.md), each run as one more tool beside the stock call;
 # TRL calls the stock diffusers UNet and has no counterpart
 VARIANTS = {"compile": ("--compile",), "channels-last": ("--channels-last",), "bf16": ("--autocast", "bf16")}
+
+
+def compiles(tool: str) -> bool:
+    """Whether the tool ("dpok+<variant>" or a variant's name) runs torch.compile."""
+    return "--compile" in VARIANTS.get(tool.removeprefix("dpok+"), ())
+
+
+def schedule(repeats: int, variants: list[str]) -> list[tuple[int, str]]:
+    """(repeat, tool) in the order they run: TRL and stock dpok alternate which goes first, repeat
+    after repeat; then the variants, repeat after repeat (their order reversed every other repeat).
+    A variant's repeat 0 therefore runs before its later repeats."""
+    pairs = [(r, t) for r in range(repeats) for t in (("trl", "dpok") if r % 2 == 0 else ("dpok", "trl"))]
+    block = [(r, v) for r in range(repeats) for v in (variants if r % 2 == 0 else variants[::-1])]
+    return pairs + block
+
+
+def inductor_dir(tmp: Path, variant: str) -> Path | None:
+    """The compilation cache of a compiling variant: its own folder, empty before its first repeat."""
+    return tmp / f"inductor-{variant}" if compiles(variant) else None
 
 
 def ensure_trl_env(venv: Path, log: Any = print) -> Path:
@@ -103,17 +126,20 @@ def run_dpok(args: argparse.Namespace, out_dir: Path, variant: str = "", cache: 
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median samples/s of each tool, training phases and whole process; each dpok tool's ratio to
-    TRL ("ratio" for stock dpok, "ratio:<tool>" for a variant); "first:<tool>", a variant's first repeat
-    (its cold compilation) alone."""
+    """Median samples/s of each tool, training phases and whole process, and each dpok tool's ratio
+    to TRL's ("ratio" for stock dpok, "ratio:<tool>" for a variant).
+
+    A compiling variant's median is over its warm repeats (1 and later: the compiled graphs are
+    cached) when it has any; its cold repeat 0 (an empty cache) is "cold:<tool>", alone."""
     out: dict[str, Any] = {}
     tools = list(dict.fromkeys(r["tool"] for r in runs))
     for tool in tools:
         mine = sorted((r for r in runs if r["tool"] == tool), key=lambda r: r["repeat"])
-        out[tool] = {key: statistics.median(r["samples"] / r[f"{key}_s"] for r in mine)
+        warm = [r for r in mine if r["repeat"] > 0] if compiles(tool) else mine
+        out[tool] = {key: statistics.median(r["samples"] / r[f"{key}_s"] for r in warm or mine)
                      for key in ("train", "process")}
-        if tool.startswith("dpok+"):
-            out[f"first:{tool}"] = {key: mine[0]["samples"] / mine[0][f"{key}_s"] for key in ("train", "process")}
+        if compiles(tool) and mine[0]["repeat"] == 0:
+            out[f"cold:{tool}"] = {key: mine[0]["samples"] / mine[0][f"{key}_s"] for key in ("train", "process")}
     for tool in tools:
         if tool.startswith("dpok"):
             name = "ratio" if tool == "dpok" else f"ratio:{tool}"
@@ -127,7 +153,7 @@ def write_report(data: dict[str, Any], path: Path) -> None:
         "# dpok against TRL's DDPOTrainer",
         "",
         f"Written by `benchmarks/vs_trl.py` on {data['cpu']}, {data['threads']} threads, torch {data['torch']}, "
-        f"TRL {TRL_VERSION}; {a['repeats']} repeats, rotating which tool goes first.",
+        f"TRL {TRL_VERSION}; {a['repeats']} repeats, alternating which tool goes first.",
         "",
         f"Equal work: {a['rounds']} rounds (epochs) x {a['samples']} samples of `{a['prompt']}`, sampling and "
         f"training batches of {a['batch']}, {a['steps']} DDIM steps, guidance {a['guidance']}, eta 1, LoRA rank 4 "
@@ -148,20 +174,23 @@ def write_report(data: dict[str, Any], path: Path) -> None:
         lines += [
             "## dpok with a speed option",
             "",
-            "The same work with one of dpok's denoiser options (docs/denoiser_speed.md); TRL has no counterpart "
-            "and runs as above. A compiling run's first repeat starts from an empty compilation cache and pays "
-            "the whole compilation, as a machine's first run does; later repeats reuse the compiled graphs, "
-            "as later runs do. The median is over all repeats, the first one included.",
+            "The same work with one of dpok's denoiser options (docs/denoiser_speed.md), run after all the runs "
+            "above, in a block of their own; TRL has no counterpart, and each ratio is to TRL's median above. "
+            "A compiling option's samples/s are the median of its warm repeats (the second and later: the "
+            "compiled graphs are in the cache, though each new process still traces the model), and its first "
+            "repeat, from an empty compilation cache, is shown alone as the cold run, as a machine's first "
+            "run pays it. The training phases leave out the before/after evaluation and the KL logging, where "
+            "a compiling run also compiles; the whole process holds that cost.",
             "",
-            "| dpok option | training phases samples/s | / TRL | first repeat / TRL | whole process samples/s | / TRL "
-            "| first repeat / TRL |",
+            "| dpok option | training phases samples/s | / TRL | whole process samples/s | / TRL "
+            "| cold first run: training phases / TRL | cold first run: whole process / TRL |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for tool in variants:
-            r, first = s[f"ratio:{tool}"], s[f"first:{tool}"]
+            r, cold = s[f"ratio:{tool}"], s.get(f"cold:{tool}")
+            cells = ([f"{cold[k] / s['trl'][k]:.2f}x" for k in ("train", "process")] if cold else ["—", "—"])
             lines.append(f"| `{' '.join(VARIANTS[tool[5:]])}` | {s[tool]['train']:.3f} | {r['train']:.2f}x "
-                         f"| {first['train'] / s['trl']['train']:.2f}x | {s[tool]['process']:.3f} "
-                         f"| {r['process']:.2f}x | {first['process'] / s['trl']['process']:.2f}x |")
+                         f"| {s[tool]['process']:.3f} | {r['process']:.2f}x | {cells[0]} | {cells[1]} |")
         lines.append("")
     path.write_text("\n".join(lines))
 
@@ -185,6 +214,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=["compile"], choices=sorted(VARIANTS),
                    help="dpok speed options run as more tools beside stock dpok (none: stock only)")
     args = p.parse_args()
+    args.variants = list(dict.fromkeys(args.variants))  # a repeated name would reuse a run folder
     if args.samples % args.batch:
         p.error("--samples must be a multiple of --batch (TRL draws whole sampling batches)")
 
@@ -199,21 +229,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        tools = ["trl", "dpok", *args.variants]
-        for repeat in range(args.repeats):
-            # each tool goes first in turn
-            order = tools[repeat % len(tools):] + tools[:repeat % len(tools)]
-            for tool in order:
-                if tool == "trl":
-                    run = run_trl(python, default_model_dir(), args)
-                else:
-                    variant = "" if tool == "dpok" else tool
-                    cache = Path(tmp) / "inductor" if "compile" in variant else None
-                    run = run_dpok(args, Path(tmp) / f"dpok{repeat}{variant}", variant, cache)
-                run["repeat"] = repeat
-                runs.append(run)
-                print(f"repeat {repeat} {run['tool']:>12}: training phases {run['train_s']:.1f} s, "
-                      f"whole process {run['process_s']:.1f} s", flush=True)
+        for repeat, tool in schedule(args.repeats, args.variants):
+            if tool == "trl":
+                run = run_trl(python, default_model_dir(), args)
+            else:
+                variant = "" if tool == "dpok" else tool
+                run = run_dpok(args, Path(tmp) / f"dpok{repeat}{variant}", variant, inductor_dir(Path(tmp), variant))
+            run["repeat"] = repeat
+            runs.append(run)
+            print(f"repeat {repeat} {run['tool']:>12}: training phases {run['train_s']:.1f} s, "
+                  f"whole process {run['process_s']:.1f} s", flush=True)
     data = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "settings": {**vars(args), "venv": None, "report": None}, "runs": runs, "summary": summarise(runs)}
     raw = args.report.parent / args.report.stem / "data.json"
