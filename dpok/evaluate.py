@@ -182,4 +182,20 @@ def format_table(result: dict[str, Any]) -> str:
                  if (k if k == "reward_mean" else f"{k}_mean") in data}
         lines.append(f"{split:7s} {'(mean)':45s} {means['reward_mean']:8.3f} {'':7s} "
                      + " ".join(cell(means, k) for k in ("judge_aligned", "clean_share", "frechet", "diversity", "kl_to_base")))
-    return "\n".join(lines)
+    return "\n".join(lines + flaw_lines(result))
+
+
+def flaw_lines(result: dict[str, Any]) -> list[str]:
+    """Why the judge found images misaligned: per prompt, the share of images with each flaw the
+    domain's judge names (``judge_<flaw>`` measures, e.g. ShapeWorld's ``missing`` and ``extra``);
+    nothing for a domain without them."""
+    rows = [(split, prompt, v) for split, data in result["splits"].items() for prompt, v in data["prompts"].items()]
+    names = sorted({k[len("judge_"):] for _, _, v in rows for k in v if k.startswith("judge_") and k != "judge_aligned"})
+    if not names:
+        return []
+    lines = ["", "why misaligned (share of images with each flaw; an image may have several):",
+             f"{'split':7s} {'prompt':45s} " + " ".join(f"{n:>12s}" for n in names)]
+    for split, prompt, v in rows:
+        lines.append(f"{split:7s} {prompt:45s} " + " ".join(
+            f"{v[f'judge_{n}']:12.3f}" if f"judge_{n}" in v else f"{'-':>12s}" for n in names))
+    return lines

@@ -13,6 +13,7 @@ the same for both.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,7 +120,8 @@ def initial_noise(adapter: DiffusionAdapter, n: int, generator: torch.Generator)
 def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps: int, eta: float,
                         guidance_scale: float, generator: torch.Generator, reference: bool = False,
                         logprob_reduce: str = "sum", with_log_probs: bool = True, keep_means: int = 0,
-                        initial: torch.Tensor | None = None) -> Trajectory:
+                        initial: torch.Tensor | None = None, start_step: int = 0,
+                        stop_step: int = 0) -> Trajectory:
     """Sample one trajectory per prompt with DDIM (eta > 0 makes it a stochastic policy), or with
     Flow-GRPO's SDE at noise level a = ``eta`` for a flow model (a = 0: the flow-match Euler ODE).
 
@@ -128,14 +130,22 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
     ``with_log_probs=False`` (a likelihood-free method's rollouts) allows eta = 0, deterministic
     DDIM; its ``log_probs`` are then zeros. ``keep_means``: how many of the leading trajectories keep
     their step means (``Trajectory.means``). ``initial``: the initial noise x_T (B, C, h, w) to start
-    from instead of a draw from ``generator``.
+    from instead of a draw from ``generator``; with ``start_step`` s > 0 it is instead the state
+    reached after s of the ``num_steps`` steps, and the trajectory holds the remaining steps only
+    (a continuation, e.g. to branch a trajectory mid-way). ``stop_step`` s' > 0: stop after step
+    s' - 1 (a trunk to branch from): ``final_latents`` is then that state and ``images`` is empty,
+    nothing being decoded.
     """
+    stop = stop_step or num_steps
+    if not 0 <= start_step < stop <= num_steps or (start_step and initial is None):
+        raise ValueError(f"start_step must be in [0, {num_steps}), before stop_step ({stop_step}), and when > 0 "
+                         f"come with the state it starts from (got {start_step})")
     if eta < 0 or (eta == 0 and with_log_probs):
         raise ValueError(f"eta must be > 0 to sample a trajectory with log-probs (got {eta}); "
                          "eta = 0 is deterministic (DDIM, or a flow model's Euler ODE) and has no log-prob")
     embeds = adapter.encode_prompts(prompts)
     x = initial_noise(adapter, len(prompts), generator) if initial is None else initial.to(adapter.device)
-    timesteps = adapter.timesteps(num_steps)
+    timesteps = adapter.timesteps(num_steps)[start_step:stop]
     latents, next_latents, log_probs, means = [], [], [], []
     for t in timesteps:
         t_batch = t.expand(len(prompts))
@@ -153,34 +163,63 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
         prompts=list(prompts), embeds=embeds,
         latents=torch.stack(latents, 1), next_latents=torch.stack(next_latents, 1),
         timesteps=timesteps, log_probs=torch.stack(log_probs, 1),
-        final_latents=x, images=adapter.decode(x), logprob_reduce=logprob_reduce,
-        means=torch.stack(means, 1) if means else None,
+        final_latents=x, images=adapter.decode(x) if stop == num_steps else x.new_zeros(0),
+        logprob_reduce=logprob_reduce, means=torch.stack(means, 1) if means else None,
     )
+
+
+def _after_trunk(trunk: Trajectory, rows: slice, rest: Trajectory) -> Trajectory:
+    """The whole trajectories of the branches ``rest`` continued from ``trunk``'s rows ``rows``
+    (the trunk's steps first, then the branch's)."""
+    means = None
+    if rest.means is not None:
+        means = torch.cat([trunk.means[rows][: len(rest.means)], rest.means], 1)
+    return dataclasses.replace(
+        rest, latents=torch.cat([trunk.latents[rows], rest.latents], 1),
+        next_latents=torch.cat([trunk.next_latents[rows], rest.next_latents], 1),
+        timesteps=torch.cat([trunk.timesteps, rest.timesteps]),
+        log_probs=torch.cat([trunk.log_probs[rows], rest.log_probs], 1), means=means)
 
 
 def sample_in_batches(adapter: DiffusionAdapter, prompts: list[str], batch_size: int, num_steps: int, eta: float,
                       guidance_scale: float, generator: torch.Generator, reference: bool = False,
                       logprob_reduce: str = "sum", with_log_probs: bool = True,
                       on_batch: Callable[[Trajectory], None] | None = None, keep_means: int = 0,
-                      shared_noise: int = 0) -> Trajectory:
+                      shared_noise: int = 0, branch_step: int = 0) -> Trajectory:
     """:func:`sample_trajectories` over ``prompts`` in batches of ``batch_size``, joined in order.
 
     ``on_batch`` is handed each batch as soon as it is sampled (the trainer starts scoring it
     there, beside the next batch's sampling); it does not change what is sampled. The first
     ``keep_means`` trajectories keep their step means. ``shared_noise`` = k > 1: each run of k
     trajectories in a row (a prompt's group) starts from one initial noise x_T, drawn for every
-    group before the first batch (groups may straddle batches); only the steps' noise differs."""
-    initial = None
+    group before the first batch (groups may straddle batches); only the steps' noise differs.
+    ``branch_step`` s > 0 (with ``shared_noise``): each group also shares its first s steps, a
+    trunk sampled for every group before the first batch, from which its k trajectories branch."""
+    initial, trunk = None, None
     if shared_noise > 1:
         if len(prompts) % shared_noise:
             raise ValueError(f"{len(prompts)} trajectories do not split into groups of {shared_noise} sharing x_T")
-        initial = initial_noise(adapter, len(prompts) // shared_noise, generator).repeat_interleave(shared_noise, 0)
+        initial = initial_noise(adapter, len(prompts) // shared_noise, generator)
+        if branch_step:
+            trunk = sample_trajectories(adapter, prompts[::shared_noise], num_steps, eta, guidance_scale, generator,
+                                        reference, logprob_reduce, with_log_probs,
+                                        keep_means=len(initial) if keep_means else 0,
+                                        initial=initial, stop_step=branch_step)
+            trunk = dataclasses.replace(trunk, **{k: getattr(trunk, k).repeat_interleave(shared_noise, 0) for k in
+                                                  ("latents", "next_latents", "log_probs", "final_latents", "means")
+                                                  if getattr(trunk, k) is not None})
+            initial = trunk.final_latents
+        else:
+            initial = initial.repeat_interleave(shared_noise, 0)
+    elif branch_step:
+        raise ValueError("branch_step needs groups of trajectories (shared_noise > 1) to branch")
     parts = []
     for i in range(0, len(prompts), batch_size):
-        parts.append(sample_trajectories(adapter, prompts[i : i + batch_size], num_steps, eta, guidance_scale,
-                                         generator, reference, logprob_reduce, with_log_probs,
-                                         keep_means=max(0, keep_means - i),
-                                         initial=None if initial is None else initial[i : i + batch_size]))
+        rows = slice(i, i + batch_size)
+        part = sample_trajectories(adapter, prompts[rows], num_steps, eta, guidance_scale, generator, reference,
+                                   logprob_reduce, with_log_probs, keep_means=max(0, keep_means - i),
+                                   initial=None if initial is None else initial[rows], start_step=branch_step)
+        parts.append(part if trunk is None else _after_trunk(trunk, rows, part))
         if on_batch is not None:
             on_batch(parts[-1])
     return Trajectory.cat(parts)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..adapter import DiffusionAdapter, local_model_family
-from ..core import PerPromptStatTracker, clip_advantages, group_advantages
+from ..core import PerPromptStatTracker, clip_advantages, group_advantages, trunk_advantages
 from ..distributed import gather_batch, sync_gradients
 from ..options import option
 from ..sampling import Trajectory, sample_in_batches
@@ -51,6 +51,10 @@ class PolicyGradientSettings:
                                        "from one initial noise x_T, and --advantage group standardises within each "
                                        "such group (DanceGRPO): the spread of rewards that x_T alone decides leaves "
                                        "the advantages, which then credit the steps' noise, what the policy chooses")
+    branch_step: int = option(0, "with --shared-noise, each group's k samples also share their first s denoising "
+                                 "steps and branch there (a tree rollout): the shared steps are credited with the "
+                                 "group's mean reward against the prompt's other groups, each sample's later steps "
+                                 "with its reward against its own group (0: branch at x_T)")
     stat_buffer: int = option(16, "per-prompt reward history length (DDPO stat tracking)")
     stat_min_count: int = option(16, "rewards of a prompt needed before its own statistics are used")
     step_window_start: float = option(0.0, "first trained step, as a fraction of the trajectory (0 = the noisiest "
@@ -67,7 +71,7 @@ class PolicyGradientSettings:
             errors.append(f"--stat-min-count ({self.stat_min_count}) must be <= --stat-buffer ({self.stat_buffer})")
         errors += positive(self, ("clip_range", "adv_clip"), strict=True)
         errors += positive(self, ("stat_buffer", "stat_min_count"), least=1)
-        errors += positive(self, ("beta", "adv_std_floor"))
+        errors += positive(self, ("beta", "adv_std_floor", "branch_step"))
         return errors
 
 
@@ -198,7 +202,17 @@ class Algorithm:
 
     @classmethod
     def _check_shared_noise(cls, cfg: TrainConfig, num_processes: int) -> list[str]:
-        """Errors of --shared-noise: it needs group advantages, groups of two or more and stochastic rollouts."""
+        """Errors of --shared-noise: it needs group advantages, groups of two or more and stochastic
+        rollouts; and of --branch-step: it needs --shared-noise, per-step credit and a step to branch at."""
+        branch = cfg.policy_gradient.branch_step
+        if branch and not cfg.policy_gradient.shared_noise:
+            return [f"--branch-step {branch} needs --shared-noise: the samples that branch from one trunk are a "
+                    "group of --samples-per-prompt samples sharing their x_T"]
+        if branch and cls.own_rollout_sampler:
+            return [f"--branch-step is for the methods that credit each denoising step, not --algorithm {cls.name}, "
+                    "which trains on the final images"]
+        if branch >= cfg.num_steps:
+            return [f"--branch-step ({branch}) must be below --num-steps ({cfg.num_steps})"]
         if not cfg.policy_gradient.shared_noise:
             return []
         if not cls.takes_shared_noise:
@@ -338,6 +352,28 @@ def trajectory_advantages(estimator: str, tracker: PerPromptStatTracker, prompts
     else:
         advantages = tracker.update(all_keys, all_rewards)
     return clip_advantages(advantages, clip)[mine]
+
+
+def step_advantages(pg: PolicyGradientSettings, tracker: PerPromptStatTracker, rollout: Rollout) -> torch.Tensor:
+    """The advantage of every step of every trajectory (B, T), clipped to +-``adv_clip``.
+
+    Every step gets its trajectory's advantage (:func:`trajectory_advantages`), except with
+    --branch-step s: the first s steps, shared by a group's trajectories, get the group's trunk
+    advantage (:func:`dpok.core.trunk_advantages`, over every process's rewards) and the later
+    steps the trajectory's advantage within its group. Invalid samples get 0 throughout.
+    """
+    traj = rollout.trajectory
+    per_trajectory = trajectory_advantages(pg.advantage, tracker, traj.prompts, rollout.rewards, rollout.valid,
+                                           pg.adv_clip, pg.adv_std_floor, rollout.advantage_groups)
+    out = per_trajectory[:, None].repeat(1, traj.num_steps)
+    if pg.branch_step:
+        masked = torch.where(rollout.valid, rollout.rewards, torch.full_like(rollout.rewards, float("nan")))
+        all_groups, all_rewards, mine = gather_batch(rollout.advantage_groups, masked)
+        all_prompts, _, _ = gather_batch(traj.prompts, masked)
+        trunk = clip_advantages(trunk_advantages(all_prompts, all_groups, all_rewards, std_floor=pg.adv_std_floor),
+                                pg.adv_clip)[mine]
+        out[:, : pg.branch_step] = trunk.to(out)[:, None]
+    return out
 
 
 def mean_stats(items: list[dict[str, float]]) -> dict[str, float]:

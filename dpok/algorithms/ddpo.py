@@ -33,7 +33,7 @@ from .base import (
     largest_divisor_at_most,
     mean_stats,
     positive,
-    trajectory_advantages,
+    step_advantages,
 )
 
 if TYPE_CHECKING:
@@ -102,8 +102,7 @@ class _DDPO(Algorithm):
         cfg, pg, traj = self.cfg, self.cfg.policy_gradient, rollout.trajectory
         traj.check_reduce(cfg.logprob_reduce)
         # per-prompt statistics over the whole round, i.e. the rewards of every process
-        advantages = trajectory_advantages(pg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
-                                           pg.adv_clip, pg.adv_std_floor, rollout.advantage_groups)
+        advantages = step_advantages(pg, self.tracker, rollout)  # (B, T)
         keep = rollout.valid.nonzero().flatten()
         # each optimizer step is a collective in a multi-process run: every process makes as many
         # as the process with the most valid samples needs (one process: len(keep))
@@ -144,7 +143,7 @@ class _DDPO(Algorithm):
             timesteps = traj.timesteps.to(device)[steps.to(device)]
             log_probs, dist, output = evaluate_log_probs(adapter, latents, next_latents, timesteps, embeds,
                                                          cfg.guidance_scale, cfg.eta, cfg.num_steps, cfg.logprob_reduce)
-            adv = advantages[mb].to(device)
+            adv = advantages[mb, steps].to(device)
             old = traj.log_probs[mb, steps].to(device)
             loss, s = self.loss(log_probs, old, adv, StepContext(latents, timesteps, embeds, dist, output))
             (loss / (n_train * accum)).backward()

@@ -45,7 +45,7 @@ from .base import (
     guarded_step,
     mean_stats,
     positive,
-    trajectory_advantages,
+    step_advantages,
 )
 
 if TYPE_CHECKING:
@@ -210,8 +210,7 @@ class DPOK(Algorithm):
     def update(self, rollout: Rollout) -> UpdateResult:
         cfg, pg, own, traj = self.cfg, self.cfg.policy_gradient, self.cfg.dpok, rollout.trajectory
         traj.check_reduce(cfg.logprob_reduce)
-        advantages = trajectory_advantages(pg.advantage, self.tracker, traj.prompts, rollout.rewards, rollout.valid,
-                                           pg.adv_clip, pg.adv_std_floor, rollout.advantage_groups)
+        advantages = step_advantages(pg, self.tracker, rollout)  # (B, T)
         keep = rollout.valid.nonzero().flatten()
         # skip only when no process has a valid sample: the steps below are collectives
         if distributed.all_sum(len(keep)) == 0:
@@ -224,7 +223,7 @@ class DPOK(Algorithm):
                 traj.timesteps[steps].repeat(len(keep)), traj.log_probs[keep][:, steps].flatten(),
                 rollout.rewards[keep].repeat_interleave(t),
                 [traj.prompts[i] for i in keep.tolist() for _ in range(t)],
-                advantages=advantages[keep].repeat_interleave(t),
+                advantages=advantages[keep][:, steps].flatten(),
             )
         stats = []
         uses_value = pg.advantage == "value"

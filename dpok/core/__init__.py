@@ -3,7 +3,7 @@
 Nothing in this package imports diffusers, so it can be tested and reused without a pipeline.
 """
 
-from dpok.core.advantages import PerPromptStatTracker, clip_advantages, group_advantages
+from dpok.core.advantages import PerPromptStatTracker, clip_advantages, group_advantages, trunk_advantages
 from dpok.core.ddim import (
     PREDICTION_TYPES,
     StepDistribution,
@@ -48,6 +48,7 @@ __all__ = [
     "lr_factor",
     "SURROGATES",
     "group_advantages",
+    "trunk_advantages",
     "step_window",
     "PREDICTION_TYPES",
     "PerPromptStatTracker",

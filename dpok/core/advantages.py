@@ -70,6 +70,42 @@ def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_E
     return advantages.to(dtype=rewards.dtype, device=rewards.device)
 
 
+def trunk_advantages(prompts: list[str], groups: list[str], rewards: Tensor, eps: float = DEFAULT_EPS,
+                     std_floor: float = 0.0) -> Tensor:
+    """The advantage of a shared trunk: the mean reward of each sample's group, standardised over its prompt.
+
+        A_trunk,i = (mean_{G(i)} - mean_{P(i)}) / (max(std_{P(i)}, floor) + eps)
+
+    where G(i) is sample i's group (the k trajectories that branched from one trunk) and P(i) every
+    sample of its prompt this round, finite rewards only, population std. The steps a group shares
+    were taken once for all k of its trajectories, so they are credited with what the group as a
+    whole scored against the prompt's other groups; each trajectory's own steps after the branch
+    point get its reward against its own group (:func:`group_advantages` on the groups). A group or
+    prompt without two finite rewards gives 0, as does a non-finite reward.
+
+    Args:
+        prompts: B prompt strings; groups: B group keys (a group holds one prompt); rewards: (B,).
+
+    Returns:
+        advantages (B,) with the dtype and device of ``rewards``.
+    """
+    _check_rewards(rewards)
+    if not len(prompts) == len(groups) == rewards.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts and {len(groups)} groups for {rewards.shape[0]} rewards")
+    values = rewards.detach().double().cpu()
+    finite = torch.isfinite(values)
+    advantages = torch.zeros_like(values)
+    for prompt in dict.fromkeys(prompts):
+        rows = torch.tensor([p == prompt for p in prompts]) & finite
+        if int(rows.sum()) < 2:
+            continue
+        mean, std = _mean_std(values[rows])
+        for group in dict.fromkeys(g for g, r in zip(groups, rows.tolist()) if r):
+            members = torch.tensor([g == group for g in groups]) & finite
+            advantages[members] = (values[members].mean() - mean) / (std.clamp_min(std_floor) + eps)
+    return advantages.to(dtype=rewards.dtype, device=rewards.device)
+
+
 def clip_advantages(advantages: Tensor, limit: float) -> Tensor:
     """Clamp advantages to [-limit, limit] (DDPO's ``adv_clip_max``); same shape as the input."""
     if limit <= 0:

@@ -118,16 +118,47 @@ def judge(image: np.ndarray) -> Judgement:
     return Judgement(tuple(objects), specks)
 
 
-def is_aligned(image: np.ndarray, prompt: str | ParsedPrompt) -> bool:
-    """Objects equal the prompt's multiset exactly and, for relations, the relation holds."""
+FLAWS = ("missing", "extra", "foreign", "unrecognised", "relation")
+"""Why an image is not aligned, as :func:`flaws` names it (an image may have several)."""
+
+
+def flaws(image: np.ndarray | Judgement, prompt: str | ParsedPrompt) -> frozenset[str]:
+    """What keeps an image from its prompt; empty exactly when :func:`is_aligned`.
+
+    - ``missing``: some type of the prompt drawn fewer times than asked (``two`` drawn once);
+    - ``extra``: some type of the prompt drawn more times than asked (``two`` drawn three times);
+    - ``foreign``: a recognised (colour, shape) the prompt does not name (a wrong colour or shape,
+      or a stray object);
+    - ``unrecognised``: a component of no palette colour or no shape (a blob, a merged pair);
+    - ``relation``: the objects are right but the relation does not hold.
+
+    ``image`` may be an image (as :func:`judge` takes) or its :class:`Judgement`.
+    """
     parsed = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    j = judge(image)
-    if j.counts != Counter(parsed.objects):
-        return False
-    if parsed.relation is None:
-        return True
+    j = image if isinstance(image, Judgement) else judge(image)
+    want, got = Counter(parsed.objects), j.counts
+    found = set()
+    if any(got[pair] < n for pair, n in want.items()):
+        found.add("missing")
+    if any(got[pair] > n for pair, n in want.items()):
+        found.add("extra")
+    if any(pair is not None and pair not in want for pair in got):
+        found.add("foreign")
+    if None in got:
+        found.add("unrecognised")
+    if not found and parsed.relation is not None and not _relation_holds(j, parsed):
+        found.add("relation")
+    return frozenset(found)
+
+
+def _relation_holds(j: Judgement, parsed: ParsedPrompt) -> bool:
     a = next(o for o in j.objects if o.pair == parsed.groups[0].pair)
     b = next(o for o in j.objects if o.pair == parsed.groups[1].pair)
     if parsed.relation == "left of":
         return a.centroid[0] < b.centroid[0]
     return a.centroid[1] < b.centroid[1]
+
+
+def is_aligned(image: np.ndarray, prompt: str | ParsedPrompt) -> bool:
+    """Objects equal the prompt's multiset exactly and, for relations, the relation holds."""
+    return not flaws(image, prompt)

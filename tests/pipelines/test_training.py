@@ -49,6 +49,22 @@ def test_sampler_matches_the_plain_diffusers_pipeline(tiny_pipeline_dir: Path) -
     torch.testing.assert_close(traj.final_latents, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_a_trajectory_continued_from_a_mid_way_state_with_the_same_noise_is_the_same(tiny_pipeline_dir: Path) -> None:
+    adapter = make_adapter(tiny_pipeline_dir, lora=False)
+    traj = sample_trajectories(adapter, PROMPTS, 5, 1.0, 4.0, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    torch.randn(traj.latents[:, 0].shape, generator=gen)  # x_T, then the noise of the first 2 steps
+    for _ in range(2):
+        torch.randn(traj.latents[:, 0].shape, generator=gen)
+    rest = sample_trajectories(adapter, PROMPTS, 5, 1.0, 4.0, gen, initial=traj.latents[:, 2], start_step=2)
+    assert rest.num_steps == 3 and torch.equal(rest.timesteps, traj.timesteps[2:])
+    torch.testing.assert_close(rest.final_latents, traj.final_latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rest.log_probs, traj.log_probs[:, 2:], atol=1e-4, rtol=1e-5)
+    for bad in ({"start_step": 5, "initial": traj.latents[:, 0]}, {"start_step": 2}):
+        with pytest.raises(ValueError, match="start_step"):
+            sample_trajectories(adapter, PROMPTS, 5, 1.0, 4.0, gen, **bad)
+
+
 def test_ratio_is_one_and_kl_zero_before_the_first_update(tiny_pipeline_dir: Path) -> None:
     adapter = make_adapter(tiny_pipeline_dir)
     traj = sample_trajectories(adapter, PROMPTS, 4, 1.0, 5.0, torch.Generator().manual_seed(0))

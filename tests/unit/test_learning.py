@@ -17,6 +17,7 @@ from dpok.core import (
     sft_kl_loss,
     sft_weights,
     step_window,
+    trunk_advantages,
 )
 
 # ----------------------------------------------------------------------------- math core
@@ -38,6 +39,25 @@ def test_group_advantages_ignore_non_finite_rewards() -> None:
     adv = group_advantages(["a"] * 4, torch.tensor([1.0, float("nan"), 3.0, float("inf")]))
     torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0]), atol=1e-5, rtol=1e-5)
     assert torch.equal(group_advantages(["a", "a"], torch.tensor([2.0, 2.0])), torch.zeros(2))
+
+
+def test_trunk_advantages_credit_each_group_mean_against_its_prompt() -> None:
+    # prompt "a": two trunks of two branches (g1: 1, 0; g2: 1, 1); prompt "b": one trunk g3 and a
+    # NaN reward; prompt "c": a single sample
+    prompts = ["a", "a", "a", "a", "b", "b", "b", "c"]
+    groups = ["g1", "g1", "g2", "g2", "g3", "g3", "g4", "g5"]
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.2, 0.6, float("nan"), 0.5])
+    adv = trunk_advantages(prompts, groups, rewards)
+    sa = statistics.pstdev([1.0, 0.0, 1.0, 1.0])  # mean 0.75
+    expected = torch.tensor([(0.5 - 0.75) / sa] * 2 + [(1.0 - 0.75) / sa] * 2 + [0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
+    # trunk plus branch (the within-group part on the prompt's scale) is the plain group advantage
+    branch = torch.tensor([0.5, -0.5, 0.0, 0.0]) / sa
+    torch.testing.assert_close(adv[:4] + branch, group_advantages(prompts[:4], rewards[:4]), atol=1e-5, rtol=1e-5)
+    # one trunk per prompt: every branch came from it, the trunk has nothing to be compared with
+    assert torch.equal(trunk_advantages(["a"] * 3, ["g"] * 3, torch.tensor([0.0, 1.0, 0.5])), torch.zeros(3))
+    with pytest.raises(ValueError, match="groups"):
+        trunk_advantages(["a"], ["g", "h"], torch.tensor([1.0]))
 
 
 def test_a_std_floor_keeps_near_equal_rewards_from_unit_scale_advantages() -> None:

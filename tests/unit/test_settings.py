@@ -166,7 +166,9 @@ def test_default_prompts_and_checks_come_from_the_domain() -> None:
         prepare_prompts(TrainConfig.from_options(prompt=["a red dog"]), SHAPEWORLD)
     assert prepare_prompts(TrainConfig.from_options(prompt=["a red dog"]), None) == ["a red dog"]
     images = torch.rand(2, 3, 64, 64)
-    assert set(SHAPEWORLD.measures(images, "a red circle", 0)) == {"judge_aligned", "clean_share", "frechet"}
+    assert set(SHAPEWORLD.measures(images, "a red circle", 0)) == {
+        "judge_aligned", "clean_share", "frechet", "judge_missing", "judge_extra", "judge_foreign",
+        "judge_unrecognised", "judge_relation"}
 
 
 def test_the_flow_grpo_preset_takes_the_papers_noise_level_on_a_flow_model(tmp_path: Path) -> None:

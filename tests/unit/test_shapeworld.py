@@ -25,7 +25,7 @@ from dpok.shapeworld import (
     scene_matches,
 )
 from dpok.shapeworld.distribution import misaligned_variant, sample_labelled_scene
-from dpok.shapeworld.judge import is_aligned, judge
+from dpok.shapeworld.judge import FLAWS, flaws, is_aligned, judge
 from dpok.shapeworld.render import BORDER, GAP, MAX_SIZE, MIN_SIZE, Shape, relation_holds
 
 
@@ -172,6 +172,35 @@ def test_judge_catches_a_removed_recoloured_or_moved_object() -> None:
     assert is_aligned(render_scene((Shape("red", "circle", 10, 20, 12), Shape("blue", "square", 40, 20, 12))), rel)
 
 
+def test_judge_names_each_flaw_of_a_misaligned_image() -> None:
+    parsed = parse_prompt("two white triangles")
+    one, two, three = (Shape("white", "triangle", x, 20, 14) for x in (4, 24, 44))
+    assert flaws(render_scene((one, two)), parsed) == frozenset()
+    assert flaws(render_scene((one,)), parsed) == {"missing"}
+    assert flaws(render_scene((one, two, three)), parsed) == {"extra"}
+    assert flaws(render_scene((one, two, Shape("red", "circle", 44, 20, 14))), parsed) == {"foreign"}
+    # a recoloured one: one white triangle short and an orange one the prompt does not name
+    assert flaws(render_scene((one, Shape("orange", "triangle", 24, 20, 14))), parsed) == {"missing", "foreign"}
+    grey = render_scene((one, two))
+    grey[40:54, 40:54] = 128  # a square of no palette colour
+    assert flaws(grey, parsed) == {"unrecognised"}
+    rel = parse_prompt("a red circle left of a blue square")
+    wrong_side = render_scene((Shape("red", "circle", 40, 20, 12), Shape("blue", "square", 10, 20, 12)))
+    assert flaws(wrong_side, rel) == {"relation"}
+    assert flaws(np.zeros((64, 64, 3), np.uint8), "a red circle") == {"missing"}
+    assert set(FLAWS) == {"missing", "extra", "foreign", "unrecognised", "relation"}
+
+
+def test_flaws_are_empty_exactly_when_aligned() -> None:
+    rng = np.random.default_rng(8)
+    for _ in range(200):
+        parsed = sample_caption(rng, biased=False)
+        img = render_scene(scene_for_prompt(parsed, rng))
+        wrong = misaligned_variant(parsed, rng)
+        assert flaws(img, parsed) == frozenset() and is_aligned(img, parsed)
+        assert flaws(img, wrong) and not is_aligned(img, wrong), wrong.text()
+
+
 def test_judge_rejects_noise_and_blank_images() -> None:
     rng = np.random.default_rng(6)
     noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -208,3 +237,19 @@ def test_frechet_distance_is_near_zero_for_renders_and_large_for_noise() -> None
     assert same < 0.05
     assert frechet_distance(renders_a, noise) > 100 * max(same, 1e-3)
     assert frechet_distance(renders_a, other) > 10 * max(same, 1e-3)
+
+
+def test_eval_table_says_why_images_were_misaligned() -> None:
+    from dpok.evaluate import flaw_lines, format_table
+
+    row = {"reward_mean": 0.5, "reward_std": 0.1, "judge_aligned": 0.5, "clean_share": 1.0,
+           "judge_missing": 0.25, "judge_extra": 0.125, "judge_foreign": 0.0, "judge_unrecognised": 0.0,
+           "judge_relation": 0.0}
+    result = {"splits": {"seen": {"prompts": {"two white triangles": row}, "reward_mean": 0.5}}}
+    table = format_table(result)
+    header, line = table.splitlines()[-2:]
+    assert header.split()[2:] == ["extra", "foreign", "missing", "relation", "unrecognised"]
+    assert line.split()[-5:] == ["0.125", "0.000", "0.250", "0.000", "0.000"]
+    # a domain without a judge's flaws (a plain text-to-image model) adds nothing
+    plain = {"splits": {"seen": {"prompts": {"a cat": {"reward_mean": 0.5, "reward_std": 0.1}}, "reward_mean": 0.5}}}
+    assert flaw_lines(plain) == [] and "why misaligned" not in format_table(plain)
