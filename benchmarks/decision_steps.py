@@ -59,6 +59,16 @@ def state_share(outcomes: np.ndarray) -> float:
     return float(np.clip(between / (between + within), 0.0, 1.0))
 
 
+def state_share_se(outcomes: np.ndarray, resamples: int = 500, seed: int = 0) -> float:
+    """Bootstrap standard error of :func:`state_share` over the states (rows drawn with replacement);
+    NaN when fewer than two resamples have variance."""
+    outcomes = np.asarray(outcomes, dtype=float)
+    rng = np.random.default_rng(seed)
+    shares = [state_share(outcomes[rng.integers(0, len(outcomes), len(outcomes))]) for _ in range(resamples)]
+    shares = [s for s in shares if s == s]
+    return float(np.std(shares, ddof=1)) if len(shares) > 1 else float("nan")
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
@@ -100,7 +110,8 @@ def analyse(model: str, lora: str, prompt: str, trajectories: int, branches: int
                 found += [flaws(image, prompt) for image in out.images.permute(0, 2, 3, 1).cpu().numpy()]
             aligned = np.array([not f for f in found], dtype=float).reshape(trajectories, branches)
             rows.append({"step": s, "timestep": int(traj.timesteps[s]), "aligned": float(aligned.mean()),
-                         "state_share": state_share(aligned),
+                         "state_share": state_share(aligned), "state_share_se": state_share_se(aligned),
+                         "outcomes": aligned.astype(int).tolist(),
                          "missing": float(np.mean(["missing" in f for f in found])),
                          "extra": float(np.mean(["extra" in f for f in found]))})
             print(f"  {lora or 'base'}: branch at step {s:2d}: aligned {rows[-1]['aligned']:.3f}, fixed by the "
@@ -131,14 +142,16 @@ def write_report(data: dict, out: Path, docs: Path) -> None:
         "fixes (the intra-class correlation of each state's continuations; 0: the later steps still decide "
         "everything, 1: x_s decides alone). It stops rising at the step after which the remaining steps cannot "
         "change the outcome; below 1 at the end only because the judge's verdicts and the last steps' pixels "
-        f"are not perfectly repeatable. With {s['trajectories']} states, shares move by about ±0.1 between runs.",
+        "are not perfectly repeatable. ± is its bootstrap standard error over the states; the fewer the "
+        "misaligned images, the larger it is.",
         "",
     ]
     for name, model in data["models"].items():
         lines += [f"## {name}", "", model["what"], "",
                   "| step s | timestep | aligned | fixed by the state | object missing | object extra |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['step']} | {r['timestep']} | {r['aligned']:.3f} | {_fmt(r['state_share'])} | "
+        lines += [f"| {r['step']} | {r['timestep']} | {r['aligned']:.3f} | {_fmt(r['state_share'])} ± "
+                  f"{_fmt(r['state_share_se'])} | "
                   f"{r['missing']:.3f} | {r['extra']:.3f} |" for r in model["rows"]]
         lines.append("")
     lines += ["![share of the outcome fixed by the state, per step](decision_steps/share.png)", ""]

@@ -3,6 +3,7 @@
     python benchmarks/default_run.py                 # `dpok train` with no options, then `dpok eval`
     python benchmarks/default_run.py --prompts       # the default prompt only
     python benchmarks/default_run.py --report-only   # rewrite the report from runs/default-run
+    python benchmarks/default_run.py --eval-only     # evaluate the runs there again (new measures), then report
 
 Runs ``dpok train`` (no options but the run folder) in a subprocess and times it as a user sees it,
 model loading and the before/after evaluation included; then ``dpok eval`` of the base model and of
@@ -72,11 +73,25 @@ def run(out: Path, images: int, prompts: list[str], train_args: list[str]) -> No
         _dpok("train", "--output-dir", str(folder / "run"), *(["--prompt", prompt] if prompt != PROMPT else []),
               *train_args)
         wall = time.perf_counter() - t0
-        for name, lora in (("base", ""), ("tuned", str(folder / "run" / "lora"))):
-            _dpok("eval", "--prompt", prompt, "--num-images", str(images), "--seed", str(EVAL_SEED), "--output-dir",
-                  str(folder / f"eval-{name}"), *(["--lora", lora] if lora else []))
-        best_of_8(prompt, images, folder)
+        evaluate(folder, prompt, images)
         (folder / "timing.json").write_text(json.dumps({"train_wall_s": wall, "train_args": train_args}) + "\n")
+
+
+def evaluate(folder: Path, prompt: str, images: int) -> None:
+    """`dpok eval` of the base and of the run's LoRA, and best-of-8 of the base, on ``images`` images."""
+    for name, lora in (("base", ""), ("tuned", str(folder / "run" / "lora"))):
+        _dpok("eval", "--prompt", prompt, "--num-images", str(images), "--seed", str(EVAL_SEED), "--output-dir",
+              str(folder / f"eval-{name}"), *(["--lora", lora] if lora else []))
+    best_of_8(prompt, images, folder)
+
+
+def evaluate_again(out: Path, images: int) -> None:
+    """The evaluations of every run already in ``out`` again (e.g. after the measures changed), no training."""
+    folders = [p for p in [out, *sorted(out.iterdir())] if (p / "run" / "lora").is_dir()]
+    if not folders:
+        raise SystemExit(f"no finished runs in {out}: run without --eval-only first")
+    for folder in folders:
+        evaluate(folder, (json.loads((folder / "run" / "config.json").read_text())["prompt"] or [PROMPT])[0], images)
 
 
 def _evaluations(folder: Path, prompt: str) -> dict[str, dict[str, float]]:
@@ -172,8 +187,34 @@ def report(out: Path, md: Path) -> Path:
                 f"{e['tuned']['reward_mean']:.3f} | {r['first']:.3f} / {r['best']:.3f} / {r['last']:.3f}, "
                 f"{r['drop']:.3f} | {r['wall'] / 60:.1f} min |")
         lines.append("")
+    lines += flaw_table(out, [out, *others])
     md.write_text("\n".join(lines))
     return md
+
+
+FLAWS = (("missing", "an object missing"), ("extra", "an extra object"), ("foreign", "a foreign colour or shape"),
+         ("unrecognised", "an unrecognised blob"))
+
+
+def flaw_table(out: Path, folders: list[Path]) -> list[str]:
+    """Why the images failed the judge, per prompt and model (evaluations that hold the judge's flaws)."""
+    rows = []
+    for folder in folders:
+        prompt = (json.loads((folder / "run" / "config.json").read_text())["prompt"] or [PROMPT])[0]
+        labels = {"base": "base", "tuned": "fine-tuned", "best-of-8": "best-of-8 of the base"}
+        for key, e in _evaluations(folder, prompt).items():
+            label = labels[key]
+            if "judge_missing" in e:
+                rows.append(f"| `{prompt}` | {label} | {e['judge_aligned']:.3f} | "
+                            + " | ".join(f"{e[f'judge_{k}']:.3f}" for k, _ in FLAWS) + " |")
+    if not rows:
+        return []
+    return ["## Why images fail the judge", "",
+            "Share of the evaluated images with each flaw the geometric judge finds (an image may have several; "
+            "`dpok eval` reports them). A count the model overshoots shows as *extra*, one it falls short of as "
+            "*missing*.", "",
+            "| prompt | model | aligned | " + " | ".join(text for _, text in FLAWS) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in FLAWS) + " |", *rows, ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra `dpok train` options, last on the line (a quick check: --train-args --rounds 1); the "
                         "report is then not the default run's")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the runs in --output-dir again, no training")
     args = p.parse_args(argv)
     out = Path(args.output_dir)
-    if not args.report_only:
+    if args.eval_only:
+        evaluate_again(out, args.images)
+    elif not args.report_only:
         run(out, args.images, args.prompts, args.train_args)
     print(f"report: {report(out, Path(args.report))}")
     return 0

@@ -38,3 +38,15 @@ def test_no_variance_and_too_few_continuations(bench) -> None:
     assert np.isnan(bench.state_share(np.ones((5, 4))))
     with pytest.raises(ValueError, match="at least 2"):
         bench.state_share(np.ones((5, 1)))
+
+
+def test_the_bootstrap_error_shrinks_with_more_states(bench) -> None:
+    rng = np.random.default_rng(2)
+
+    def draw(g: int) -> np.ndarray:
+        p = np.where(rng.random(g) < 0.5, rng.integers(0, 2, g).astype(float), 0.5)
+        return (rng.random((g, 8)) < p[:, None]).astype(float)
+
+    few, many = bench.state_share_se(draw(32)), bench.state_share_se(draw(512))
+    assert 0 < many < few < 0.3
+    assert np.isnan(bench.state_share_se(np.ones((6, 4))))
