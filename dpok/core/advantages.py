@@ -9,6 +9,7 @@ returned, callers that need the mask can recompute it as ``torch.isfinite(reward
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,16 +59,25 @@ def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_E
     _check_rewards(rewards)
     if len(prompts) != rewards.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {rewards.shape[0]} rewards")
-    values = rewards.detach().double().cpu()
-    finite = torch.isfinite(values)
+    values, finite = _finite_values(rewards)
     advantages = torch.zeros_like(values)
-    for prompt in dict.fromkeys(prompts):
-        rows = torch.tensor([p == prompt for p in prompts]) & finite
-        if int(rows.sum()) < 2:
-            continue
-        mean, std = _mean_std(values[rows])
+    for rows, mean, std in _prompt_statistics(prompts, values, finite):
         advantages[rows] = (values[rows] - mean) / (std.clamp_min(std_floor) + eps)
     return advantages.to(dtype=rewards.dtype, device=rewards.device)
+
+
+def _finite_values(rewards: Tensor) -> tuple[Tensor, Tensor]:
+    """The rewards as float64 on the CPU (B,), and which of them are finite (B,) bool."""
+    values = rewards.detach().double().cpu()
+    return values, torch.isfinite(values)
+
+
+def _prompt_statistics(prompts: list[str], values: Tensor, finite: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(rows (B,) bool, mean, population std) of the finite rewards of each prompt that has two or more."""
+    for prompt in dict.fromkeys(prompts):
+        rows = torch.tensor([p == prompt for p in prompts]) & finite
+        if int(rows.sum()) >= 2:
+            yield rows, *_mean_std(values[rows])
 
 
 def trunk_advantages(prompts: list[str], groups: list[str], rewards: Tensor, eps: float = DEFAULT_EPS,
@@ -92,14 +102,9 @@ def trunk_advantages(prompts: list[str], groups: list[str], rewards: Tensor, eps
     _check_rewards(rewards)
     if not len(prompts) == len(groups) == rewards.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts and {len(groups)} groups for {rewards.shape[0]} rewards")
-    values = rewards.detach().double().cpu()
-    finite = torch.isfinite(values)
+    values, finite = _finite_values(rewards)
     advantages = torch.zeros_like(values)
-    for prompt in dict.fromkeys(prompts):
-        rows = torch.tensor([p == prompt for p in prompts]) & finite
-        if int(rows.sum()) < 2:
-            continue
-        mean, std = _mean_std(values[rows])
+    for rows, mean, std in _prompt_statistics(prompts, values, finite):
         for group in dict.fromkeys(g for g, r in zip(groups, rows.tolist()) if r):
             members = torch.tensor([g == group for g in groups]) & finite
             advantages[members] = (values[members].mean() - mean) / (std.clamp_min(std_floor) + eps)
