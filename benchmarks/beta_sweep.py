@@ -81,10 +81,13 @@ def same(result: dict[str, Any], overrides: dict[str, Any], prompt: str, seed: i
 
 class BetaSweep:
     def __init__(self, args: argparse.Namespace) -> None:
+        from tune import candidates
+
         from dpok.tuning import Sweep, SweepConfig
 
         self.args = args
-        cfg = SweepConfig(output_dir=args.output_dir)
+        # the tuning sweep's methods and candidates: its report (kept up to date here) lists them
+        cfg = SweepConfig(output_dir=args.output_dir, methods=candidates())
         cfg.eval_images = args.eval_images
         self.sweep = Sweep(cfg, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
         self.ref_name = f"none-{args.eval_images}images"
@@ -189,8 +192,8 @@ def report(bs: BetaSweep) -> tuple[str, float | None]:
             row.append(f"{_fmt(_mean(vals))} ({each})" if vals else "–")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Over the prompt-seed pairs every beta finished", "",
-              "| beta | judge | worst prompt against the base | clean | reward | KL to the base | s/round |",
-              "|---|---|---|---|---|---|---|"]
+              "| beta | judge | worst prompt against the base | clean | reward | KL to the base |",
+              "|---|---|---|---|---|---|"]
     for b in a.betas:
         rs = [cells[(b, p, s)] for p, s in complete]
         changes = []
@@ -204,8 +207,7 @@ def report(bs: BetaSweep) -> tuple[str, float | None]:
         lines.append(f"| {b:g}{' (default)' if b == 0.01 else ''} | {_fmt(judge[b])} | {worst} | "
                      f"{_fmt(_mean([r['eval']['clean_share'] for r in rs]))} | "
                      f"{_fmt(_mean([r['eval']['reward_mean'] for r in rs]))} | "
-                     f"{_fmt(_mean([r['eval']['kl_to_base'] for r in rs]), 0)} | "
-                     f"{_fmt(_mean([r['seconds_per_round'] for r in rs]), 1)} |")
+                     f"{_fmt(_mean([r['eval']['kl_to_base'] for r in rs]), 0)} |")
     lines += ["", "## Choice", ""]
     if chosen is None:
         lines.append("No prompt-seed pair is finished by every beta yet: no choice.")

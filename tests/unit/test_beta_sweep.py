@@ -80,3 +80,14 @@ def test_bad_arguments_are_refused_by_name(bench) -> None:
         bench.parse(["--betas", "-1"])
     with pytest.raises(SystemExit):
         bench.parse(["--eval-images", "0"])
+
+
+def test_keeping_a_result_rewrites_the_tuning_report_with_its_exploration_row(bench, tmp_path: Path) -> None:
+    out = tmp_path / "tuning"
+    _write(out, "dpok", "beta3", "a", 0, _result(bench, 3.0, "a", 0, 0.625))
+    report = tmp_path / "tuning.md"
+    args = bench.parse(["--output-dir", str(out), "--tuning-report", str(report)])
+    bench.BetaSweep(args).keep()
+    text = report.read_text()
+    assert "| dpok | beta3 | a | 0 |" in text and "0.625" in text
+    assert (tmp_path / "tuning" / "data" / "explore" / "dpok" / "beta3" / "a" / "seed0" / "result.json").is_file()
