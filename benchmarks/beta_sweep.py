@@ -208,6 +208,7 @@ def report(bs: BetaSweep) -> tuple[str, float | None]:
                      f"{_fmt(_mean([r['eval']['clean_share'] for r in rs]))} | "
                      f"{_fmt(_mean([r['eval']['reward_mean'] for r in rs]))} | "
                      f"{_fmt(_mean([r['eval']['kl_to_base'] for r in rs]), 0)} |")
+    lines += pairwise(bs, cells)
     lines += ["", "## Choice", ""]
     if chosen is None:
         lines.append("No prompt-seed pair is finished by every beta yet: no choice.")
@@ -218,6 +219,32 @@ def report(bs: BetaSweep) -> tuple[str, float | None]:
     if plot:
         lines += ["", f"![judge against beta]({plot.relative_to(Path(a.report).parent).as_posix()})"]
     return "\n".join(lines) + "\n", chosen
+
+
+def pairwise(bs: BetaSweep, cells: dict[tuple[float, str, int], dict[str, Any]]) -> list[str]:
+    """Each beta against the default on every prompt-seed pair both finished (more pairs than the
+    choice's table where a later pass ran only some betas): mean judge of each, the mean paired
+    difference with its standard error, and on how many pairs the beta is ahead."""
+    a = bs.args
+    rows = []
+    for b in a.betas:
+        if b == 0.01:
+            continue
+        pairs = [(p, s) for p in a.prompts for s in a.seeds if (b, p, s) in cells and (0.01, p, s) in cells]
+        if not pairs:
+            continue
+        mine = [cells[(b, p, s)]["eval"]["judge_aligned"] for p, s in pairs]
+        default = [cells[(0.01, p, s)]["eval"]["judge_aligned"] for p, s in pairs]
+        diffs = [x - y for x, y in zip(mine, default, strict=True)]
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+        ahead = sum(d > 0 for d in diffs)
+        rows.append(f"| {b:g} | {len(pairs)} | {statistics.fmean(mine):.3f} | {statistics.fmean(default):.3f} | "
+                    f"{statistics.fmean(diffs):+.3f} | {_fmt(se)} | {ahead} of {len(pairs)} |")
+    if not rows:
+        return []
+    return ["", "## Each beta against the default, on every pair both finished", "",
+            "| beta | prompt-seed pairs | judge | default's judge | difference | its standard error | pairs ahead |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def figure(bs: BetaSweep, cells: dict[tuple[float, str, int], dict[str, Any]]) -> Path | None:

@@ -63,6 +63,9 @@ def test_the_choice_counts_only_pairs_every_beta_finished(bench, tmp_path: Path)
     assert "| 1 | 0.800 | +0.100 |" in text
     assert "| `a` | 0.700 | – | 0.450 (0.500, 0.400) |" in text
     assert (tmp_path / "beta" / "judge_vs_beta.png").is_file()
+    # against the default on every pair both finished: beta 3 on both seeds (+0.1, +0.6), beta 1 on one
+    assert "| 3 | 2 | 0.800 | 0.450 | +0.350 | 0.250 | 2 of 2 |" in text
+    assert "| 1 | 1 | 0.800 | 0.500 | +0.300 | – | 1 of 1 |" in text
 
 
 def test_no_choice_before_any_pair_is_complete(bench, tmp_path: Path) -> None:
