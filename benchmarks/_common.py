@@ -42,7 +42,8 @@ def header(title: str) -> None:
 
 def cpu_info() -> dict[str, object]:
     """The CPU as ``lscpu`` names it ("Model name"), whether it has AVX-512 (timings differ ~3x
-    between the two kinds) and the threads torch uses."""
+    between the two kinds) and AMX (bf16 matrix units, where bf16 autocast could pay) and the threads
+    torch uses."""
     import subprocess
     from pathlib import Path
 
@@ -56,8 +57,11 @@ def cpu_info() -> dict[str, object]:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         flags = ""
-    return {"model": model or "unknown CPU", "avx512": "avx512f" in flags, "threads": torch.get_num_threads()}
+    return {"model": model or "unknown CPU", "avx512": "avx512f" in flags, "amx": "amx_bf16" in flags,
+            "threads": torch.get_num_threads()}
 
 
 def describe_cpu(info: dict[str, object]) -> str:
-    return f"{info['model']}, AVX-512 {'yes' if info['avx512'] else 'no'}, torch on {info['threads']} threads"
+    """One line for a report; AMX is named only where a result recorded it (older ones did not)."""
+    amx = "" if "amx" not in info else f", AMX {'yes' if info['amx'] else 'no'}"
+    return f"{info['model']}, AVX-512 {'yes' if info['avx512'] else 'no'}{amx}, torch on {info['threads']} threads"

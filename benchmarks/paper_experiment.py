@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         Experiment(cfg, log=lambda m: print(f"[worker {os.getpid()}] {m}", flush=True)).run()
         return 0
     if not args.report_only:
+        if args.raw_dir:
+            seeded = seed_from_kept(Path(cfg.output_dir), Path(args.raw_dir), cfg)
+            if seeded:
+                print(f"continuing from {seeded} result file(s) kept in {args.raw_dir}")
         exp = Experiment(cfg)
         exp.write_meta()
         t0 = time.perf_counter()
@@ -99,11 +103,55 @@ def main(argv: list[str] | None = None) -> int:
     path = write_report(cfg.output_dir, args.report)
     print(f"wrote {path}")
     if args.raw_dir and Path(args.raw_dir).resolve() != Path(cfg.output_dir).resolve():
-        if Experiment(cfg).finished():
-            print(f"kept {keep_raw(Path(cfg.output_dir), Path(args.raw_dir))} raw result file(s) in {args.raw_dir}")
-        else:  # a partial experiment does not replace the kept results of a whole one
-            print(f"not every job has finished: the raw results in {args.raw_dir} are left as they are")
+        raw = Path(args.raw_dir)
+        if Experiment(cfg).finished() or same_settings(raw, cfg):
+            # a whole experiment replaces what was kept; a partial one of the same settings extends it
+            # (its folder was seeded from the kept results), so the next clone continues from there
+            print(f"kept {keep_raw(Path(cfg.output_dir), raw)} raw result file(s) in {args.raw_dir}")
+        else:  # a partial experiment does not replace the kept results of another one
+            print(f"not every job has finished and {args.raw_dir} holds another experiment's results: "
+                  "they are left as they are")
     return 0
+
+
+def kept_settings(folder: Path) -> dict | None:
+    """The settings (all but the output folder) of the experiment whose results ``folder`` holds."""
+    import json
+
+    meta = folder / "experiment.json"
+    if not meta.is_file():
+        return None
+    config = dict(json.loads(meta.read_text())["config"])
+    config.pop("output_dir", None)
+    return config
+
+
+def same_settings(raw: Path, cfg) -> bool:  # noqa: ANN001 - an ExperimentConfig
+    """Whether ``raw`` is empty or holds results of an experiment with ``cfg``'s settings."""
+    import json
+
+    from dpok.options import to_options
+
+    kept = kept_settings(raw)
+    if kept is None:
+        return not raw.exists() or not any(raw.iterdir())
+    ours = json.loads(json.dumps({k: v for k, v in to_options(cfg).items() if k != "output_dir"}))
+    return kept == ours
+
+
+def seed_from_kept(out: Path, raw: Path, cfg) -> int:  # noqa: ANN001 - an ExperimentConfig
+    """Start an output folder that has no results yet from the results kept in ``raw`` when they
+    are of the same experiment (a fresh clone has only those): finished units are not rerun, an
+    over-optimisation run continues after its last kept evaluation. Returns the files copied."""
+    import shutil
+
+    if (out / "experiment.json").is_file() or kept_settings(raw) is None or not same_settings(raw, cfg):
+        return 0
+    files = [f for f in raw.rglob("*") if f.is_file() and f.name != "experiment.json"]
+    for f in files:
+        (out / f.relative_to(raw)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, out / f.relative_to(raw))
+    return len(files)
 
 
 def keep_raw(out: Path, raw: Path) -> int:

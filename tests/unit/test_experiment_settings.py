@@ -92,3 +92,37 @@ def test_the_over_optimisation_reading_calls_a_fall_within_the_noise_of_its_imag
     assert any("Over-optimisation is visible" in line for line in large)
     # two standard errors of a difference of shares on n images each
     assert abs(share_difference_noise(0.5, 0.5, 32) - 2 * (0.5 / 32) ** 0.5) < 1e-12
+
+
+def test_a_fresh_output_folder_continues_from_kept_results_of_the_same_experiment_only(tmp_path: Path) -> None:
+    import json
+
+    from benchmark_scripts import load_benchmark
+
+    from dpok.experiment import ExperimentConfig
+    from dpok.options import to_options
+
+    bench = load_benchmark("paper_experiment")
+    cfg = ExperimentConfig(output_dir=str(tmp_path / "out"), rounds=32, samples_per_round=32)
+    raw = tmp_path / "raw"
+    assert bench.same_settings(raw, cfg)  # nothing kept yet: any experiment may keep its results there
+    unit = raw / "units" / "color" / "dpok" / "seed0" / "result.json"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("{}")
+    (raw / "overopt" / "beta0").mkdir(parents=True)
+    (raw / "overopt" / "beta0" / "points.jsonl").write_text('{"round": 0}\n')
+    meta = {"config": {**to_options(cfg), "output_dir": "elsewhere"}, "budget": cfg.budget}
+    (raw / "experiment.json").write_text(json.dumps(meta))
+    assert bench.same_settings(raw, cfg)
+
+    out = Path(cfg.output_dir)
+    assert bench.seed_from_kept(out, raw, cfg) == 2
+    assert (out / "units" / "color" / "dpok" / "seed0" / "result.json").is_file()
+    assert (out / "overopt" / "beta0" / "points.jsonl").read_text() == '{"round": 0}\n'
+    (out / "experiment.json").write_text("{}")
+    assert bench.seed_from_kept(out, raw, cfg) == 0  # a folder with results of its own is left alone
+
+    other = ExperimentConfig(output_dir=str(tmp_path / "other"), rounds=16, samples_per_round=16)
+    assert not bench.same_settings(raw, other)
+    assert bench.seed_from_kept(Path(other.output_dir), raw, other) == 0
+    assert not Path(other.output_dir).exists()
