@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"a worker failed (exit codes {codes}); run the same command again to continue", file=sys.stderr)
                 return 1
         print(f"experiment: {time.perf_counter() - t0:.0f} s; finished: {exp.finished()}")
-    path = write_report(cfg.output_dir, args.report)
+    path = write_report(cfg.output_dir, args.report, raw_dir=in_repository(args.raw_dir or "docs/results/data"),
+                        report_path=in_repository(args.report))
     print(f"wrote {path}")
     if args.raw_dir and Path(args.raw_dir).resolve() != Path(cfg.output_dir).resolve():
         raw = Path(args.raw_dir)
@@ -112,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"not every job has finished and {args.raw_dir} holds another experiment's results: "
                   "they are left as they are")
     return 0
+
+
+def in_repository(path: str) -> str:
+    """``path`` relative to the repository (as a report names it), or only its name when outside it."""
+    p = Path(path).resolve()
+    return p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else p.name
 
 
 def kept_settings(folder: Path) -> dict | None:

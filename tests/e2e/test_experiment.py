@@ -86,6 +86,11 @@ def test_your_own_model_and_prompts(tmp_path: Path, tiny_pipeline_dir: Path) -> 
     assert set(unit["splits"]) == {"seen", "unseen"} and "judge_aligned_mean" not in unit["splits"]["seen"]
     text = write_report(cfg.output_dir, tmp_path / "results.md").read_text()
     assert str(tiny_pipeline_dir) in text and "custom prompts" in text
+    # another experiment's report keeps its figures in a folder of its own name and names its kept results
+    text = write_report(cfg.output_dir, tmp_path / "results_1k.md", raw_dir="docs/results_1k/data",
+                        report_path="docs/results_1k.md").read_text()
+    assert "--output-dir docs/results_1k/data --report docs/results_1k.md" in text
+    assert (tmp_path / "results_1k" / "reward_vs_queries.png").is_file()
 
 
 def test_the_newer_methods_run_as_units_of_the_experiment(tmp_path: Path) -> None:
