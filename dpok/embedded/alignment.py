@@ -105,11 +105,19 @@ def count_targets(parsed: ParsedPrompt, classes: int = NUM_COUNT_CLASSES) -> tor
 
 
 def alignment_log_prob(
-    cell_logits: torch.Tensor, offsets: torch.Tensor, prompts: list[ParsedPrompt]
+    cell_logits: torch.Tensor, offsets: torch.Tensor, prompts: list[ParsedPrompt], term_floor: float | None = None
 ) -> torch.Tensor:
-    """log r(x, z) of the module docstring, shape (B,). Inputs as returned by ``AlignmentNet``."""
+    """log r(x, z) of the module docstring, shape (B,). Inputs as returned by ``AlignmentNet``.
+
+    ``term_floor`` (a log-probability, e.g. log 1e-4): each term (one type's count, the relation)
+    is at least this, so an image that gets one group right and another wrong scores above one
+    that gets both wrong: partial credit where the exact r is ~0 for every image.
+    """
     targets = torch.stack([count_targets(p) for p in prompts]).to(cell_logits.device)
-    out = count_log_probs(cell_logits).gather(-1, targets[..., None]).squeeze(-1).sum(-1)
+    terms = count_log_probs(cell_logits).gather(-1, targets[..., None]).squeeze(-1)  # (B, 24)
+    if term_floor is not None:
+        terms = terms.clamp_min(term_floor)
+    out = terms.sum(-1)
     if all(p.relation is None for p in prompts):
         return out
     positions = expected_positions(cell_logits, offsets)
@@ -120,7 +128,8 @@ def alignment_log_prob(
         a, b = (_PAIR_INDEX[g.pair] for g in p.groups)
         axis = 0 if p.relation == "left of" else 1
         margin = (positions[i, b, axis] - positions[i, a, axis]) / RELATION_SCALE
-        out[i] = out[i] + torch.log(normal.cdf(margin).clamp_min(1e-12))
+        relation = torch.log(normal.cdf(margin).clamp_min(1e-12))
+        out[i] = out[i] + (relation if term_floor is None else relation.clamp_min(term_floor))
     return out
 
 
@@ -132,12 +141,14 @@ class AlignmentRewardModel(nn.Module):
         self.net = net
 
     @torch.no_grad()
-    def log_prob(self, images: torch.Tensor, prompts: list[ParsedPrompt]) -> torch.Tensor:
-        """images (B, 3, 64, 64) in [0, 1]; returns log r, shape (B,)."""
+    def log_prob(self, images: torch.Tensor, prompts: list[ParsedPrompt],
+                 term_floor: float | None = None) -> torch.Tensor:
+        """images (B, 3, 64, 64) in [0, 1]; returns log r, shape (B,) (``term_floor``: see
+        :func:`alignment_log_prob`)."""
         if images.shape[-2:] != (64, 64):
             images = nn.functional.interpolate(images, size=(64, 64), mode="bilinear", antialias=True)
         logits, offsets = self.net(images)
-        return alignment_log_prob(logits, offsets, prompts)
+        return alignment_log_prob(logits, offsets, prompts, term_floor)
 
     def score(self, images: torch.Tensor, prompts: list[ParsedPrompt]) -> torch.Tensor:
         """r in [0, 1], shape (B,)."""

@@ -2,6 +2,9 @@
 
 - ``shapeworld-alignment``: the learned ShapeWorld alignment model's probability in [0, 1] that
   the prompt is exactly true of the image (see :mod:`dpok.embedded.alignment`).
+- ``shapeworld-alignment-log``: log r of the same model with each term (one object type's count,
+  the relation) floored at log 1e-3: a dense form with partial credit, for prompts whose exact r is
+  ~0 on every sample the model draws (two-group compositions), where r gives no signal.
 - ``jpeg-compressibility`` / ``jpeg-incompressibility``: minus / plus the size in kB
   (1 kB = 1000 bytes) of the image saved as JPEG at quality 95, as in DDPO.
 """
@@ -9,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,6 +77,19 @@ class ShapeWorldAlignmentReward(Reward):
         return self.load().log_prob(images.to(self.device, torch.float32), parsed)
 
 
+class ShapeWorldLogAlignmentReward(ShapeWorldAlignmentReward):
+    """log r(x, z) with every term floored at ``TERM_FLOOR`` (see ``alignment_log_prob``), in
+    [TERM_FLOOR x (24 types + a relation), 0]: 0 when the prompt is surely true, about ``TERM_FLOOR``
+    per object type that is surely wrong, so getting one group of a composition right already pays."""
+
+    name = "shapeworld-alignment-log"
+    TERM_FLOOR = math.log(1e-3)
+
+    def _compute(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        parsed = [parse_prompt(p) for p in prompts]
+        return self.load().log_prob(images.to(self.device, torch.float32), parsed, self.TERM_FLOOR)
+
+
 def jpeg_sizes_kb(images: torch.Tensor) -> torch.Tensor:
     """Size in kB (1000 bytes) of each image of float (B, 3, H, W) in [0, 1] saved as JPEG, quality 95; (B,)."""
     pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -107,6 +124,19 @@ def shapeworld_alignment(
 ) -> ShapeWorldAlignmentReward:
     """The ``shapeworld-alignment`` reward; ``alignment_model`` defaults to the package's shipped weights."""
     return ShapeWorldAlignmentReward(alignment_model, device)
+
+
+@register_reward(
+    "shapeworld-alignment-log",
+    "log of shapeworld-alignment with each object type's term floored at log 1e-3: partial credit for "
+    "prompts (two-group compositions) where the exact probability is ~0 on every sample; option alignment_model",
+    domain="dpok.shapeworld.domain",
+)
+def shapeworld_alignment_log(
+    alignment_model: str | Path | None = None, device: str | torch.device = "cpu"
+) -> ShapeWorldLogAlignmentReward:
+    """The ``shapeworld-alignment-log`` reward; ``alignment_model`` defaults to the package's shipped weights."""
+    return ShapeWorldLogAlignmentReward(alignment_model, device)
 
 
 @register_reward("jpeg-compressibility", "minus the JPEG size (quality 95) in kB: rewards simple images (DDPO)")

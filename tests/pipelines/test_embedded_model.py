@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpok.embedded.alignment import AlignmentNet, AlignmentRewardModel, count_log_probs
+from dpok.embedded.alignment import AlignmentNet, AlignmentRewardModel, alignment_log_prob, count_log_probs
 from dpok.embedded.pretrain import to_tensor
 from dpok.shapeworld import parse_prompt, render_prompt, render_scene, scene_for_prompt
 from dpok.shapeworld.distribution import misaligned_variant
@@ -25,6 +25,25 @@ def test_count_distribution_is_the_poisson_binomial_of_the_cells() -> None:
     expected = torch.tensor([0.25 * 0.5, 0.75 * 0.5 + 0.25 * 0.5, 0.75 * 0.5, 0.0, 0.0, 0.0])
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=0)
     assert count_log_probs(logits).exp()[0, 5, 0] > 0.999  # other types: count 0
+
+
+def test_a_term_floor_gives_partial_credit_where_the_exact_log_reward_is_all_wrong() -> None:
+    # two cells: a yellow square surely in one; the prompt asks for two yellow squares and a white triangle
+    parsed = parse_prompt("two yellow squares and a white triangle")
+    pairs = sorted(parsed.objects, key=lambda p: -parsed.objects[p])  # the pair of count two first
+    from dpok.embedded.alignment import _PAIR_INDEX
+
+    logits = torch.full((1, 25, 1, 2), -40.0)
+    logits[0, 0] = 0.0
+    logits[0, 1 + _PAIR_INDEX[pairs[0]], 0, 0] = 40.0  # the first named type, surely, in one cell only
+    offsets = torch.full((1, 2, 1, 2), 0.5)
+    exact = alignment_log_prob(logits, offsets, [parsed])
+    floored = alignment_log_prob(logits, offsets, [parsed], term_floor=math.log(1e-3))
+    # the exact log-reward is far below the floor's total; floored: each named type's term sits at the floor
+    # (one object of a type that needs two, none of the other), every other type is surely absent (term 0)
+    assert [parsed.objects[p] for p in pairs] == [2, 1]
+    assert exact.item() < 2 * math.log(1e-3) - 10
+    assert floored.item() == pytest.approx(2 * math.log(1e-3), abs=1e-3)
 
 
 def test_alignment_model_width_is_checked() -> None:
@@ -99,3 +118,23 @@ def test_shipped_reward_is_not_fooled_by_blank_or_noise(shipped_reward_dir: Path
     images = torch.cat([torch.zeros(1, 3, 64, 64), torch.rand(3, 3, 64, 64, generator=gen)])
     prompts = [parse_prompt("a red circle")] * 4
     assert model.score(images, prompts).max() < 0.01
+
+
+def test_the_log_alignment_reward_ranks_one_group_right_between_none_and_both() -> None:
+    from dpok.rewards import make_reward
+
+    prompt = "two yellow squares and a white triangle"
+    rng = np.random.default_rng(0)
+    whole, partial, wrong = [], [], []
+    for _ in range(8):
+        scene = scene_for_prompt(prompt, rng)
+        whole.append(render_scene(scene))
+        partial.append(render_scene([s for s in scene if s.color == "yellow"]))  # the squares, no triangle
+        wrong.append(render_scene(scene_for_prompt("a red circle", rng)))
+    images = to_tensor(whole + partial + wrong)
+    prompts = [prompt] * len(images)
+    exact = make_reward("shapeworld-alignment")(images, prompts).scores.view(3, 8)
+    dense = make_reward("shapeworld-alignment-log")(images, prompts).scores.view(3, 8)
+    assert exact[0].mean() > 0.5 and exact[1:].max() < 0.05  # r cannot tell one group right from none
+    assert dense[0].mean() > dense[1].mean() + 3 > dense[2].mean() + 6  # the log form can, by ~log 1e3 a group
+    assert dense.max() <= 0
