@@ -341,11 +341,13 @@ def preset_diffusion_nft_paper() -> dict[str, Any]:
       (guidance 1, the conditional prediction trained), deterministic rollouts with 10 steps (40 for
       evaluation), 48 groups of 24 images per epoch with one optimizer step (here minibatches of
       9 samples, 128 accumulated), KL weight 1e-4 on mean((v_theta - v_ref)^2), advantages clipped
-      to 5, lr 3e-4 constant, AdamW weight decay 1e-4, grad-norm clip 1, EMA at decay 0.9: the
-      config files and the script;
-    - LoRA rank 32, alpha 64, on attention: the script.
-    The authors train each sample at the sampler's timesteps with fresh noise; here each minibatch
-    draws a uniform timestep per sample (the pretraining objective's). Evaluation samples with
+      to 5 after dividing by the std of all the epoch's rewards (``sample.global_std``), lr 3e-4
+      constant, AdamW weight decay 1e-4, grad-norm clip 1, EMA at decay 0.9: the config files and
+      the script;
+    - LoRA rank 32, alpha 64, on attention; each sample of the epoch trained once, in a random
+      order: the script.
+    The authors train each sample at 9 of its sampler's 10 timesteps with fresh noise; here each
+    minibatch draws a uniform timestep per sample (the pretraining objective's). Evaluation samples with
     eta 1 (DDIM), where the authors evaluate with their deterministic solver.
     """
     return dict(algorithm="diffusion-nft", advantage="group", samples_per_prompt=24, samples_per_round=1152,
@@ -353,7 +355,7 @@ def preset_diffusion_nft_paper() -> dict[str, Any]:
                 nft_decay_max=0.5, guidance_scale=1.0, supervised_target="conditional", rollout_eta=0.0,
                 rollout_steps=10, num_steps=40, beta=1e-4, adv_clip=5.0, learning_rate=3e-4, lr_schedule="constant",
                 weight_decay=1e-4, max_grad_norm=1.0, ema_decay=0.9, lora_rank=32, lora_alpha=64.0,
-                lora_targets=ATTENTION)
+                lora_targets=ATTENTION, adv_global_std=True, minibatch_draw="shuffled")
 
 
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {

@@ -55,6 +55,9 @@ class PolicyGradientSettings:
                                  "steps and branch there (a tree rollout): the shared steps are credited with the "
                                  "group's mean reward against the prompt's other groups, each sample's later steps "
                                  "with its reward against its own group (0: branch at x_T)")
+    adv_global_std: bool = option(False, "'group' advantages divide by the std of every reward of the round instead "
+                                         "of each group's own (global_std of the Flow-GRPO and DiffusionNFT code): "
+                                         "a group whose rewards barely differ keeps small advantages")
     stat_buffer: int = option(16, "per-prompt reward history length (DDPO stat tracking)")
     stat_min_count: int = option(16, "rewards of a prompt needed before its own statistics are used")
     step_window_start: float = option(0.0, "first trained step, as a fraction of the trajectory (0 = the noisiest "
@@ -332,7 +335,7 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramet
 
 def trajectory_advantages(estimator: str, tracker: PerPromptStatTracker, prompts: list[str], rewards: torch.Tensor,
                           valid: torch.Tensor, clip: float, std_floor: float = 0.0,
-                          groups: list[str] | None = None) -> torch.Tensor:
+                          groups: list[str] | None = None, global_std: bool = False) -> torch.Tensor:
     """One advantage per trajectory (B,) for ``estimator`` 'group' or 'tracker', clipped to +-``clip``;
     zeros for 'value' (computed per transition by DPOK's value function instead).
 
@@ -340,7 +343,8 @@ def trajectory_advantages(estimator: str, tracker: PerPromptStatTracker, prompts
     the same tracker state and a group split over processes is still one group. Invalid samples
     get 0 and enter no statistic. ``std_floor``: the group's (the tracker has its own). ``groups``:
     the key of each sample's group for 'group' (default: its prompt; :attr:`Rollout.advantage_groups`);
-    the tracker keeps its history per prompt either way.
+    the tracker keeps its history per prompt either way. ``global_std``: 'group' divides by the std of
+    every process's rewards of this round (:func:`dpok.core.group_advantages`).
     """
     if estimator == "value":
         return torch.zeros_like(rewards, dtype=torch.float32)
@@ -348,7 +352,7 @@ def trajectory_advantages(estimator: str, tracker: PerPromptStatTracker, prompts
     keys = groups if (estimator == "group" and groups is not None) else prompts
     all_keys, all_rewards, mine = gather_batch(keys, masked)
     if estimator == "group":
-        advantages = group_advantages(all_keys, all_rewards, std_floor=std_floor)
+        advantages = group_advantages(all_keys, all_rewards, std_floor=std_floor, global_std=global_std)
     else:
         advantages = tracker.update(all_keys, all_rewards)
     return clip_advantages(advantages, clip)[mine]
@@ -364,7 +368,8 @@ def step_advantages(pg: PolicyGradientSettings, tracker: PerPromptStatTracker, r
     """
     traj = rollout.trajectory
     per_trajectory = trajectory_advantages(pg.advantage, tracker, traj.prompts, rollout.rewards, rollout.valid,
-                                           pg.adv_clip, pg.adv_std_floor, rollout.advantage_groups)
+                                           pg.adv_clip, pg.adv_std_floor, rollout.advantage_groups,
+                                           pg.adv_global_std)
     out = per_trajectory[:, None].repeat(1, traj.num_steps)
     if pg.branch_step:
         masked = torch.where(rollout.valid, rollout.rewards, torch.full_like(rollout.rewards, float("nan")))

@@ -101,7 +101,8 @@ class DiffusionNFT(RWR):
     def update(self, rollout: Rollout) -> UpdateResult:
         cfg, pg = self.cfg, self.cfg.policy_gradient
         advantages = trajectory_advantages(pg.advantage, self.tracker, rollout.prompts, rollout.rewards,
-                                           rollout.valid, pg.adv_clip, pg.adv_std_floor, rollout.advantage_groups)
+                                           rollout.valid, pg.adv_clip, pg.adv_std_floor, rollout.advantage_groups,
+                                           pg.adv_global_std)
         self._r = nft_optimality(advantages, pg.adv_clip)[rollout.valid]
         result = super().update(rollout)
         if result.skipped_updates:  # nothing was trained: the sampling policy stays where it is

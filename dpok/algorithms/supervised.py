@@ -50,6 +50,10 @@ class SupervisedSettings:
         "guided", "SFT-KL / RWR: which prediction is trained on the (guided) samples: 'guided' (eps_u + w (eps_c - "
                   "eps_u), the one that samples; no compounding of guidance) or 'conditional' (eps_c alone, as the "
                   "DPOK/DDPO baselines)")
+    minibatch_draw: Literal["with-replacement", "shuffled"] = option(
+        "with-replacement", "SFT-KL / RWR / DiffusionNFT: how the update's minibatches are drawn from the data: "
+                            "'with-replacement' (independent draws) or 'shuffled' (the data in a random order, "
+                            "each sample once before any repeats, as DiffusionNFT's code)")
     rwr_temperature: float = option(0.2, "RWR temperature (weights ~ exp(r / T))")
     rwr_percentile: float = option(50.0, "sparse RWR keeps samples at or above this reward percentile")
 
@@ -58,6 +62,27 @@ class SupervisedSettings:
         if not 0 <= self.rwr_percentile < 100:
             errors.append(f"--rwr-percentile must be in [0, 100) (got {self.rwr_percentile})")
         return errors
+
+
+class MinibatchDraw:
+    """Indices (B,) of successive minibatches of ``size`` from ``n`` samples.
+
+    With replacement: each minibatch ``size`` independent uniform draws. Shuffled: the samples in a
+    random order, a new permutation when one runs out, so every sample is drawn once before any is
+    drawn twice (with replacement, a round of n draws leaves about (1 - 1/n)^n ~ 37 % unused).
+    """
+
+    def __init__(self, n: int, size: int, shuffled: bool, generator: torch.Generator) -> None:
+        self.n, self.size, self.shuffled, self.generator = n, size, shuffled, generator
+        self._order = torch.zeros(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        if not self.shuffled:
+            return torch.randint(0, self.n, (self.size,), generator=self.generator)
+        while len(self._order) < self.size:
+            self._order = torch.cat([self._order, torch.randperm(self.n, generator=self.generator)])
+        idx, self._order = self._order[: self.size], self._order[self.size:]
+        return idx
 
 
 def denoising_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor,
@@ -145,11 +170,12 @@ class _Supervised(Algorithm):
         device = adapter.device
         uncond = adapter.encode_prompts([""])
         stats = []
+        draw = MinibatchDraw(len(x0_all), cfg.minibatch_size, cfg.supervised.minibatch_draw == "shuffled", gen)
         for _ in range(cfg.gradient_steps):
             for _ in range(cfg.grad_accum):
                 if len(x0_all) == 0:  # a process without valid samples yet adds no gradient to the step
                     continue
-                idx = torch.randint(0, len(x0_all), (cfg.minibatch_size,), generator=gen)
+                idx = draw.next()
                 x0 = x0_all[idx].to(device)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 t, latents = self._noised(x0, noise, gen)

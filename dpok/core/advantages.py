@@ -33,10 +33,16 @@ def _scale(std: Tensor, std_floor: float) -> Tensor:
     return std.clamp_min(std_floor) + DEFAULT_EPS
 
 
-def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_EPS, std_floor: float = 0.0) -> Tensor:
+def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_EPS, std_floor: float = 0.0,
+                     global_std: bool = False) -> Tensor:
     """Group-relative advantages (GRPO): standardise each reward within its prompt's group of this round.
 
         A_i = (r_i - mean_{g(i)}) / (max(std_{g(i)}, floor) + eps)
+
+    or, with ``global_std``, A_i = (r_i - mean_{g(i)}) / (max(std_all, floor) + eps) with std_all the
+    population std of every finite reward of the batch (``sample.global_std`` of the Flow-GRPO and
+    DiffusionNFT code, on in DiffusionNFT's base config): a group whose rewards barely differ keeps
+    small advantages instead of unit-scale ones, and groups with a larger spread weigh more.
 
     where g(i) is the set of finite rewards of this batch with the same prompt as sample i, and
     mean / std are its mean and population std. No history is kept, so the baseline is the current
@@ -52,6 +58,7 @@ def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_E
         rewards: (B,).
         eps: added to each group's std.
         std_floor: >= 0, the smallest std a group is divided by (in reward units).
+        global_std: divide by the std of the whole batch instead of each group's.
 
     Returns:
         advantages (B,) with the dtype and device of ``rewards``.
@@ -61,8 +68,10 @@ def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_E
         raise ValueError(f"got {len(prompts)} prompts for {rewards.shape[0]} rewards")
     values, finite = _finite_values(rewards)
     advantages = torch.zeros_like(values)
+    every = _mean_std(values[finite])[1] if global_std and int(finite.sum()) >= 2 else None
     for rows, mean, std in _prompt_statistics(prompts, values, finite):
-        advantages[rows] = (values[rows] - mean) / (std.clamp_min(std_floor) + eps)
+        scale = std if every is None else every
+        advantages[rows] = (values[rows] - mean) / (scale.clamp_min(std_floor) + eps)
     return advantages.to(dtype=rewards.dtype, device=rewards.device)
 
 

@@ -100,3 +100,37 @@ def test_settings_of_one_algorithm_are_refused_for_another() -> None:
         TrainConfig.from_options(algorithm="diffusion-nft", nft_beta=0.0).validate()
     TrainConfig.from_options(algorithm="diffusion-nft", rollout_eta=0.0, rollout_steps=5).validate()
     assert math.isfinite(TrainConfig().nft.nft_beta)
+
+
+def test_shuffled_minibatches_train_each_sample_of_the_round_once(tiny_pipeline_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from dpok.algorithms import supervised
+
+    drawn: list[int] = []
+    plain_next = supervised.MinibatchDraw.next
+
+    def spy(self: supervised.MinibatchDraw) -> torch.Tensor:
+        idx = plain_next(self)
+        drawn.extend(idx.tolist())
+        return idx
+
+    monkeypatch.setattr(supervised.MinibatchDraw, "next", spy)
+    adapter = make_adapter(tiny_pipeline_dir)
+    cfg = small_cfg(algorithm="diffusion-nft", minibatch_draw="shuffled", minibatch_size=1, grad_accum=2,
+                    adv_global_std=True)
+    assert cfg.supervised.minibatch_draw == "shuffled" and cfg.policy_gradient.adv_global_std
+    nft = ALGORITHMS.create("diffusion-nft", _context(adapter, cfg))
+    nft.update(_rollout(adapter, cfg))
+    assert sorted(drawn) == [0, 1]  # both samples, once each
+
+
+def test_global_std_reaches_the_trajectory_advantages() -> None:
+    from dpok.algorithms.base import trajectory_advantages
+    from dpok.core import PerPromptStatTracker, group_advantages
+
+    prompts, rewards = ["a", "a", "b", "b"], torch.tensor([0.0, 1.0, 0.5, 0.6])
+    valid = torch.ones(4, dtype=torch.bool)
+    got = trajectory_advantages("group", PerPromptStatTracker(4, 1), prompts, rewards, valid, 5.0, global_std=True)
+    torch.testing.assert_close(got, group_advantages(prompts, rewards, global_std=True))
+    assert not torch.allclose(got, trajectory_advantages("group", PerPromptStatTracker(4, 1), prompts, rewards,
+                                                         valid, 5.0))

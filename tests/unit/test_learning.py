@@ -222,7 +222,8 @@ def test_presets_match_their_sources() -> None:
         "guidance_scale": 1.0, "rollout_eta": 0.0, "rollout_steps": 10, "num_steps": 40, "beta": 1e-4,
         "samples_per_prompt": 24, "samples_per_round": 48 * 24, "adv_clip": 5.0, "learning_rate": 3e-4,
         "weight_decay": 1e-4, "max_grad_norm": 1.0, "ema_decay": 0.9, "lora_rank": 32, "lora_alpha": 64.0,
-        "supervised_target": "conditional", "lr_schedule": "constant",
+        "supervised_target": "conditional", "lr_schedule": "constant", "adv_global_std": True,
+        "minibatch_draw": "shuffled",
     }
     assert {k: nft[k] for k in sources} == sources
     assert nft["samples_per_round"] == nft["minibatch_size"] * nft["grad_accum"]  # one step per epoch

@@ -118,3 +118,31 @@ def test_nft_loss_rejects_bad_shapes_and_beta() -> None:
         nft_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), beta=0.0)
     with pytest.raises(ValueError, match="shapes"):
         nft_loss(torch.zeros(2, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), beta=1.0)
+
+
+def test_group_advantages_with_the_global_std_on_a_hand_worked_batch() -> None:
+    """Groups a = (0, 1), b = (0.5, 0.6), c = (0.9), one NaN: the finite rewards' population std is
+    sqrt(((-.6)^2 + .4^2 + (-.1)^2 + 0 + .3^2) / 5) = sqrt(0.124); each group keeps its own mean."""
+    from dpok.core import group_advantages
+
+    prompts = ["a", "a", "b", "b", "c", "b"]
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.6, 0.9, float("nan")])
+    std = 0.124 ** 0.5
+    expected = torch.tensor([-0.5 / std, 0.5 / std, -0.05 / std, 0.05 / std, 0.0, 0.0])
+    torch.testing.assert_close(group_advantages(prompts, rewards, global_std=True), expected, atol=1e-5, rtol=0)
+    own = group_advantages(prompts, rewards)  # each group's own std: both groups at +-1
+    torch.testing.assert_close(own, torch.tensor([-1.0, 1.0, -1.0, 1.0, 0.0, 0.0]), atol=1e-4, rtol=0)
+    floored = group_advantages(prompts, rewards, std_floor=1.0, global_std=True)  # the floor still applies
+    torch.testing.assert_close(floored, torch.tensor([-0.5, 0.5, -0.05, 0.05, 0.0, 0.0]), atol=1e-5, rtol=0)
+
+
+def test_shuffled_minibatches_use_every_sample_once_before_any_twice() -> None:
+    from dpok.algorithms.supervised import MinibatchDraw
+
+    draw = MinibatchDraw(10, 4, shuffled=True, generator=torch.Generator().manual_seed(0))
+    idx = torch.cat([draw.next() for _ in range(5)])  # 20 draws: two passes over the 10 samples
+    assert sorted(idx[:10].tolist()) == list(range(10)) and sorted(idx[10:].tolist()) == list(range(10))
+    assert idx[:10].tolist() != list(range(10))  # in a random order
+    # with replacement: the independent draws of before (same generator, same numbers)
+    old = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(MinibatchDraw(10, 4, shuffled=False, generator=torch.Generator().manual_seed(3)).next(), old)
