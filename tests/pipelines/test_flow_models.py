@@ -271,3 +271,34 @@ def test_sd3_without_t5_encodes_as_its_pipeline_with_the_zero_tail_folded(flow_d
     torch.testing.assert_close(images, plain, atol=1e-5, rtol=0)
     with pytest.raises(ModelLoadError, match="no transformer"):
         DiffusionAdapter.from_pipeline(type(pipe)(**{**pipe.components, "transformer": None}))
+
+
+def test_nft_trains_a_flow_model_on_its_samplers_shifted_timesteps(adapter: DiffusionAdapter,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """x_t = (1 - t) x_0 + t eps at t = timestep / 1000 of the rollout's (shifted) schedule."""
+    from dpok.algorithms import ALGORITHMS, supervised
+    from tests.pipelines.test_training import _context, _rollout, small_cfg
+
+    seen = []
+    plain = supervised._Supervised._noised
+
+    def spy(self, x0, noise, gen, timesteps=None):  # noqa: ANN001, ANN202
+        t, latents = plain(self, x0, noise, gen, timesteps)
+        seen.append((x0, noise, t, latents))
+        return t, latents
+
+    monkeypatch.setattr(supervised._Supervised, "_noised", spy)
+    cfg = small_cfg(algorithm="diffusion-nft", nft_train_steps=2, num_steps=3, eta=NOISE_LEVEL, guidance_scale=GUIDANCE)
+    adapter.add_lora(rank=2, alpha=2.0)
+    try:
+        rollout = _rollout(adapter, cfg)
+        ALGORITHMS.create("diffusion-nft", _context(adapter, cfg)).update(rollout)
+    finally:
+        adapter.unet.delete_adapters(list(adapter.unet.peft_config))
+        adapter.lora_config = None
+    grid = rollout.trajectory.timesteps
+    assert len(seen) == 2 and grid.dtype.is_floating_point
+    for x0, noise, t, latents in seen:
+        assert all(torch.isclose(grid, v).any() for v in t)
+        s = (t / 1000.0).view(-1, *[1] * (x0.ndim - 1))
+        torch.testing.assert_close(latents, ((1 - s) * x0 + s * noise).to(latents.dtype))

@@ -134,3 +134,53 @@ def test_global_std_reaches_the_trajectory_advantages() -> None:
     torch.testing.assert_close(got, group_advantages(prompts, rewards, global_std=True))
     assert not torch.allclose(got, trajectory_advantages("group", PerPromptStatTracker(4, 1), prompts, rewards,
                                                          valid, 5.0))
+
+
+def _spy_noised(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Records (x_0, eps, network timesteps, x_t) of every training pass of the supervised update."""
+    from dpok.algorithms import supervised
+
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    plain = supervised._Supervised._noised
+
+    def spy(self, x0, noise, gen, timesteps=None):  # noqa: ANN001, ANN202
+        t, latents = plain(self, x0, noise, gen, timesteps)
+        seen.append((x0, noise, t, latents))
+        return t, latents
+
+    monkeypatch.setattr(supervised._Supervised, "_noised", spy)
+    return seen
+
+
+def test_nft_trains_at_k_of_the_rollout_samplers_own_timesteps(tiny_pipeline_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_noised(monkeypatch)
+    adapter = make_adapter(tiny_pipeline_dir)
+    cfg = small_cfg(algorithm="diffusion-nft", nft_train_steps=3, num_steps=4, grad_accum=2)
+    nft = ALGORITHMS.create("diffusion-nft", _context(adapter, cfg))
+    rollout = _rollout(adapter, cfg)
+    grid = set(rollout.trajectory.timesteps.tolist())
+    assert len(grid) == 4
+    nft.update(rollout)
+    assert len(seen) == 2 * 3  # 2 minibatches, 3 passes each, fresh noise each
+    abar = adapter.alphas_cumprod
+    for x0, noise, t, latents in seen:  # x_t of the forward process at the given timesteps
+        assert set(t.tolist()) <= grid
+        a = abar[t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(latents, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    for draw in (seen[:3], seen[3:]):  # within a minibatch each sample meets 3 distinct timesteps
+        per_sample = torch.stack([t for _, _, t, _ in draw], dim=1)  # (B, 3)
+        assert all(len(set(row.tolist())) == 3 for row in per_sample)
+        assert not torch.equal(draw[0][1], draw[1][1])
+    with pytest.raises(ValueError, match="nft-train-steps"):
+        TrainConfig.from_options(algorithm="diffusion-nft", nft_train_steps=-1).validate()
+
+
+def test_nft_train_steps_more_than_the_sampler_has_train_each_once(tiny_pipeline_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_noised(monkeypatch)
+    adapter = make_adapter(tiny_pipeline_dir)
+    cfg = small_cfg(algorithm="diffusion-nft", nft_train_steps=9, num_steps=2)
+    ALGORITHMS.create("diffusion-nft", _context(adapter, cfg)).update(_rollout(adapter, cfg))
+    assert len(seen) == 2
+    assert sorted(t[0].item() for _, _, t, _ in seen) == sorted(_rollout(adapter, cfg).trajectory.timesteps.tolist())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpok.algorithms.dpok import ReplayBuffer
-from dpok.config import PRESETS, TrainConfig, build_config
+from dpok.config import PRESETS, SD3_JOINT_ATTENTION, TrainConfig, build_config
 from dpok.core import (
     PerPromptStatTracker,
     dpok_loss,
@@ -212,9 +212,11 @@ def test_presets_match_their_sources() -> None:
         "timestep_fraction": 0.99, "beta": 0.04, "clip_range": 1e-4, "adv_clip": 5.0, "learning_rate": 3e-4,
         "weight_decay": 1e-4, "max_grad_norm": 1.0, "inner_epochs": 1, "ema_decay": 0.9, "lora_rank": 32,
         "lora_alpha": 64.0, "logprob_reduce": "mean", "lr_schedule": "constant",
+        "adv_global_std": True,  # grpo.py geneval_sd3: sample.global_std
     }
     assert {k: grpo[k] for k in sources} == sources
-    assert grpo["flow_overrides"] == {"eta": 0.7}  # base.py: sample.noise_level 0.7 (the SDE's a) on flow models
+    # base.py: sample.noise_level 0.7 (the SDE's a) on flow models; train_sd3.py: LoRA on both attention streams
+    assert grpo["flow_overrides"] == {"eta": 0.7, "lora_targets": SD3_JOINT_ATTENTION}
     assert grpo["samples_per_round"] // (grpo["minibatch_size"] * grpo["grad_accum"]) == 2  # two steps per epoch
     nft = PRESETS["diffusion-nft-paper"]()
     sources = {  # DiffusionNFT config/nft.py sd3_geneval + base.py; train_nft_sd3.py
@@ -224,8 +226,12 @@ def test_presets_match_their_sources() -> None:
         "weight_decay": 1e-4, "max_grad_norm": 1.0, "ema_decay": 0.9, "lora_rank": 32, "lora_alpha": 64.0,
         "supervised_target": "conditional", "lr_schedule": "constant", "adv_global_std": True,
         "minibatch_draw": "shuffled",
+        "nft_train_steps": 9,  # int(sample.num_steps 10 x train.timestep_fraction 0.99) timesteps per sample
     }
     assert {k: nft[k] for k in sources} == sources
+    assert nft["flow_overrides"] == {"lora_targets": SD3_JOINT_ATTENTION}  # train_nft_sd3.py's target modules
+    assert SD3_JOINT_ATTENTION.split(",") == ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                              "add_v_proj", "to_add_out"]
     assert nft["samples_per_round"] == nft["minibatch_size"] * nft["grad_accum"]  # one step per epoch
     for name in PRESETS:
         build_config(name, {})  # every preset validates
