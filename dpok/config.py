@@ -352,8 +352,8 @@ def preset_diffusion_nft_paper() -> dict[str, Any]:
     - LoRA rank 32, alpha 64, on attention (on a flow-matching model both streams of the joint
       attention); each sample of the epoch trained once, in a random order, at 9 of its sampler's
       10 timesteps (``int(10 x timestep_fraction 0.99)``, a random order per sample, fresh noise each):
-      the script.
-    The authors roll out with DPM-Solver++(2M); here with deterministic DDIM (Euler on a flow model).
+      the script;
+    - rollouts by DPM-Solver++(2M) (``sample.solver`` "dpm2"): the config files.
     Evaluation samples with eta 1 (DDIM), where the authors evaluate with their deterministic solver.
     """
     return dict(algorithm="diffusion-nft", advantage="group", samples_per_prompt=24, samples_per_round=1152,
@@ -362,6 +362,7 @@ def preset_diffusion_nft_paper() -> dict[str, Any]:
                 rollout_steps=10, num_steps=40, beta=1e-4, adv_clip=5.0, learning_rate=3e-4, lr_schedule="constant",
                 weight_decay=1e-4, max_grad_norm=1.0, ema_decay=0.9, lora_rank=32, lora_alpha=64.0,
                 lora_targets=ATTENTION, adv_global_std=True, minibatch_draw="shuffled", nft_train_steps=9,
+                rollout_solver="dpm-solver++",
                 flow_overrides={"lora_targets": SD3_JOINT_ATTENTION})
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -48,6 +48,10 @@ class NFTSettings:
                                    "evaluations use)")
     rollout_eta: float = option(-1.0, "DiffusionNFT: eta of the rollout sampler, 0 for deterministic DDIM (-1: "
                                       "--eta)")
+    rollout_solver: Literal["ddim", "dpm-solver++"] = option(
+        "ddim", "DiffusionNFT: the rollout sampler's solver: 'ddim' (DDIM, or a flow model's Euler/SDE step, with "
+                "--rollout-eta) or 'dpm-solver++' (DPM-Solver++(2M), deterministic: needs --rollout-eta 0; the "
+                "authors' 'dpm2')")
     nft_train_steps: int = option(0, "DiffusionNFT: 0 trains each minibatch once, at a uniform random timestep per "
                                      "sample (the pretraining objective's); K > 0 at K of the rollout sampler's own "
                                      "timesteps (a random order per sample, fresh noise each, the K backward passes "
@@ -100,9 +104,21 @@ class DiffusionNFT(RWR):
     def sampling_policy(self) -> contextlib.AbstractContextManager[None]:
         return self.old_policy()
 
+    @classmethod
+    def check(cls, cfg: Any, num_processes: int) -> list[str]:
+        errors = super().check(cfg, num_processes)
+        eta = cfg.eta if cfg.nft.rollout_eta < 0 else cfg.nft.rollout_eta
+        if cfg.nft.rollout_solver != "ddim" and eta != 0:
+            errors.append(f"--rollout-solver {cfg.nft.rollout_solver} solves the deterministic ODE: give --rollout-eta 0 "
+                          f"(the rollout eta is now {eta})")
+        return errors
+
     def rollout_sampler(self) -> tuple[int, float]:
         cfg, own = self.cfg, self.cfg.nft
         return own.rollout_steps or cfg.num_steps, cfg.eta if own.rollout_eta < 0 else own.rollout_eta
+
+    def rollout_solver(self) -> str:
+        return self.cfg.nft.rollout_solver
 
     def update(self, rollout: Rollout) -> UpdateResult:
         cfg, pg = self.cfg, self.cfg.policy_gradient

@@ -302,3 +302,17 @@ def test_nft_trains_a_flow_model_on_its_samplers_shifted_timesteps(adapter: Diff
         assert all(torch.isclose(grid, v).any() for v in t)
         s = (t / 1000.0).view(-1, *[1] * (x0.ndim - 1))
         torch.testing.assert_close(latents, ((1 - s) * x0 + s * noise).to(latents.dtype))
+
+
+def test_dpm_solver_rollouts_of_a_flow_model(adapter: DiffusionAdapter) -> None:
+    """Two steps of DPM-Solver++(2M) are both of first order, which on a rectified flow is the Euler
+    ODE; with more steps the multistep correction moves the samples, from the same x_T."""
+    from dpok.sampling import sample_trajectories
+
+    def run(steps: int, solver: str) -> torch.Tensor:
+        return sample_trajectories(adapter, PROMPTS, steps, 0.0, GUIDANCE, torch.Generator().manual_seed(2),
+                                   with_log_probs=False, solver=solver).final_latents
+
+    torch.testing.assert_close(run(2, "dpm-solver++"), run(2, "ddim"), atol=1e-5, rtol=1e-5)
+    dpm, euler = run(4, "dpm-solver++"), run(4, "ddim")
+    assert torch.isfinite(dpm).all() and not torch.allclose(dpm, euler, atol=1e-4)

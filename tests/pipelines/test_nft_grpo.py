@@ -56,6 +56,9 @@ def test_nft_rollouts_with_their_own_sampler_and_a_resume_bit_for_bit(tiny_pipel
 
     traj = Trainer(cfg("c")).sample(["a red circle"] * 2)
     assert traj.num_steps == 2 and torch.equal(traj.log_probs, torch.zeros(2, 2))  # deterministic DDIM, 2 steps
+    dpm = Trainer(cfg("d", rollout_solver="dpm-solver++")).sample(["a red circle"] * 2)  # the same x_T, solved
+    assert torch.equal(dpm.latents[:, 0], traj.latents[:, 0]) and torch.isfinite(dpm.final_latents).all()
+    assert not torch.allclose(dpm.final_latents, traj.final_latents)  # DPM-Solver's last step goes to the data
     Trainer(cfg("a")).run()
     rows = [r for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("NaN" in r for r in rows)  # no KL bound along deterministic rollouts
@@ -92,8 +95,13 @@ def test_grpo_adds_the_reference_kl_and_equals_ddpo_is_without_it(tiny_pipeline_
 
 
 def test_settings_of_one_algorithm_are_refused_for_another() -> None:
-    with pytest.raises(ValueError, match="rollout-steps and --rollout-eta are DiffusionNFT's"):
+    with pytest.raises(ValueError, match="rollout-steps, --rollout-eta and --rollout-solver are DiffusionNFT's"):
         TrainConfig.from_options(algorithm="dpok", rollout_steps=5).validate()
+    with pytest.raises(ValueError, match="rollout-solver are DiffusionNFT's"):
+        TrainConfig.from_options(algorithm="grpo", rollout_solver="dpm-solver++").validate()
+    with pytest.raises(ValueError, match="--rollout-solver dpm-solver\\+\\+ solves the deterministic ODE"):
+        TrainConfig.from_options(algorithm="diffusion-nft", rollout_solver="dpm-solver++").validate()
+    TrainConfig.from_options(algorithm="diffusion-nft", rollout_solver="dpm-solver++", rollout_eta=0.0).validate()
     with pytest.raises(ValueError, match="not one --algorithm grpo takes"):
         TrainConfig.from_options(algorithm="grpo", advantage="tracker").validate()
     with pytest.raises(ValueError, match="nft-beta"):

@@ -227,6 +227,7 @@ def test_presets_match_their_sources() -> None:
         "supervised_target": "conditional", "lr_schedule": "constant", "adv_global_std": True,
         "minibatch_draw": "shuffled",
         "nft_train_steps": 9,  # int(sample.num_steps 10 x train.timestep_fraction 0.99) timesteps per sample
+        "rollout_solver": "dpm-solver++",  # nft.py: sample.solver "dpm2", deterministic
     }
     assert {k: nft[k] for k in sources} == sources
     assert nft["flow_overrides"] == {"lora_targets": SD3_JOINT_ATTENTION}  # train_nft_sd3.py's target modules
