@@ -167,9 +167,9 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)} (got {solver!r})")
-    if solver != "ddim" and (eta != 0 or with_log_probs or start_step or stop_step):
-        raise ValueError(f"solver {solver!r} is a deterministic ODE solver: it samples whole trajectories with eta 0 "
-                         "and no log-probs")
+    if solver != "ddim" and (eta != 0 or with_log_probs or start_step or stop_step or keep_means):
+        raise ValueError(f"solver {solver!r} is a deterministic ODE solver: it samples whole trajectories with eta 0, "
+                         "no log-probs and no step means")
     stop = stop_step or num_steps
     if not 0 <= start_step < stop <= num_steps or (start_step and initial is None):
         raise ValueError(f"start_step must be in [0, {num_steps}), before stop_step ({stop_step}), and when > 0 "

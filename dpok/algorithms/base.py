@@ -187,10 +187,11 @@ class Algorithm:
         if advantage not in cls.advantages:
             errors.append(f"--advantage {advantage} is not one --algorithm {cls.name} takes (valid: "
                           f"{', '.join(cls.advantages)})")
-        if not cls.own_rollout_sampler and (cfg.nft.rollout_steps, cfg.nft.rollout_eta,
-                                            cfg.nft.rollout_solver) != (0, -1.0, "ddim"):
-            errors.append(f"--rollout-steps, --rollout-eta and --rollout-solver are DiffusionNFT's; {cls.name} trains "
-                          "on the steps it samples (set --num-steps and --eta)")
+        nft = cfg.nft
+        if not cls.own_rollout_sampler and (nft.rollout_steps, nft.rollout_eta, nft.rollout_solver,
+                                            nft.nft_train_steps) != (0, -1.0, "ddim", 0):
+            errors.append(f"--rollout-steps, --rollout-eta, --rollout-solver and --nft-train-steps are DiffusionNFT's; "
+                          f"{cls.name} trains on the steps it samples (set --num-steps and --eta)")
         family = local_model_family(cfg.model)
         if family is not None and family not in cls.families:
             errors.append(f"--algorithm {cls.name} is not defined for {family} models (--model {cfg.model}); it "

@@ -200,8 +200,8 @@ class _Supervised(Algorithm):
         """(timesteps (B,), x_t (B, C, h, w)): x_0 noised by the model's forward process at ``timesteps``
         (the network's, (B,)), or at random times when None.
 
-        DDPM family: t uniform over the training steps, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
-        Flow family: t uniform in [0, 1), x_t = (1 - t) x_0 + t eps, the network's timestep 1000 t."""
+        DDPM family: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, random t uniform over the training
+        steps. Flow family: x_t = (1 - t) x_0 + t eps with t = timestep / 1000, random t uniform in [0, 1)."""
         adapter = self.adapter
         if adapter.is_flow:
             if timesteps is None:

@@ -38,8 +38,9 @@ def dpm_solver_pp_step(x_s: Tensor, d_s: Tensor, s: tuple[float, float], t: tupl
         D = (1 + 1 / (2 r)) d_s - 1 / (2 r) d_prev,   r = (lambda_s - lambda_prev) / h
 
     (the multistep correction of diffusers' DPMSolverMultistepScheduler, solver_type "midpoint").
-    Where a lambda is infinite (the step from pure noise, the step to sigma_t = 0) the step is of
-    first order, as the solver's lower_order_final and its first step.
+    Without ``d_prev`` (the first step) the step is of first order; so it is where a lambda is
+    infinite: the step to sigma_t = 0 (the solver's lower_order_final) and, on a flow model, the
+    second step, whose previous point is pure noise (alpha = 0).
 
     Args:
         x_s: (B, ...) the state at time s.

@@ -316,3 +316,27 @@ def test_dpm_solver_rollouts_of_a_flow_model(adapter: DiffusionAdapter) -> None:
     torch.testing.assert_close(run(2, "dpm-solver++"), run(2, "ddim"), atol=1e-5, rtol=1e-5)
     dpm, euler = run(4, "dpm-solver++"), run(4, "ddim")
     assert torch.isfinite(dpm).all() and not torch.allclose(dpm, euler, atol=1e-4)
+
+
+def test_the_sd3_presets_adapt_the_joint_attention_only_as_the_papers_scripts() -> None:
+    """SD3.5's dual-attention blocks have a second, image-only attention ``attn2``: the presets'
+    ``attn.``-prefixed targets leave it out, as Flow-GRPO's and DiffusionNFT's target modules do."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    from dpok.config import PRESETS, SD3_JOINT_ATTENTION, SD3_PAPER_TARGETS
+
+    def adapted(targets: str) -> set[str]:
+        model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                      attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                      caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8,
+                                      dual_attention_layers=(0,))
+        model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets.split(",")))
+        return {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+
+    paper, bare = adapted(SD3_PAPER_TARGETS), adapted(SD3_JOINT_ATTENTION)
+    assert paper and all(".attn." in n for n in paper) and not any("attn2" in n for n in paper)
+    assert len(paper) == 8 + 7  # 8 modules per block; the last block's context stream has no to_add_out
+    assert bare - paper == {f"transformer_blocks.0.attn2.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0")}
+    for name in ("flow-grpo-paper", "diffusion-nft-paper"):
+        assert PRESETS[name]()["flow_overrides"]["lora_targets"] == SD3_PAPER_TARGETS

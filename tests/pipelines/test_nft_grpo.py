@@ -95,10 +95,11 @@ def test_grpo_adds_the_reference_kl_and_equals_ddpo_is_without_it(tiny_pipeline_
 
 
 def test_settings_of_one_algorithm_are_refused_for_another() -> None:
-    with pytest.raises(ValueError, match="rollout-steps, --rollout-eta and --rollout-solver are DiffusionNFT's"):
+    with pytest.raises(ValueError, match="--rollout-solver and --nft-train-steps are DiffusionNFT's"):
         TrainConfig.from_options(algorithm="dpok", rollout_steps=5).validate()
-    with pytest.raises(ValueError, match="rollout-solver are DiffusionNFT's"):
-        TrainConfig.from_options(algorithm="grpo", rollout_solver="dpm-solver++").validate()
+    for other in ({"rollout_solver": "dpm-solver++"}, {"nft_train_steps": 3}):
+        with pytest.raises(ValueError, match="nft-train-steps are DiffusionNFT's"):
+            TrainConfig.from_options(algorithm="grpo", **other).validate()
     with pytest.raises(ValueError, match="--rollout-solver dpm-solver\\+\\+ solves the deterministic ODE"):
         TrainConfig.from_options(algorithm="diffusion-nft", rollout_solver="dpm-solver++").validate()
     TrainConfig.from_options(algorithm="diffusion-nft", rollout_solver="dpm-solver++", rollout_eta=0.0).validate()
@@ -192,3 +193,46 @@ def test_nft_train_steps_more_than_the_sampler_has_train_each_once(tiny_pipeline
     ALGORITHMS.create("diffusion-nft", _context(adapter, cfg)).update(_rollout(adapter, cfg))
     assert len(seen) == 2
     assert sorted(t[0].item() for _, _, t, _ in seen) == sorted(_rollout(adapter, cfg).trajectory.timesteps.tolist())
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_the_passes_of_a_minibatch_average_into_the_step(tiny_pipeline_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          k: int) -> None:
+    """Each pass's loss sum(theta) has gradient 1 per weight: over K passes and 2 accumulated minibatches the
+    step must see exactly 1 (the mean), not K or 2K."""
+    from dpok.algorithms import base, nft
+
+    def unit_loss(self, *args):  # noqa: ANN001, ANN002, ANN202
+        return sum(p.sum() for p in self.adapter.trainable_parameters()), {}
+
+    grads: list[torch.Tensor] = []
+    plain_step = base.guarded_step
+
+    def spy_step(optimizer, params, max_norm):  # noqa: ANN001, ANN202
+        grads.extend(p.grad.clone() for p in params)
+        return plain_step(optimizer, params, max_norm)
+
+    monkeypatch.setattr(nft.DiffusionNFT, "_step_loss", unit_loss)
+    monkeypatch.setattr("dpok.algorithms.supervised.guarded_step", spy_step)
+    adapter = make_adapter(tiny_pipeline_dir)
+    cfg = small_cfg(algorithm="diffusion-nft", nft_train_steps=k, grad_accum=2, minibatch_size=1, max_grad_norm=1e9)
+    ALGORITHMS.create("diffusion-nft", _context(adapter, cfg)).update(_rollout(adapter, cfg))
+    assert grads and all(torch.equal(g, torch.ones_like(g)) for g in grads)
+
+
+def test_the_default_update_draws_its_random_numbers_in_the_order_it_always_has(
+        tiny_pipeline_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Minibatch indices, then per draw the noise and then the timesteps, from the run's generator:
+    the order runs saved before --nft-train-steps existed resume with, bit for bit."""
+    seen = _spy_noised(monkeypatch)
+    adapter = make_adapter(tiny_pipeline_dir)
+    cfg = small_cfg(algorithm="diffusion-nft", grad_accum=2, minibatch_size=2)
+    rollout = _rollout(adapter, cfg)
+    ALGORITHMS.create("diffusion-nft", _context(adapter, cfg)).update(rollout)
+    gen = torch.Generator().manual_seed(0)  # the context's generator
+    shape = rollout.trajectory.final_latents.shape
+    for _, noise, t, _ in seen:
+        torch.randint(0, 2, (2,), generator=gen)
+        torch.testing.assert_close(noise, torch.randn(shape, generator=gen), rtol=0, atol=0)
+        assert torch.equal(t, torch.randint(0, 1000, (2,), generator=gen))
+    assert len(seen) == 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpok.algorithms.dpok import ReplayBuffer
-from dpok.config import PRESETS, SD3_JOINT_ATTENTION, TrainConfig, build_config
+from dpok.config import PRESETS, SD3_PAPER_TARGETS, TrainConfig, build_config
 from dpok.core import (
     PerPromptStatTracker,
     dpok_loss,
@@ -216,7 +216,7 @@ def test_presets_match_their_sources() -> None:
     }
     assert {k: grpo[k] for k in sources} == sources
     # base.py: sample.noise_level 0.7 (the SDE's a) on flow models; train_sd3.py: LoRA on both attention streams
-    assert grpo["flow_overrides"] == {"eta": 0.7, "lora_targets": SD3_JOINT_ATTENTION}
+    assert grpo["flow_overrides"] == {"eta": 0.7, "lora_targets": SD3_PAPER_TARGETS}
     assert grpo["samples_per_round"] // (grpo["minibatch_size"] * grpo["grad_accum"]) == 2  # two steps per epoch
     nft = PRESETS["diffusion-nft-paper"]()
     sources = {  # DiffusionNFT config/nft.py sd3_geneval + base.py; train_nft_sd3.py
@@ -230,9 +230,9 @@ def test_presets_match_their_sources() -> None:
         "rollout_solver": "dpm-solver++",  # nft.py: sample.solver "dpm2", deterministic
     }
     assert {k: nft[k] for k in sources} == sources
-    assert nft["flow_overrides"] == {"lora_targets": SD3_JOINT_ATTENTION}  # train_nft_sd3.py's target modules
-    assert SD3_JOINT_ATTENTION.split(",") == ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
-                                              "add_v_proj", "to_add_out"]
+    assert nft["flow_overrides"] == {"lora_targets": SD3_PAPER_TARGETS}  # train_nft_sd3.py's target modules
+    assert sorted(SD3_PAPER_TARGETS.split(",")) == ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                                            "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
     assert nft["samples_per_round"] == nft["minibatch_size"] * nft["grad_accum"]  # one step per epoch
     for name in PRESETS:
         build_config(name, {})  # every preset validates
