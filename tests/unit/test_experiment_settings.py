@@ -179,3 +179,20 @@ def test_the_report_says_how_the_methods_were_set() -> None:
                                                                                     "tuned_candidate": "cosine"}]
     note = _settings_note({"method_settings": "tuned"}, units)
     assert "tuning sweep chose" in note and note.endswith("dpok `cosine`, rwr `temp0.05`.")
+
+
+def test_the_sample_efficiency_benchmark_takes_the_tuned_settings_into_its_own_folders(tmp_path: Path) -> None:
+    from benchmark_scripts import load_benchmark
+
+    from dpok.tuning import tuned_settings
+
+    bench = load_benchmark("sample_efficiency")
+    plain = bench.parse(["--output-dir", str(tmp_path / "a")])
+    tuned = bench.parse(["--method-settings", "tuned", "--output-dir", str(tmp_path / "b")])
+    assert bench.parse(["--method-settings", "tuned"]).report.endswith("sample_efficiency_tuned.md")
+    assert bench.parse([]).report.endswith("sample_efficiency.md")
+    chosen = tuned_settings("docs/tuning/data")["ddpo-is"][1]
+    cfg_plain = bench.unit_config(plain, "color", "ddpo-is", 0)[0]
+    cfg_tuned = bench.unit_config(tuned, "color", "ddpo-is", 0)[0]
+    assert cfg_tuned.learning_rate == chosen["learning_rate"] != cfg_plain.learning_rate
+    assert cfg_tuned.lora_rank == chosen["lora_rank"] and cfg_tuned.rounds == cfg_plain.rounds
