@@ -137,13 +137,16 @@ def same_settings(raw: Path, cfg) -> bool:  # noqa: ANN001 - an ExperimentConfig
     """Whether ``raw`` is empty or holds results of an experiment with ``cfg``'s settings."""
     import json
 
+    from dpok.experiment import ExperimentConfig
     from dpok.options import to_options
 
     kept = kept_settings(raw)
     if kept is None:
         return not raw.exists() or not any(raw.iterdir())
-    ours = json.loads(json.dumps({k: v for k, v in to_options(cfg).items() if k != "output_dir"}))
-    return kept == ours
+    plain = lambda c: json.loads(json.dumps({k: v for k, v in to_options(c).items() if k != "output_dir"}))  # noqa: E731
+    # a setting added after the results were kept had its default's meaning then (method_settings:
+    # "defaults" is how every earlier experiment set its methods)
+    return {**plain(ExperimentConfig()), **kept} == plain(cfg)
 
 
 def seed_from_kept(out: Path, raw: Path, cfg) -> int:  # noqa: ANN001 - an ExperimentConfig

@@ -6,7 +6,8 @@
 
 Each unit trains one method on one task of the paper experiment (the rare colour pair, the count of
 four and the two-group composition by default)
-with the experiment's own settings for that method (``dpok.experiment.default_methods``), for
+with the experiment's own settings for that method (``dpok.experiment.default_methods``; with
+``--method-settings tuned`` the setting its tuning sweep chose, into ``*_tuned`` folders), for
 ``--queries`` reward queries, and evaluates the policy every ``--eval-every`` rounds on fixed noise
 (``--eval-every``: the geometric judge, which shares no weights with the reward, on
 ``--eval-images`` images). From those evaluations it reads the queries, and the training seconds
@@ -47,10 +48,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, default=16, help="images per evaluation")
     p.add_argument("--target", type=float, default=0.8, help="judge-aligned share the queries are counted to")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--output-dir", default=str(ROOT / "runs" / "sample_efficiency"))
-    p.add_argument("--report", default=str(ROOT / "docs" / "sample_efficiency.md"))
+    p.add_argument("--method-settings", choices=["defaults", "tuned"], default="defaults",
+                   help="'defaults': the paper experiment's settings for each method (the package defaults); 'tuned': "
+                        "each method's setting chosen by the tuning sweep (docs/tuning.md), as its trials ran it "
+                        "(equal optimisation care; its own output folder and report, *_tuned)")
+    p.add_argument("--output-dir", default="", help="default: runs/sample_efficiency[_tuned]")
+    p.add_argument("--report", default="", help="default: docs/sample_efficiency[_tuned].md")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
+    suffix = "_tuned" if args.method_settings == "tuned" else ""
+    args.output_dir = args.output_dir or str(ROOT / "runs" / f"sample_efficiency{suffix}")
+    args.report = args.report or str(ROOT / "docs" / f"sample_efficiency{suffix}.md")
     if args.queries % args.samples_per_round or args.queries < args.samples_per_round:
         p.error(f"--queries ({args.queries}) must be a positive multiple of --samples-per-round "
                 f"({args.samples_per_round})")
@@ -100,7 +108,8 @@ def unit_config(args: argparse.Namespace, task_name: str, method_name: str, seed
     from dpok.experiment import Experiment, ExperimentConfig
 
     exp_cfg = ExperimentConfig(output_dir=str(args.output_dir), tasks=[task_name], methods=[method_name],
-                               seeds=[seed], samples_per_round=args.samples_per_round)
+                               seeds=[seed], samples_per_round=args.samples_per_round,
+                               method_settings=args.method_settings, tuning_dir=str(ROOT / "docs" / "tuning" / "data"))
     exp_cfg.validate()
     experiment = Experiment(exp_cfg, log=lambda *a: None)
     task = next(t for t in exp_cfg.all_tasks() if t.name == task_name)

@@ -101,7 +101,8 @@ RESUMABLE_CHANGES = {"reward_overlap", "rounds", "checkpoint_every", "keep_check
 # settings added after runs were already saved: a run folder without them ran with these values
 # (not today's defaults), so a resume continues it as it was
 SETTINGS_BEFORE_THEY_EXISTED = {"lr_schedule": "constant", "lr_warmup_rounds": 0, "adv_std_floor": 0.0,
-                               "shared_noise": False, "adv_global_std": False, "minibatch_draw": "with-replacement"}
+                               "shared_noise": False, "adv_global_std": False, "minibatch_draw": "with-replacement",
+                               "nft_train_steps": 0, "rollout_solver": "ddim"}
 
 
 def resume_settings(run_dir: str, given: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,12 @@ from .options import from_options, group, option, option_errors, to_options
 from .rewards.config import RewardConfig
 
 ATTENTION = "to_q,to_k,to_v,to_out.0"  # LoRA on attention only: the papers' (diffusers' attention processors)
+# both streams of an MM-DiT's joint attention (SD3, FLUX)
+SD3_JOINT_ATTENTION = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
+# the modules Flow-GRPO's and DiffusionNFT's scripts adapt on SD3.5 (train_sd3.py, train_nft_sd3.py): the
+# joint attention ``attn`` only (peft matches name suffixes: a bare ``to_q`` would also take SD3.5's
+# second, image-only attention ``attn2`` of its dual-attention blocks)
+SD3_PAPER_TARGETS = ",".join(f"attn.{name}" for name in SD3_JOINT_ATTENTION.split(","))
 
 _f = option
 
@@ -322,15 +328,18 @@ def preset_flow_grpo_paper() -> dict[str, Any]:
       rounding here trains all 10), beta 0.04 on the per-step KL,
       ratio clip 1e-4, advantages clipped to 5, lr 3e-4 constant, AdamW weight decay 1e-4,
       grad-norm clip 1, EMA of the weights at decay 0.9: the config files;
-    - LoRA rank 32, alpha 64, on attention; log-probs averaged over latent elements: the script.
-    Flow-GRPO standardises by the std of the whole batch (``global_std``); here by the group's.
+    - group advantages divided by the std of the whole epoch's rewards (``sample.global_std``): the
+      config files;
+    - LoRA rank 32, alpha 64, on attention (on a flow-matching model both streams of the joint
+      attention ``attn``, the script's target modules); log-probs averaged over latent elements: the
+      script.
     """
     return dict(algorithm="grpo", advantage="group", samples_per_prompt=24, samples_per_round=1152,
                 minibatch_size=9, grad_accum=64, inner_epochs=1, num_steps=10, guidance_scale=4.5, eta=1.0,
                 timestep_fraction=0.99, step_window_start=0.0, step_window_end=1.0, beta=0.04, kl_form="closed-form",
                 clip_range=1e-4, adv_clip=5.0, learning_rate=3e-4, lr_schedule="constant", weight_decay=1e-4,
                 max_grad_norm=1.0, ema_decay=0.9, lora_rank=32, lora_alpha=64.0, lora_targets=ATTENTION,
-                logprob_reduce="mean", flow_overrides={"eta": 0.7})
+                logprob_reduce="mean", adv_global_std=True, flow_overrides={"eta": 0.7, "lora_targets": SD3_PAPER_TARGETS})
 
 
 def preset_diffusion_nft_paper() -> dict[str, Any]:
@@ -344,18 +353,23 @@ def preset_diffusion_nft_paper() -> dict[str, Any]:
       to 5 after dividing by the std of all the epoch's rewards (``sample.global_std``), lr 3e-4
       constant, AdamW weight decay 1e-4, grad-norm clip 1, EMA at decay 0.9: the config files and
       the script;
-    - LoRA rank 32, alpha 64, on attention; each sample of the epoch trained once, in a random
-      order: the script.
-    The authors train each sample at 9 of its sampler's 10 timesteps with fresh noise; here each
-    minibatch draws a uniform timestep per sample (the pretraining objective's). Evaluation samples with
-    eta 1 (DDIM), where the authors evaluate with their deterministic solver.
+    - LoRA rank 32, alpha 64, on attention (on a flow-matching model both streams of the joint
+      attention ``attn``); each sample of the epoch trained once, in a random order, at 9 of its sampler's
+      10 timesteps (``int(10 x timestep_fraction 0.99)``, a random order per sample, fresh noise each):
+      the script;
+    - rollouts by DPM-Solver++(2M) (``sample.solver`` "dpm2"): the config files (their rollouts
+      round SD3's timesteps 1000 t to integers; here they stay as the schedule has them).
+    Evaluation samples with eta 1 (DDIM), where the authors evaluate with the Euler ODE (their solver
+    "flow", deterministic) at 40 steps.
     """
     return dict(algorithm="diffusion-nft", advantage="group", samples_per_prompt=24, samples_per_round=1152,
                 minibatch_size=9, grad_accum=128, gradient_steps=1, nft_beta=1.0, nft_decay_rate=0.001,
                 nft_decay_max=0.5, guidance_scale=1.0, supervised_target="conditional", rollout_eta=0.0,
                 rollout_steps=10, num_steps=40, beta=1e-4, adv_clip=5.0, learning_rate=3e-4, lr_schedule="constant",
                 weight_decay=1e-4, max_grad_norm=1.0, ema_decay=0.9, lora_rank=32, lora_alpha=64.0,
-                lora_targets=ATTENTION, adv_global_std=True, minibatch_draw="shuffled")
+                lora_targets=ATTENTION, adv_global_std=True, minibatch_draw="shuffled", nft_train_steps=9,
+                rollout_solver="dpm-solver++",
+                flow_overrides={"lora_targets": SD3_PAPER_TARGETS})
 
 
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
@@ -374,7 +388,7 @@ PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
 # and a transformer has no convolutions: LoRA goes on both streams of its joint attention, the
 # modules Flow-GRPO adapts on SD3 (the default's conv names would leave the text stream frozen)
 FLOW_DEFAULTS: dict[str, Any] = {"eta": 0.7,
-                                 "lora_targets": "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"}
+                                 "lora_targets": SD3_JOINT_ATTENTION}
 
 
 def model_family_of(model: str) -> str | None:

@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -66,7 +66,8 @@ class Method:
     name: str
     title: str
     algorithm: str | None  # None: the base model, no training
-    overrides: tuple[tuple[str, Any], ...] = ()
+    overrides: tuple[tuple[str, Any], ...] = ()  # what makes the method (DPOK's beta 0, best-of-8)
+    untuned: tuple[tuple[str, Any], ...] = ()  # settings taken only with method_settings "defaults"
 
     @property
     def trains(self) -> bool:
@@ -104,7 +105,8 @@ def default_methods() -> list[Method]:
         # authors' lr (2e-3 collapsed) with deterministic 10-step rollouts
         Method("grpo", "GRPO", "grpo"),
         Method("diffusion-nft", "DiffusionNFT", "diffusion-nft",
-               (("learning_rate", 3e-4), ("lr_schedule", "constant"), ("rollout_steps", 10), ("rollout_eta", 0.0))),
+               untuned=(("learning_rate", 3e-4), ("lr_schedule", "constant"), ("rollout_steps", 10),
+                        ("rollout_eta", 0.0))),
     ]
 
 
@@ -134,6 +136,11 @@ class ExperimentConfig:
     overopt_eval_images: int = option(32, "images per evaluation of the over-optimisation runs")
     overopt_learning_rate: float = option(1e-3, "constant learning rate of the over-optimisation runs (half the "
                                                 "default's peak, held for the whole run to reach over-optimisation)")
+    method_settings: Literal["defaults", "tuned"] = option(
+        "defaults", "'defaults': every algorithm with the package defaults (DPOK's tuned setting); 'tuned': each "
+                    "method with the setting its tuning sweep chose, as the sweep's trials ran it (equal "
+                    "optimisation care; the sweep's results in --tuning-dir)")
+    tuning_dir: str = option("docs/tuning/data", "kept results of the tuning sweep (method_settings 'tuned')")
     train_overrides: dict[str, Any] = option({}, "extra dpok train settings for every method (flat option names)")
     device: str = option("auto", "'auto', 'cpu' or 'cuda[:N]'")
     # your own prompts instead of the ShapeWorld tasks: one task named "custom" (unseen ones optional)
@@ -210,6 +217,16 @@ class Experiment:
         self.tasks = {t.name: t for t in cfg.all_tasks() if t.name in cfg.tasks}
         self.methods = {m.name: m for m in default_methods() if m.name in cfg.methods}
         self._reward = None
+        # method_settings "tuned": per algorithm, (chosen candidate, its settings) from the tuning sweep
+        self.tuned: dict[str, tuple[str, dict[str, Any]]] = {}
+        if cfg.method_settings == "tuned":
+            from .tuning import tuned_settings
+
+            self.tuned = tuned_settings(cfg.tuning_dir)
+            missing = sorted({m.algorithm for m in self.methods.values() if m.trains} - set(self.tuned))
+            if missing:
+                raise ValueError(f"method_settings 'tuned': the sweep in {cfg.tuning_dir} chose no setting for "
+                                 f"{', '.join(missing)}; tune them first or leave them out of the methods")
 
     # ------------------------------------------------------------------------------- helpers
     def reward(self):  # noqa: ANN201
@@ -219,6 +236,15 @@ class Experiment:
 
     def unit_dir(self, task: str, method: str, seed: int) -> Path:
         return self.out / "units" / task / method / f"seed{seed}"
+
+    def method_settings(self, method: Method) -> dict[str, Any]:
+        """The training settings that make ``method``: its tuned setting (method_settings 'tuned') or its
+        untuned overrides, then the overrides that define it (e.g. DPOK's beta 0)."""
+        if not method.trains:
+            return dict(method.overrides)
+        if self.cfg.method_settings == "tuned":
+            return {**self.tuned[method.algorithm][1], **dict(method.overrides)}
+        return {**dict(method.untuned), **dict(method.overrides)}
 
     def train_config(self, task: Task, method: Method, seed: int, run_dir: Path, rounds: int,
                      extra: dict[str, Any] | None = None):  # noqa: ANN201
@@ -233,7 +259,7 @@ class Experiment:
                     "rounds": rounds, "samples_per_round": samples, "seed": seed, **fit,
                     "num_steps": c.num_steps, "guidance_scale": c.guidance_scale, "output_dir": str(run_dir),
                     "eval_images": 1, "checkpoint_every": c.checkpoint_every, "keep_checkpoints": 1, "device": c.device,
-                    **dict(method.overrides), **c.train_overrides, **(extra or {})}
+                    **self.method_settings(method), **c.train_overrides, **(extra or {})}
         if sample_minibatches and settings.get("minibatch_size"):  # a method's own, fitted to a smaller round
             settings["minibatch_size"] = math.gcd(settings["minibatch_size"], samples)
         if (run_dir / "config.json").is_file():
@@ -289,7 +315,9 @@ class Experiment:
             splits = self.evaluate(trainer.adapter, task, seed, folder)
         result = {"task": task.name, "method": method.name, "seed": seed, "train_queries": queries,
                   "queries_per_image": per_image, "curve": curve, "splits": splits,
-                  "wall_s": time.perf_counter() - t0}
+                  "wall_s": time.perf_counter() - t0, "method_settings": self.cfg.method_settings}
+        if method.trains and self.cfg.method_settings == "tuned":
+            result["tuned_candidate"] = self.tuned[method.algorithm][0]
         _write_json(folder / "result.json", result)
         return result
 
@@ -371,6 +399,12 @@ class Experiment:
         return set(range(0, self.cfg.overopt_rounds + 1, self.cfg.overopt_eval_every)) <= rounds
 
     def write_meta(self) -> None:
+        path = self.out / "experiment.json"
+        if path.is_file():  # one folder, one way of setting the methods: its units are compared with each other
+            before = json.loads(path.read_text())["config"].get("method_settings", "defaults")
+            if before != self.cfg.method_settings:
+                raise ValueError(f"{self.out} holds units trained with method_settings {before!r}, not "
+                                 f"{self.cfg.method_settings!r}; give another output_dir (its results are kept)")
         config = {**to_options(self.cfg), "output_dir": portable_path(self.cfg.output_dir)}
         _write_json(self.out / "experiment.json", {"config": config, "budget": self.cfg.budget})
 

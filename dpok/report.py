@@ -250,6 +250,17 @@ def overopt_reading(overopt: dict[str, list[dict[str, Any]]], images: int) -> li
 
 
 # ----------------------------------------------------------------------------------- report
+
+def _settings_note(cfg: dict[str, Any], units: list[dict[str, Any]]) -> str:
+    """How the methods were set: the package defaults, or each method's tuned setting (named)."""
+    if cfg.get("method_settings", "defaults") != "tuned":
+        return "every other setting is the package default for each algorithm."
+    chosen = {u["method"]: u["tuned_candidate"] for u in units if "tuned_candidate" in u}
+    named = ", ".join(f"{m} `{c}`" for m, c in sorted(chosen.items()))
+    return ("each trained method with the setting its tuning sweep chose (docs/tuning.md), exactly as the sweep's "
+            "trials ran it, so every method had the same optimisation care" + (f": {named}." if named else "."))
+
+
 def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str | Path | None = None,
                  raw_dir: str = "docs/results/data", report_path: str = "docs/results.md") -> Path:
     """Write the markdown report and its figures (by default in a folder named like the report,
@@ -279,7 +290,7 @@ def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str |
              "curves from them.", "",
              "## Set-up", "",
              f"- Model `{cfg['model']}`, training reward `{cfg['reward']}`; {cfg['num_steps']} DDIM steps, eta 1, guidance "
-             f"{cfg['guidance_scale']}; LoRA; every other setting is the package default for each algorithm.",
+             f"{cfg['guidance_scale']}; LoRA; {_settings_note(cfg, units)}",
              f"- Budget: every trained method spends {meta['budget']} reward queries ({cfg['rounds']} rounds × "
              f"{cfg['samples_per_round']} samples). Rejection sampling trains nothing and spends `best_of` queries "
              "per generated image instead (column *queries/image*).",

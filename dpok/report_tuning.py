@@ -273,7 +273,9 @@ def _count(cfg: Any) -> str:
 
 
 def _keep_raw(sweep: Sweep, folder: Path) -> None:
-    """Copy every result file (no weights) next to the report."""
+    """Copy every result file (no weights) next to the report (nothing to do when the sweep ran there)."""
+    if folder.resolve() == sweep.out.resolve():
+        return
     for stage in ("trials", "confirmation", "validation", "references", "explore"):
         for path in (sweep.out / stage).glob("*/*/*/seed*/result.json"):
             target = folder / path.relative_to(sweep.out)

@@ -25,11 +25,16 @@ from .core import (
     ddim_log_prob,
     ddim_sample_next,
     ddim_step_distribution,
+    dpm_solver_pp_step,
     flow_sde_step_distribution,
+    flow_x0_prediction,
     gaussian_kl_same_std,
+    predict_x0_and_eps,
     previous_timestep,
     step_kl,
 )
+
+SOLVERS = ("ddim", "dpm-solver++")  # the rollout solvers: the policy's own step, or DPM-Solver++(2M) (eta 0)
 
 
 @dataclass
@@ -112,6 +117,28 @@ def step_distribution(adapter: DiffusionAdapter, latents: torch.Tensor, timestep
     return policy_step(adapter, latents, timesteps, embeds, guidance_scale, eta, num_steps, reference)[0]
 
 
+def alpha_sigma(adapter: DiffusionAdapter, timestep: torch.Tensor | None, num_steps: int) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of x_t = alpha_t x_0 + sigma_t eps at one network ``timestep``; None is the
+    data (1, 0). DDPM family: (sqrt(abar_t), sqrt(1 - abar_t)); flow: (1 - t, t)."""
+    if timestep is None:
+        return 1.0, 0.0
+    if adapter.is_flow:
+        t = float(adapter.flow_times(timestep.reshape(1), num_steps)[0])
+        return 1.0 - t, t
+    abar = float(adapter.alphas_cumprod[timestep.long()])
+    return abar ** 0.5, (1.0 - abar) ** 0.5
+
+
+def x0_prediction(adapter: DiffusionAdapter, latents: torch.Tensor, timesteps: torch.Tensor,
+                  model_output: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """The x_0 that a (guided) network output predicts at (x_t, t), (B, C, h, w) float32."""
+    latents, model_output = latents.float(), model_output.float()
+    if adapter.is_flow:
+        return flow_x0_prediction(latents, adapter.flow_times(timesteps, num_steps)[0], model_output)
+    abar = adapter.alphas_cumprod[timesteps.long()].view(-1, *[1] * (latents.ndim - 1))
+    return predict_x0_and_eps(model_output, latents, abar, adapter.prediction_type)[0]
+
+
 def initial_noise(adapter: DiffusionAdapter, n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn((n, *adapter.latent_shape), generator=generator, device=generator.device).to(adapter.device)
 
@@ -121,7 +148,7 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
                         guidance_scale: float, generator: torch.Generator, reference: bool = False,
                         logprob_reduce: str = "sum", with_log_probs: bool = True, keep_means: int = 0,
                         initial: torch.Tensor | None = None, start_step: int = 0,
-                        stop_step: int = 0) -> Trajectory:
+                        stop_step: int = 0, solver: str = "ddim") -> Trajectory:
     """Sample one trajectory per prompt with DDIM (eta > 0 makes it a stochastic policy), or with
     Flow-GRPO's SDE at noise level a = ``eta`` for a flow model (a = 0: the flow-match Euler ODE).
 
@@ -134,8 +161,15 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
     reached after s of the ``num_steps`` steps, and the trajectory holds the remaining steps only
     (a continuation, e.g. to branch a trajectory mid-way). ``stop_step`` s' > 0: stop after step
     s' - 1 (a trunk to branch from): ``final_latents`` is then that state and ``images`` is empty,
-    nothing being decoded.
+    nothing being decoded. ``solver="dpm-solver++"`` (eta 0, without log-probs): the same timesteps
+    solved with DPM-Solver++(2M) (:func:`dpok.core.dpm_solver_pp_step`), the last step to the data
+    itself; each step still draws its noise, so the generator moves on as with DDIM.
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)} (got {solver!r})")
+    if solver != "ddim" and (eta != 0 or with_log_probs or start_step or stop_step or keep_means):
+        raise ValueError(f"solver {solver!r} is a deterministic ODE solver: it samples whole trajectories with eta 0, "
+                         "no log-probs and no step means")
     stop = stop_step or num_steps
     if not 0 <= start_step < stop <= num_steps or (start_step and initial is None):
         raise ValueError(f"start_step must be in [0, {num_steps}), before stop_step ({stop_step}), and when > 0 "
@@ -147,11 +181,18 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
     x = initial_noise(adapter, len(prompts), generator) if initial is None else initial.to(adapter.device)
     timesteps = adapter.timesteps(num_steps)[start_step:stop]
     latents, next_latents, log_probs, means = [], [], [], []
-    for t in timesteps:
+    solved: tuple[torch.Tensor, tuple[float, float]] | None = None  # DPM-Solver: the previous step's (x_0, time)
+    for i, t in enumerate(timesteps):
         t_batch = t.expand(len(prompts))
-        dist = step_distribution(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
+        dist, out = policy_step(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
         noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
-        x_next = ddim_sample_next(dist, noise).to(x.dtype)
+        if solver == "ddim":
+            x_next = ddim_sample_next(dist, noise).to(x.dtype)
+        else:
+            d, now = x0_prediction(adapter, x, t_batch, out, num_steps), alpha_sigma(adapter, t, num_steps)
+            to = alpha_sigma(adapter, timesteps[i + 1] if i + 1 < len(timesteps) else None, num_steps)
+            x_next = dpm_solver_pp_step(x.float(), d, now, to, *(solved or (None, None))).to(x.dtype)
+            solved = (d, now)
         latents.append(x)
         next_latents.append(x_next)
         log_probs.append(ddim_log_prob(x_next.float(), dist, reduce=logprob_reduce) if with_log_probs
@@ -185,7 +226,7 @@ def sample_in_batches(adapter: DiffusionAdapter, prompts: list[str], batch_size:
                       guidance_scale: float, generator: torch.Generator, reference: bool = False,
                       logprob_reduce: str = "sum", with_log_probs: bool = True,
                       on_batch: Callable[[Trajectory], None] | None = None, keep_means: int = 0,
-                      shared_noise: int = 0, branch_step: int = 0) -> Trajectory:
+                      shared_noise: int = 0, branch_step: int = 0, solver: str = "ddim") -> Trajectory:
     """:func:`sample_trajectories` over ``prompts`` in batches of ``batch_size``, joined in order.
 
     ``on_batch`` is handed each batch as soon as it is sampled (the trainer starts scoring it
@@ -194,7 +235,8 @@ def sample_in_batches(adapter: DiffusionAdapter, prompts: list[str], batch_size:
     trajectories in a row (a prompt's group) starts from one initial noise x_T, drawn for every
     group before the first batch (groups may straddle batches); only the steps' noise differs.
     ``branch_step`` s > 0 (with ``shared_noise``): each group also shares its first s steps, a
-    trunk sampled for every group before the first batch, from which its k trajectories branch."""
+    trunk sampled for every group before the first batch, from which its k trajectories branch.
+    ``solver``: as :func:`sample_trajectories`."""
     initial, trunk = None, None
     if shared_noise > 1:
         if len(prompts) % shared_noise:
@@ -218,7 +260,8 @@ def sample_in_batches(adapter: DiffusionAdapter, prompts: list[str], batch_size:
         rows = slice(i, i + batch_size)
         part = sample_trajectories(adapter, prompts[rows], num_steps, eta, guidance_scale, generator, reference,
                                    logprob_reduce, with_log_probs, keep_means=max(0, keep_means - i),
-                                   initial=None if initial is None else initial[rows], start_step=branch_step)
+                                   initial=None if initial is None else initial[rows], start_step=branch_step,
+                                   solver=solver)
         parts.append(part if trunk is None else _after_trunk(trunk, rows, part))
         if on_batch is not None:
             on_batch(parts[-1])

@@ -130,7 +130,8 @@ class Trainer:
                                      reference=self.algorithm.samples_from_reference,
                                      logprob_reduce=cfg.logprob_reduce, with_log_probs=eta > 0, on_batch=on_batch,
                                      keep_means=self.rollout_kl_samples if eta > 0 else 0, shared_noise=shared_noise,
-                                     branch_step=self.cfg.policy_gradient.branch_step if shared_noise else 0)
+                                     branch_step=self.cfg.policy_gradient.branch_step if shared_noise else 0,
+                                     solver=self.algorithm.rollout_solver())
 
     def noise_groups(self, prompts: list[str]) -> tuple[int, list[str] | None]:
         """(k, a group key per sample) with --shared-noise, else (0, None): each run of k samples of a

@@ -20,6 +20,7 @@ writes ``docs/tuning.md`` from the result files only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,16 @@ REFERENCES = ("base", "rejection-sampling")  # evaluated without training, on ev
 
 
 ROUND_PHASES = ("time/sample_s", "time/kl_s", "time/reward_s", "time/update_s")  # a round's time, phase by phase
+
+# what a trial's settings say about the run rather than the method (model, reward, prompts, budget, sampler
+# of the evaluation, outputs, devices): left out of a tuned setting that another run takes over
+RUN_SETTINGS = frozenset({
+    "model", "reward", "alignment_model", "reward_model", "reward_head", "reward_processor", "reward_url",
+    "reward_token", "reward_ca_file", "prompt", "prompt_file", "prompt_set", "eval_prompt_set", "eval_prompt",
+    "algorithm", "output_dir", "seed", "device", "mixed_precision", "rounds", "samples_per_round",
+    "sample_batch_size", "num_steps", "guidance_scale", "eval_images", "checkpoint_every", "keep_checkpoints",
+    "resume", "report_to", "eval_every", "eval_every_images", "kohya_lora", "max_bad_rounds", "compile",
+    "channels_last", "autocast", "reward_overlap", "gradient_checkpointing"})
 
 
 @dataclass(frozen=True)
@@ -340,3 +351,30 @@ def _config_json(cfg: SweepConfig) -> dict[str, Any]:
     d["methods"] = {m: [{"name": c.name, "overrides": dict(c.overrides)} for c in cands]
                     for m, cands in cfg.methods.items()}
     return d
+
+
+def load_sweep(folder: str | Path) -> Sweep:
+    """The sweep whose results are kept in ``folder``: its ``sweep.json`` names the candidates and the
+    base their settings apply to, its stage folders hold the trials' results."""
+    path = Path(folder) / "sweep.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tuning sweep's results there; give the folder of a sweep's kept results "
+                                "(the project's: docs/tuning/data), or run benchmarks/tune.py first")
+    config = json.loads(path.read_text())["config"]
+    methods = {m: [Candidate(c["name"], tuple(c["overrides"].items())) for c in cands]
+               for m, cands in config.get("methods", {}).items()}
+    known = {f.name for f in dataclasses.fields(SweepConfig)} - {"output_dir", "methods"}
+    return Sweep(SweepConfig(output_dir=str(folder), methods=methods, **{k: v for k, v in config.items() if k in known}))
+
+
+def tuned_settings(folder: str | Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Per method, its chosen candidate's name and the training settings its trials ran with: the sweep's
+    frozen base plus the candidate's overrides, without :data:`RUN_SETTINGS`. Another run that takes
+    them trains each method exactly as the sweep did when it chose it (equal optimisation care)."""
+    sweep = load_sweep(folder)
+    chosen = sweep.chosen()
+    if not chosen:
+        raise ValueError(f"{folder}: the sweep has no finished trials, so no method has a chosen setting yet")
+    return {method: (cand.name, {k: v for k, v in sweep._settings(dict(cand.overrides)).items()
+                                 if k not in RUN_SETTINGS})
+            for method, cand in chosen.items()}

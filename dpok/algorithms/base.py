@@ -187,9 +187,11 @@ class Algorithm:
         if advantage not in cls.advantages:
             errors.append(f"--advantage {advantage} is not one --algorithm {cls.name} takes (valid: "
                           f"{', '.join(cls.advantages)})")
-        if not cls.own_rollout_sampler and (cfg.nft.rollout_steps, cfg.nft.rollout_eta) != (0, -1.0):
-            errors.append(f"--rollout-steps and --rollout-eta are DiffusionNFT's; {cls.name} trains on the steps it "
-                          "samples (set --num-steps and --eta)")
+        nft = cfg.nft
+        if not cls.own_rollout_sampler and (nft.rollout_steps, nft.rollout_eta, nft.rollout_solver,
+                                            nft.nft_train_steps) != (0, -1.0, "ddim", 0):
+            errors.append(f"--rollout-steps, --rollout-eta, --rollout-solver and --nft-train-steps are DiffusionNFT's; "
+                          f"{cls.name} trains on the steps it samples (set --num-steps and --eta)")
         family = local_model_family(cfg.model)
         if family is not None and family not in cls.families:
             errors.append(f"--algorithm {cls.name} is not defined for {family} models (--model {cfg.model}); it "
@@ -259,6 +261,10 @@ class Algorithm:
     def rollout_sampler(self) -> tuple[int, float]:
         """(steps, eta) of the round's sampler: the training sampler, whose steps are trained on."""
         return self.cfg.num_steps, self.cfg.eta
+
+    def rollout_solver(self) -> str:
+        """The round's solver (:data:`dpok.sampling.SOLVERS`): the policy's own step."""
+        return "ddim"
 
     def generate(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         """Images (B, 3, H, W) the method produces for ``prompts`` (evaluation and grids)."""

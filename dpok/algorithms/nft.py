@@ -4,7 +4,8 @@ Per round: the *sampling policy* theta_old draws clean images with any sampler (
 ``--rollout-eta``: deterministic DDIM and few steps included), the reward scores them, each reward
 becomes an optimality probability r in [0, 1] (the group-standardised advantage, clipped to
 +-``adv_clip`` and mapped linearly, :func:`dpok.core.nft_optimality`); then ``gradient_steps``
-optimizer steps on minibatches of this round's images, each freshly noised at a uniform timestep,
+optimizer steps on minibatches of this round's images, each freshly noised at a uniform timestep
+(or, with ``--nft-train-steps K``, at K of the rollout sampler's timesteps, as the authors' code),
 on the loss of :func:`dpok.core.nft_loss` between the trained network's and theta_old's x_0
 predictions (guided or conditional, ``--supervised-target``; the paper's is the conditional one,
 CFG-free). After the round theta_old <- d theta_old + (1 - d) theta with
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -47,9 +48,17 @@ class NFTSettings:
                                    "evaluations use)")
     rollout_eta: float = option(-1.0, "DiffusionNFT: eta of the rollout sampler, 0 for deterministic DDIM (-1: "
                                       "--eta)")
+    rollout_solver: Literal["ddim", "dpm-solver++"] = option(
+        "ddim", "DiffusionNFT: the rollout sampler's solver: 'ddim' (DDIM, or a flow model's Euler/SDE step, with "
+                "--rollout-eta) or 'dpm-solver++' (DPM-Solver++(2M), deterministic: needs --rollout-eta 0; the "
+                "authors' 'dpm2')")
+    nft_train_steps: int = option(0, "DiffusionNFT: 0 trains each minibatch once, at a uniform random timestep per "
+                                     "sample (the pretraining objective's); K > 0 at K of the rollout sampler's own "
+                                     "timesteps (a random order per sample, fresh noise each, the K backward passes "
+                                     "accumulated into the step; at most the sampler's steps), as the authors' code")
 
     def validate(self) -> list[str]:
-        errors = positive(self, ("nft_beta",), strict=True) + positive(self, ("rollout_steps",))
+        errors = positive(self, ("nft_beta",), strict=True) + positive(self, ("rollout_steps", "nft_train_steps"))
         if not (self.nft_decay_rate >= 0 and 0 <= self.nft_decay_max < 1):
             errors.append(f"--nft-decay-rate must be >= 0 and --nft-decay-max in [0, 1) (got {self.nft_decay_rate}, "
                           f"{self.nft_decay_max})")
@@ -71,6 +80,7 @@ class DiffusionNFT(RWR):
         pg = self.cfg.policy_gradient
         self.tracker = PerPromptStatTracker(pg.stat_buffer, pg.stat_min_count, pg.adv_std_floor)
         self._r: torch.Tensor | None = None
+        self._grid: torch.Tensor | None = None  # (T,) the rollout sampler's timesteps, high to low
 
     @contextlib.contextmanager
     def old_policy(self) -> Iterator[None]:
@@ -94,9 +104,21 @@ class DiffusionNFT(RWR):
     def sampling_policy(self) -> contextlib.AbstractContextManager[None]:
         return self.old_policy()
 
+    @classmethod
+    def check(cls, cfg: Any, num_processes: int) -> list[str]:
+        errors = super().check(cfg, num_processes)
+        eta = cfg.eta if cfg.nft.rollout_eta < 0 else cfg.nft.rollout_eta
+        if cfg.nft.rollout_solver != "ddim" and eta != 0:
+            errors.append(f"--rollout-solver {cfg.nft.rollout_solver} solves the deterministic ODE: give --rollout-eta 0 "
+                          f"(the rollout eta is now {eta})")
+        return errors
+
     def rollout_sampler(self) -> tuple[int, float]:
         cfg, own = self.cfg, self.cfg.nft
         return own.rollout_steps or cfg.num_steps, cfg.eta if own.rollout_eta < 0 else own.rollout_eta
+
+    def rollout_solver(self) -> str:
+        return self.cfg.nft.rollout_solver
 
     def update(self, rollout: Rollout) -> UpdateResult:
         cfg, pg = self.cfg, self.cfg.policy_gradient
@@ -104,6 +126,7 @@ class DiffusionNFT(RWR):
                                            rollout.valid, pg.adv_clip, pg.adv_std_floor, rollout.advantage_groups,
                                            pg.adv_global_std)
         self._r = nft_optimality(advantages, pg.adv_clip)[rollout.valid]
+        self._grid = rollout.trajectory.timesteps.detach().cpu()
         result = super().update(rollout)
         if result.skipped_updates:  # nothing was trained: the sampling policy stays where it is
             return result
@@ -115,6 +138,15 @@ class DiffusionNFT(RWR):
         result.stats["old_policy_decay"] = decay
         result.stats["optimality_mean"] = float(self._r.mean()) if len(self._r) else float("nan")
         return result
+
+    def _training_times(self, batch: int, gen: torch.Generator) -> list[torch.Tensor | None]:
+        """``nft_train_steps`` = K > 0: K passes, pass j at the sampler's timestep perm_b[j] for sample b,
+        perm_b a random order of the sampler's T timesteps (each sample meets K distinct ones)."""
+        k = min(self.cfg.nft.nft_train_steps, len(self._grid)) if self._grid is not None else 0
+        if k == 0:
+            return [None]
+        order = torch.stack([torch.randperm(len(self._grid), generator=gen) for _ in range(batch)])  # (B, T)
+        return [self._grid[order[:, j]] for j in range(k)]
 
     def _sample_weights(self, rewards: torch.Tensor) -> torch.Tensor:
         # r of this process's valid samples, in the order they were stored (group statistics over

@@ -177,27 +177,42 @@ class _Supervised(Algorithm):
                     continue
                 idx = draw.next()
                 x0 = x0_all[idx].to(device)
-                noise = torch.randn(x0.shape, generator=gen).to(device)
-                t, latents = self._noised(x0, noise, gen)
                 embeds = self._embeds(idx, cond_all, uncond)
-                loss, s = self._step_loss(x0, noise, latents, t, embeds, weights_all[idx].to(device))
-                (loss / cfg.grad_accum).backward()
-                stats.append({**s, "loss": loss.item()})
+                passes = self._training_times(len(idx), gen)
+                for times in passes:  # each pass: fresh noise at its own timesteps
+                    noise = torch.randn(x0.shape, generator=gen).to(device)
+                    t, latents = self._noised(x0, noise, gen, times)
+                    loss, s = self._step_loss(x0, noise, latents, t, embeds, weights_all[idx].to(device))
+                    (loss / (cfg.grad_accum * len(passes))).backward()
+                    stats.append({**s, "loss": loss.item()})
             stats.append(guarded_step(self.ctx.optimizer, adapter.trainable_parameters(), cfg.max_grad_norm))
         out = mean_stats(stats)
         out["dataset_size"] = float(len(x0_all))
         return UpdateResult.of(out)
 
-    def _noised(self, x0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timesteps (B,), x_t (B, C, h, w)): x_0 noised by the model's forward process at random times.
+    def _training_times(self, batch: int, gen: torch.Generator) -> list[torch.Tensor | None]:
+        """The timesteps of each training pass over one minibatch of ``batch`` samples: one pass per
+        entry, each (B,) network timesteps, or None for uniform random ones (the pretraining objective's)."""
+        return [None]
 
-        DDPM family: t uniform over the training steps, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
-        Flow family: t uniform in [0, 1), x_t = (1 - t) x_0 + t eps, the network's timestep 1000 t."""
+    def _noised(self, x0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator,
+                timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps (B,), x_t (B, C, h, w)): x_0 noised by the model's forward process at ``timesteps``
+        (the network's, (B,)), or at random times when None.
+
+        DDPM family: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, random t uniform over the training
+        steps. Flow family: x_t = (1 - t) x_0 + t eps with t = timestep / 1000, random t uniform in [0, 1)."""
         adapter = self.adapter
         if adapter.is_flow:
-            t = torch.rand(len(x0), generator=gen).to(x0.device)
+            if timesteps is None:
+                t = torch.rand(len(x0), generator=gen).to(x0.device)
+            else:
+                t = timesteps.float().to(x0.device) / adapter.num_train_timesteps
             return t * adapter.num_train_timesteps, flow_forward(x0, noise, t).to(adapter.dtype)
-        t = torch.randint(0, adapter.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
+        if timesteps is None:
+            t = torch.randint(0, adapter.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
+        else:
+            t = timesteps.long().to(x0.device)
         a = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
         return t, (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(adapter.dtype)
 

@@ -31,6 +31,7 @@ from dpok.core.losses import (
 )
 from dpok.core.nft import flow_x0_prediction, nft_loss, nft_optimality, old_policy_decay, vp_to_flow
 from dpok.core.schedules import LR_SCHEDULES, lr_factor
+from dpok.core.solvers import dpm_solver_pp_step, half_log_snr
 from dpok.core.steps import step_window
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "old_policy_decay",
     "vp_to_flow",
     "LR_SCHEDULES",
+    "dpm_solver_pp_step",
+    "half_log_snr",
     "lr_factor",
     "SURROGATES",
     "group_advantages",

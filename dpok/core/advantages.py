@@ -39,15 +39,15 @@ def group_advantages(prompts: list[str], rewards: Tensor, eps: float = DEFAULT_E
 
         A_i = (r_i - mean_{g(i)}) / (max(std_{g(i)}, floor) + eps)
 
-    or, with ``global_std``, A_i = (r_i - mean_{g(i)}) / (max(std_all, floor) + eps) with std_all the
-    population std of every finite reward of the batch (``sample.global_std`` of the Flow-GRPO and
-    DiffusionNFT code, on in DiffusionNFT's base config): a group whose rewards barely differ keeps
-    small advantages instead of unit-scale ones, and groups with a larger spread weigh more.
-
     where g(i) is the set of finite rewards of this batch with the same prompt as sample i, and
     mean / std are its mean and population std. No history is kept, so the baseline is the current
     policy's own reward for that prompt. A group of one sample (or of equal rewards) gives A = 0:
     it carries no information about which of its samples was better. Non-finite rewards get A = 0.
+
+    Or, with ``global_std``, A_i = (r_i - mean_{g(i)}) / (max(std_all, floor) + eps) with std_all the
+    population std of every finite reward of the batch (``sample.global_std`` of the Flow-GRPO and
+    DiffusionNFT code, on in both codes' configs): a group whose rewards barely differ keeps
+    small advantages instead of unit-scale ones, and groups with a larger spread weigh more.
 
     The floor keeps a group whose rewards barely differ (all near 0 on a prompt the model cannot
     draw yet) from having its reward model's noise blown up to unit-scale advantages: a spread

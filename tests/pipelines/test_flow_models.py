@@ -271,3 +271,72 @@ def test_sd3_without_t5_encodes_as_its_pipeline_with_the_zero_tail_folded(flow_d
     torch.testing.assert_close(images, plain, atol=1e-5, rtol=0)
     with pytest.raises(ModelLoadError, match="no transformer"):
         DiffusionAdapter.from_pipeline(type(pipe)(**{**pipe.components, "transformer": None}))
+
+
+def test_nft_trains_a_flow_model_on_its_samplers_shifted_timesteps(adapter: DiffusionAdapter,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """x_t = (1 - t) x_0 + t eps at t = timestep / 1000 of the rollout's (shifted) schedule."""
+    from dpok.algorithms import ALGORITHMS, supervised
+    from tests.pipelines.test_training import _context, _rollout, small_cfg
+
+    seen = []
+    plain = supervised._Supervised._noised
+
+    def spy(self, x0, noise, gen, timesteps=None):  # noqa: ANN001, ANN202
+        t, latents = plain(self, x0, noise, gen, timesteps)
+        seen.append((x0, noise, t, latents))
+        return t, latents
+
+    monkeypatch.setattr(supervised._Supervised, "_noised", spy)
+    cfg = small_cfg(algorithm="diffusion-nft", nft_train_steps=2, num_steps=3, eta=NOISE_LEVEL, guidance_scale=GUIDANCE)
+    adapter.add_lora(rank=2, alpha=2.0)
+    try:
+        rollout = _rollout(adapter, cfg)
+        ALGORITHMS.create("diffusion-nft", _context(adapter, cfg)).update(rollout)
+    finally:
+        adapter.unet.delete_adapters(list(adapter.unet.peft_config))
+        adapter.lora_config = None
+    grid = rollout.trajectory.timesteps
+    assert len(seen) == 2 and grid.dtype.is_floating_point
+    for x0, noise, t, latents in seen:
+        assert all(torch.isclose(grid, v).any() for v in t)
+        s = (t / 1000.0).view(-1, *[1] * (x0.ndim - 1))
+        torch.testing.assert_close(latents, ((1 - s) * x0 + s * noise).to(latents.dtype))
+
+
+def test_dpm_solver_rollouts_of_a_flow_model(adapter: DiffusionAdapter) -> None:
+    """Two steps of DPM-Solver++(2M) are both of first order, which on a rectified flow is the Euler
+    ODE; with more steps the multistep correction moves the samples, from the same x_T."""
+    from dpok.sampling import sample_trajectories
+
+    def run(steps: int, solver: str) -> torch.Tensor:
+        return sample_trajectories(adapter, PROMPTS, steps, 0.0, GUIDANCE, torch.Generator().manual_seed(2),
+                                   with_log_probs=False, solver=solver).final_latents
+
+    torch.testing.assert_close(run(2, "dpm-solver++"), run(2, "ddim"), atol=1e-5, rtol=1e-5)
+    dpm, euler = run(4, "dpm-solver++"), run(4, "ddim")
+    assert torch.isfinite(dpm).all() and not torch.allclose(dpm, euler, atol=1e-4)
+
+
+def test_the_sd3_presets_adapt_the_joint_attention_only_as_the_papers_scripts() -> None:
+    """SD3.5's dual-attention blocks have a second, image-only attention ``attn2``: the presets'
+    ``attn.``-prefixed targets leave it out, as Flow-GRPO's and DiffusionNFT's target modules do."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    from dpok.config import PRESETS, SD3_JOINT_ATTENTION, SD3_PAPER_TARGETS
+
+    def adapted(targets: str) -> set[str]:
+        model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                      attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                      caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8,
+                                      dual_attention_layers=(0,))
+        model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets.split(",")))
+        return {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+
+    paper, bare = adapted(SD3_PAPER_TARGETS), adapted(SD3_JOINT_ATTENTION)
+    assert paper and all(".attn." in n for n in paper) and not any("attn2" in n for n in paper)
+    assert len(paper) == 8 + 7  # 8 modules per block; the last block's context stream has no to_add_out
+    assert bare - paper == {f"transformer_blocks.0.attn2.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0")}
+    for name in ("flow-grpo-paper", "diffusion-nft-paper"):
+        assert PRESETS[name]()["flow_overrides"]["lora_targets"] == SD3_PAPER_TARGETS

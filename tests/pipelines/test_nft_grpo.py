@@ -56,6 +56,9 @@ def test_nft_rollouts_with_their_own_sampler_and_a_resume_bit_for_bit(tiny_pipel
 
     traj = Trainer(cfg("c")).sample(["a red circle"] * 2)
     assert traj.num_steps == 2 and torch.equal(traj.log_probs, torch.zeros(2, 2))  # deterministic DDIM, 2 steps
+    dpm = Trainer(cfg("d", rollout_solver="dpm-solver++")).sample(["a red circle"] * 2)  # the same x_T, solved
+    assert torch.equal(dpm.latents[:, 0], traj.latents[:, 0]) and torch.isfinite(dpm.final_latents).all()
+    assert not torch.allclose(dpm.final_latents, traj.final_latents)  # DPM-Solver's last step goes to the data
     Trainer(cfg("a")).run()
     rows = [r for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("NaN" in r for r in rows)  # no KL bound along deterministic rollouts
@@ -92,8 +95,14 @@ def test_grpo_adds_the_reference_kl_and_equals_ddpo_is_without_it(tiny_pipeline_
 
 
 def test_settings_of_one_algorithm_are_refused_for_another() -> None:
-    with pytest.raises(ValueError, match="rollout-steps and --rollout-eta are DiffusionNFT's"):
+    with pytest.raises(ValueError, match="--rollout-solver and --nft-train-steps are DiffusionNFT's"):
         TrainConfig.from_options(algorithm="dpok", rollout_steps=5).validate()
+    for other in ({"rollout_solver": "dpm-solver++"}, {"nft_train_steps": 3}):
+        with pytest.raises(ValueError, match="nft-train-steps are DiffusionNFT's"):
+            TrainConfig.from_options(algorithm="grpo", **other).validate()
+    with pytest.raises(ValueError, match="--rollout-solver dpm-solver\\+\\+ solves the deterministic ODE"):
+        TrainConfig.from_options(algorithm="diffusion-nft", rollout_solver="dpm-solver++").validate()
+    TrainConfig.from_options(algorithm="diffusion-nft", rollout_solver="dpm-solver++", rollout_eta=0.0).validate()
     with pytest.raises(ValueError, match="not one --algorithm grpo takes"):
         TrainConfig.from_options(algorithm="grpo", advantage="tracker").validate()
     with pytest.raises(ValueError, match="nft-beta"):
@@ -134,3 +143,96 @@ def test_global_std_reaches_the_trajectory_advantages() -> None:
     torch.testing.assert_close(got, group_advantages(prompts, rewards, global_std=True))
     assert not torch.allclose(got, trajectory_advantages("group", PerPromptStatTracker(4, 1), prompts, rewards,
                                                          valid, 5.0))
+
+
+def _spy_noised(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Records (x_0, eps, network timesteps, x_t) of every training pass of the supervised update."""
+    from dpok.algorithms import supervised
+
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    plain = supervised._Supervised._noised
+
+    def spy(self, x0, noise, gen, timesteps=None):  # noqa: ANN001, ANN202
+        t, latents = plain(self, x0, noise, gen, timesteps)
+        seen.append((x0, noise, t, latents))
+        return t, latents
+
+    monkeypatch.setattr(supervised._Supervised, "_noised", spy)
+    return seen
+
+
+def test_nft_trains_at_k_of_the_rollout_samplers_own_timesteps(tiny_pipeline_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_noised(monkeypatch)
+    adapter = make_adapter(tiny_pipeline_dir)
+    cfg = small_cfg(algorithm="diffusion-nft", nft_train_steps=3, num_steps=4, grad_accum=2)
+    nft = ALGORITHMS.create("diffusion-nft", _context(adapter, cfg))
+    rollout = _rollout(adapter, cfg)
+    grid = set(rollout.trajectory.timesteps.tolist())
+    assert len(grid) == 4
+    nft.update(rollout)
+    assert len(seen) == 2 * 3  # 2 minibatches, 3 passes each, fresh noise each
+    abar = adapter.alphas_cumprod
+    for x0, noise, t, latents in seen:  # x_t of the forward process at the given timesteps
+        assert set(t.tolist()) <= grid
+        a = abar[t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(latents, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    for draw in (seen[:3], seen[3:]):  # within a minibatch each sample meets 3 distinct timesteps
+        per_sample = torch.stack([t for _, _, t, _ in draw], dim=1)  # (B, 3)
+        assert all(len(set(row.tolist())) == 3 for row in per_sample)
+        assert not torch.equal(draw[0][1], draw[1][1])
+    with pytest.raises(ValueError, match="nft-train-steps"):
+        TrainConfig.from_options(algorithm="diffusion-nft", nft_train_steps=-1).validate()
+
+
+def test_nft_train_steps_more_than_the_sampler_has_train_each_once(tiny_pipeline_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_noised(monkeypatch)
+    adapter = make_adapter(tiny_pipeline_dir)
+    cfg = small_cfg(algorithm="diffusion-nft", nft_train_steps=9, num_steps=2)
+    ALGORITHMS.create("diffusion-nft", _context(adapter, cfg)).update(_rollout(adapter, cfg))
+    assert len(seen) == 2
+    assert sorted(t[0].item() for _, _, t, _ in seen) == sorted(_rollout(adapter, cfg).trajectory.timesteps.tolist())
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_the_passes_of_a_minibatch_average_into_the_step(tiny_pipeline_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          k: int) -> None:
+    """Each pass's loss sum(theta) has gradient 1 per weight: over K passes and 2 accumulated minibatches the
+    step must see exactly 1 (the mean), not K or 2K."""
+    from dpok.algorithms import base, nft
+
+    def unit_loss(self, *args):  # noqa: ANN001, ANN002, ANN202
+        return sum(p.sum() for p in self.adapter.trainable_parameters()), {}
+
+    grads: list[torch.Tensor] = []
+    plain_step = base.guarded_step
+
+    def spy_step(optimizer, params, max_norm):  # noqa: ANN001, ANN202
+        grads.extend(p.grad.clone() for p in params)
+        return plain_step(optimizer, params, max_norm)
+
+    monkeypatch.setattr(nft.DiffusionNFT, "_step_loss", unit_loss)
+    monkeypatch.setattr("dpok.algorithms.supervised.guarded_step", spy_step)
+    adapter = make_adapter(tiny_pipeline_dir)
+    cfg = small_cfg(algorithm="diffusion-nft", nft_train_steps=k, grad_accum=2, minibatch_size=1, max_grad_norm=1e9)
+    ALGORITHMS.create("diffusion-nft", _context(adapter, cfg)).update(_rollout(adapter, cfg))
+    assert grads and all(torch.equal(g, torch.ones_like(g)) for g in grads)
+
+
+def test_the_default_update_draws_its_random_numbers_in_the_order_it_always_has(
+        tiny_pipeline_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Minibatch indices, then per draw the noise and then the timesteps, from the run's generator:
+    the order runs saved before --nft-train-steps existed resume with, bit for bit."""
+    seen = _spy_noised(monkeypatch)
+    adapter = make_adapter(tiny_pipeline_dir)
+    cfg = small_cfg(algorithm="diffusion-nft", grad_accum=2, minibatch_size=2)
+    rollout = _rollout(adapter, cfg)
+    ALGORITHMS.create("diffusion-nft", _context(adapter, cfg)).update(rollout)
+    gen = torch.Generator().manual_seed(0)  # the context's generator
+    shape = rollout.trajectory.final_latents.shape
+    for _, noise, t, _ in seen:
+        torch.randint(0, 2, (2,), generator=gen)
+        torch.testing.assert_close(noise, torch.randn(shape, generator=gen), rtol=0, atol=0)
+        assert torch.equal(t, torch.randint(0, 1000, (2,), generator=gen))
+    assert len(seen) == 2

@@ -49,6 +49,31 @@ def test_sampler_matches_the_plain_diffusers_pipeline(tiny_pipeline_dir: Path) -
     torch.testing.assert_close(traj.final_latents, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_dpm_solver_rollouts_are_the_plain_pipeline_with_diffusers_dpm_solver(tiny_pipeline_dir: Path) -> None:
+    """--rollout-solver dpm-solver++ on the DDIM timesteps, ending at the data: diffusers'
+    DPMSolverMultistepScheduler (DPM-Solver++, order 2, lower order at the first and last step)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    adapter = make_adapter(tiny_pipeline_dir, lora=False)
+    gen = torch.Generator().manual_seed(3)
+    traj = sample_trajectories(adapter, PROMPTS, 6, 0.0, 4.0, gen, with_log_probs=False, solver="dpm-solver++")
+    ddim = sample_trajectories(adapter, PROMPTS, 6, 0.0, 4.0, torch.Generator().manual_seed(3), with_log_probs=False)
+    assert torch.equal(traj.latents[:, 0], ddim.latents[:, 0]) and torch.equal(traj.timesteps, ddim.timesteps)
+    assert not torch.allclose(traj.final_latents, ddim.final_latents, atol=1e-3)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                             solver_order=2)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS, timesteps=traj.timesteps.tolist(), guidance_scale=4.0, latents=traj.latents[:, 0].clone(),
+               output_type="latent").images
+    assert torch.equal(pipe.scheduler.timesteps, traj.timesteps)
+    torch.testing.assert_close(traj.final_latents, ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="deterministic ODE solver"):
+        sample_trajectories(adapter, PROMPTS, 6, 1.0, 4.0, gen, with_log_probs=False, solver="dpm-solver++")
+    with pytest.raises(ValueError, match="solver must be one of"):
+        sample_trajectories(adapter, PROMPTS, 6, 0.0, 4.0, gen, with_log_probs=False, solver="heun")
+
+
 def test_a_trajectory_continued_from_a_mid_way_state_with_the_same_noise_is_the_same(tiny_pipeline_dir: Path) -> None:
     adapter = make_adapter(tiny_pipeline_dir, lora=False)
     traj = sample_trajectories(adapter, PROMPTS, 5, 1.0, 4.0, torch.Generator().manual_seed(3))

@@ -124,5 +124,75 @@ def test_a_fresh_output_folder_continues_from_kept_results_of_the_same_experimen
 
     other = ExperimentConfig(output_dir=str(tmp_path / "other"), rounds=16, samples_per_round=16)
     assert not bench.same_settings(raw, other)
+    # results kept before method_settings existed were trained with the package defaults
+    older = {k: v for k, v in meta["config"].items() if k not in ("method_settings", "tuning_dir")}
+    (raw / "experiment.json").write_text(json.dumps({**meta, "config": older}))
+    assert bench.same_settings(raw, cfg)
+    assert not bench.same_settings(raw, ExperimentConfig(rounds=32, samples_per_round=32, method_settings="tuned"))
+    (raw / "experiment.json").write_text(json.dumps(meta))
     assert bench.seed_from_kept(Path(other.output_dir), raw, other) == 0
     assert not Path(other.output_dir).exists()
+
+
+def test_tuned_method_settings_are_the_sweeps_chosen_trials(tmp_path: Path) -> None:
+    """Each method trains as the tuning sweep's trial of its chosen candidate did (the sweep's frozen base
+    plus the candidate's overrides); the method's own defining overrides (DPOK's beta 0) on top."""
+    from dpok.config import TrainConfig
+    from dpok.experiment import Experiment
+    from dpok.tuning import RUN_SETTINGS, load_sweep, tuned_settings
+
+    tuned = tuned_settings("docs/tuning/data")
+    sweep = load_sweep("docs/tuning/data")
+    base = sweep.base()
+    assert base["learning_rate"] != TrainConfig().learning_rate  # the frozen base is not today's defaults
+    for method, cand in sweep.chosen().items():
+        name, settings = tuned[method]
+        overrides = dict(cand.overrides)
+        assert name == cand.name and not RUN_SETTINGS & set(settings)
+        assert settings == {k: overrides.get(k, base[k]) for k in TrainConfig().to_dict() if k not in RUN_SETTINGS}
+    assert tuned["rwr"][1]["learning_rate"] == base["learning_rate"]  # RWR's chosen candidate changes its temperature only
+
+    cfg = tiny_config(tmp_path / "tuned")
+    cfg.methods, cfg.method_settings, cfg.tuning_dir = ["rwr", "dpok"], "tuned", "docs/tuning/data"
+    cfg.train_overrides = {}
+    exp = Experiment(cfg, log=lambda m: None)
+    rwr = exp.method_settings(exp.methods["rwr"])
+    assert rwr == tuned["rwr"][1] and rwr["rwr_temperature"] == tuned["rwr"][1]["rwr_temperature"]
+    from dpok.experiment import Method
+
+    no_kl = exp.method_settings(Method("dpok-no-kl", "", "dpok", (("beta", 0.0),)))
+    assert no_kl == {**tuned["dpok"][1], "beta": 0.0}
+    exp.write_meta()
+    cfg2 = tiny_config(tmp_path / "tuned")  # the same folder, the package defaults: refused, nothing lost
+    with pytest.raises(ValueError, match="method_settings 'tuned'"):
+        Experiment(cfg2, log=lambda m: None).write_meta()
+    with pytest.raises(FileNotFoundError, match="no tuning sweep"):
+        Experiment(ExperimentConfig(output_dir=str(tmp_path / "x"), method_settings="tuned",
+                                    tuning_dir=str(tmp_path / "none")), log=lambda m: None)
+
+
+def test_the_report_says_how_the_methods_were_set() -> None:
+    from dpok.report import _settings_note
+
+    assert "package default" in _settings_note({}, [])  # results kept before method_settings existed
+    units = [{"method": "rwr", "tuned_candidate": "temp0.05"}, {"method": "base"}, {"method": "dpok",
+                                                                                    "tuned_candidate": "cosine"}]
+    note = _settings_note({"method_settings": "tuned"}, units)
+    assert "tuning sweep chose" in note and note.endswith("dpok `cosine`, rwr `temp0.05`.")
+
+
+def test_the_sample_efficiency_benchmark_takes_the_tuned_settings_into_its_own_folders(tmp_path: Path) -> None:
+    from benchmark_scripts import load_benchmark
+
+    from dpok.tuning import tuned_settings
+
+    bench = load_benchmark("sample_efficiency")
+    plain = bench.parse(["--output-dir", str(tmp_path / "a")])
+    tuned = bench.parse(["--method-settings", "tuned", "--output-dir", str(tmp_path / "b")])
+    assert bench.parse(["--method-settings", "tuned"]).report.endswith("sample_efficiency_tuned.md")
+    assert bench.parse([]).report.endswith("sample_efficiency.md")
+    chosen = tuned_settings("docs/tuning/data")["ddpo-is"][1]
+    cfg_plain = bench.unit_config(plain, "color", "ddpo-is", 0)[0]
+    cfg_tuned = bench.unit_config(tuned, "color", "ddpo-is", 0)[0]
+    assert cfg_tuned.learning_rate == chosen["learning_rate"] != cfg_plain.learning_rate
+    assert cfg_tuned.lora_rank == chosen["lora_rank"] and cfg_tuned.rounds == cfg_plain.rounds

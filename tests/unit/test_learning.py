@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpok.algorithms.dpok import ReplayBuffer
-from dpok.config import PRESETS, TrainConfig, build_config
+from dpok.config import PRESETS, SD3_PAPER_TARGETS, TrainConfig, build_config
 from dpok.core import (
     PerPromptStatTracker,
     dpok_loss,
@@ -212,9 +212,11 @@ def test_presets_match_their_sources() -> None:
         "timestep_fraction": 0.99, "beta": 0.04, "clip_range": 1e-4, "adv_clip": 5.0, "learning_rate": 3e-4,
         "weight_decay": 1e-4, "max_grad_norm": 1.0, "inner_epochs": 1, "ema_decay": 0.9, "lora_rank": 32,
         "lora_alpha": 64.0, "logprob_reduce": "mean", "lr_schedule": "constant",
+        "adv_global_std": True,  # grpo.py geneval_sd3: sample.global_std
     }
     assert {k: grpo[k] for k in sources} == sources
-    assert grpo["flow_overrides"] == {"eta": 0.7}  # base.py: sample.noise_level 0.7 (the SDE's a) on flow models
+    # base.py: sample.noise_level 0.7 (the SDE's a) on flow models; train_sd3.py: LoRA on both attention streams
+    assert grpo["flow_overrides"] == {"eta": 0.7, "lora_targets": SD3_PAPER_TARGETS}
     assert grpo["samples_per_round"] // (grpo["minibatch_size"] * grpo["grad_accum"]) == 2  # two steps per epoch
     nft = PRESETS["diffusion-nft-paper"]()
     sources = {  # DiffusionNFT config/nft.py sd3_geneval + base.py; train_nft_sd3.py
@@ -224,8 +226,13 @@ def test_presets_match_their_sources() -> None:
         "weight_decay": 1e-4, "max_grad_norm": 1.0, "ema_decay": 0.9, "lora_rank": 32, "lora_alpha": 64.0,
         "supervised_target": "conditional", "lr_schedule": "constant", "adv_global_std": True,
         "minibatch_draw": "shuffled",
+        "nft_train_steps": 9,  # int(sample.num_steps 10 x train.timestep_fraction 0.99) timesteps per sample
+        "rollout_solver": "dpm-solver++",  # nft.py: sample.solver "dpm2", deterministic
     }
     assert {k: nft[k] for k in sources} == sources
+    assert nft["flow_overrides"] == {"lora_targets": SD3_PAPER_TARGETS}  # train_nft_sd3.py's target modules
+    assert sorted(SD3_PAPER_TARGETS.split(",")) == ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                                            "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
     assert nft["samples_per_round"] == nft["minibatch_size"] * nft["grad_accum"]  # one step per epoch
     for name in PRESETS:
         build_config(name, {})  # every preset validates

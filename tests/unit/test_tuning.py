@@ -207,3 +207,19 @@ def test_tune_rejects_eval_images_it_would_not_use(capsys: pytest.CaptureFixture
             tune.parse(argv)
         assert "--eval-images" in capsys.readouterr().err
     assert tune.parse(["--explore", "dpok", "{}", "--eval-images", "256"]).eval_images == 256
+
+
+def test_the_report_is_rewritten_from_the_kept_results_themselves(tmp_path: Path) -> None:
+    """``tune.py --report-only --output-dir docs/tuning/data``: the sweep's folder is the report's kept
+    raw folder, so there is nothing to copy (copying a file onto itself failed); elsewhere, a copy."""
+    from dpok.report_tuning import _keep_raw
+
+    kept = tmp_path / "docs" / "tuning" / "data"
+    cfg = SweepConfig(output_dir=str(kept), prompts=["p"], methods={"m": [Candidate("a")]}, confirm_top=0)
+    _result(kept, "m", "a", "p", 0.5, 0.5)
+    before = {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()}
+    _keep_raw(Sweep(cfg), kept)
+    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == before
+    _keep_raw(Sweep(cfg), tmp_path / "copy")
+    assert {p.relative_to(tmp_path / "copy"): p.read_bytes() for p in (tmp_path / "copy").rglob("*")
+            if p.is_file()} == before
