@@ -276,18 +276,11 @@ def test_sd3_without_t5_encodes_as_its_pipeline_with_the_zero_tail_folded(flow_d
 def test_nft_trains_a_flow_model_on_its_samplers_shifted_timesteps(adapter: DiffusionAdapter,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """x_t = (1 - t) x_0 + t eps at t = timestep / 1000 of the rollout's (shifted) schedule."""
-    from dpok.algorithms import ALGORITHMS, supervised
+    from dpok.algorithms import ALGORITHMS
+    from tests.pipelines.test_nft_grpo import _spy_noised
     from tests.pipelines.test_training import _context, _rollout, small_cfg
 
-    seen = []
-    plain = supervised._Supervised._noised
-
-    def spy(self, x0, noise, gen, timesteps=None):  # noqa: ANN001, ANN202
-        t, latents = plain(self, x0, noise, gen, timesteps)
-        seen.append((x0, noise, t, latents))
-        return t, latents
-
-    monkeypatch.setattr(supervised._Supervised, "_noised", spy)
+    seen = _spy_noised(monkeypatch)
     cfg = small_cfg(algorithm="diffusion-nft", nft_train_steps=2, num_steps=3, eta=NOISE_LEVEL, guidance_scale=GUIDANCE)
     adapter.add_lora(rank=2, alpha=2.0)
     try:
