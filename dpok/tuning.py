@@ -34,7 +34,7 @@ from .algorithms.base import largest_divisor_at_most
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig, build_config
 from .evaluate import SampleSettings, evaluate_prompt, slug
-from .experiment import _save_strip, _write_json, claim, portable_path, release
+from .jobs import _save_strip, _write_json, claim, portable_path, release
 from .rewards.config import RewardConfig
 from .runlog import read_metrics
 from .trainer import Trainer
