@@ -184,7 +184,10 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
     solved: tuple[torch.Tensor, tuple[float, float]] | None = None  # DPM-Solver: the previous step's (x_0, time)
     for i, t in enumerate(timesteps):
         t_batch = t.expand(len(prompts))
-        dist, out = policy_step(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
+        if solver == "ddim":  # (a denoising step is step_distribution's call: the chaos test kills there)
+            dist = step_distribution(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
+        else:
+            dist, out = policy_step(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
         noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
         if solver == "ddim":
             x_next = ddim_sample_next(dist, noise).to(x.dtype)
