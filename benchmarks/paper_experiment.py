@@ -143,9 +143,12 @@ def same_settings(raw: Path, cfg) -> bool:  # noqa: ANN001 - an ExperimentConfig
     kept = kept_settings(raw)
     if kept is None:
         return not raw.exists() or not any(raw.iterdir())
-    plain = lambda c: json.loads(json.dumps({k: v for k, v in to_options(c).items() if k != "output_dir"}))  # noqa: E731
+    # where units may be copied from does not change what they are (a copy ran with the same settings)
+    plain = lambda c: json.loads(json.dumps({k: v for k, v in to_options(c).items()  # noqa: E731
+                                             if k not in ("output_dir", "reuse_units_from")}))
     # a setting added after the results were kept had its default's meaning then (method_settings:
     # "defaults" is how every earlier experiment set its methods)
+    kept.pop("reuse_units_from", None)
     return {**plain(ExperimentConfig()), **kept} == plain(cfg)
 
 

@@ -33,12 +33,13 @@ import torch
 
 from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS
+from .algorithms.ddpo import DDPOSettings
 from .checkpoint import latest_checkpoint
 from .config import build_config
 from .domains import Domain, domain_for
 from .evaluate import SampleSettings, evaluate_prompt, split_means
 from .jobs import _save_strip, _write_json, claim, portable_path, release
-from .options import group, option, option_errors, to_options
+from .options import from_options, group, option, option_errors, to_options
 from .rewards.config import RewardConfig
 from .runlog import read_metrics
 from .runtime import seed_everything
@@ -138,6 +139,10 @@ class ExperimentConfig:
                     "optimisation care; the sweep's results in --tuning-dir)")
     tuning_dir: str = option("docs/tuning/data", "kept results of the tuning sweep (method_settings 'tuned')")
     train_overrides: dict[str, Any] = option({}, "extra dpok train settings for every method (flat option names)")
+    reuse_units_from: str = option(
+        "", "outcome folder of another experiment: a unit that ran there with exactly this unit's settings (its "
+            "recorded training settings, the task, seed and evaluation) is copied instead of trained again, and its "
+            "result names where it came from ('': train every unit)")
     device: str = option("auto", "'auto', 'cpu' or 'cuda[:N]'")
     # your own prompts instead of the ShapeWorld tasks: one task named "custom" (unseen ones optional)
     custom_seen: list[str] = option([], "your own training prompts (one task named 'custom')")
@@ -221,6 +226,17 @@ class Experiment:
 
     def train_config(self, task: Task, method: Method, seed: int, run_dir: Path, rounds: int,
                      extra: dict[str, Any] | None = None):  # noqa: ANN201
+        settings = self.train_settings(task, method, seed, run_dir, rounds, extra)
+        if (run_dir / "config.json").is_file():
+            if latest_checkpoint(run_dir) is not None:
+                settings["resume"] = str(run_dir)
+            else:  # interrupted before its first checkpoint: nothing worth keeping
+                shutil.rmtree(run_dir)
+        return build_config(None, settings)
+
+    def train_settings(self, task: Task, method: Method, seed: int, run_dir: Path, rounds: int,
+                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The flat ``dpok train`` settings of a unit (no side effects: :meth:`train_config` builds them)."""
         c = self.cfg
         samples = (extra or {}).get("samples_per_round", c.samples_per_round)
         sample_minibatches = ALGORITHMS.get(method.algorithm).sample_minibatches
@@ -235,12 +251,65 @@ class Experiment:
                     **self.method_settings(method), **c.train_overrides, **(extra or {})}
         if sample_minibatches and settings.get("minibatch_size"):  # a method's own, fitted to a smaller round
             settings["minibatch_size"] = math.gcd(settings["minibatch_size"], samples)
-        if (run_dir / "config.json").is_file():
-            if latest_checkpoint(run_dir) is not None:
-                settings["resume"] = str(run_dir)
-            else:  # interrupted before its first checkpoint: nothing worth keeping
-                shutil.rmtree(run_dir)
-        return build_config(None, settings)
+        return settings
+
+    # ------------------------------------------------------------------------ reused units
+    def evaluation_settings(self, task: Task, seed: int) -> dict[str, Any]:
+        """What a unit's evaluation depends on besides the model it evaluates (its noise is the seed's)."""
+        c = self.cfg
+        task = {t.name: t for t in c.all_tasks()}.get(task.name, Task(task.name, "", ()))  # this config's prompts
+        return json.loads(json.dumps({
+            "task": [task.name, list(task.seen), list(task.unseen)], "seed": seed, "model": c.model,
+            "reward": to_options(c.reward), "num_steps": c.num_steps, "guidance_scale": c.guidance_scale,
+            "images": c.multi_eval_images if task.unseen else c.eval_images}))
+
+    def reusable_unit(self, task: Task, method: Method, seed: int) -> Path | None:
+        """The unit folder in ``reuse_units_from`` that ran exactly as this unit would, if there is one:
+        the same evaluation and, for a method that runs the trainer, the training settings its run
+        folder recorded (``config.json``; a setting added since then had its old meaning, as on resume)
+        equal to this unit's, its own output folder aside. Results kept without their run folder are not
+        reused: their recorded settings are gone, and today's defaults may not be what they ran with."""
+        from .cli import SETTINGS_BEFORE_THEY_EXISTED
+
+        if not self.cfg.reuse_units_from:
+            return None
+        source_dir = Path(self.cfg.reuse_units_from)
+        folder = source_dir / "units" / task.name / method.name / f"seed{seed}"
+        meta = source_dir / "experiment.json"
+        if not (folder / "result.json").is_file() or not meta.is_file():
+            return None
+        kept = json.loads(meta.read_text())["config"]
+        source = Experiment.__new__(Experiment)  # its settings only: nothing is loaded or checked
+        source.cfg = from_options(ExperimentConfig, {k: v for k, v in kept.items() if k in to_options(self.cfg)})
+        if source.evaluation_settings(task, seed) != self.evaluation_settings(task, seed):
+            return None
+        if method.algorithm is None:
+            return folder
+        recorded = folder / "run" / "config.json"
+        if not recorded.is_file():
+            return None
+        rounds = self.cfg.rounds if method.trains else 1
+        ours = self.train_settings(task, method, seed, folder / "run", rounds)
+        theirs = {**SETTINGS_BEFORE_THEY_EXISTED, **json.loads(recorded.read_text())}
+        # settings of a group the algorithm never reads (DDPO's, for DPOK) do not change the run
+        unread = set() if ALGORITHMS.get(method.algorithm).reads_ddpo_settings else set(to_options(DDPOSettings()))
+        plain = lambda d: {k: v for k, v in to_options(build_config(None, d)).items()  # noqa: E731
+                           if k not in {"output_dir", "resume", *unread}}
+        return folder if plain(ours) == plain(theirs) else None
+
+    def reuse_unit(self, task: Task, method: Method, seed: int, source: Path) -> dict[str, Any]:
+        """Copy a unit's result and image strips from ``source`` (see :meth:`reusable_unit`)."""
+        folder = self.unit_dir(task.name, method.name, seed)
+        if (source / "images").is_dir():
+            shutil.copytree(source / "images", folder / "images", dirs_exist_ok=True)
+        result = json.loads((source / "result.json").read_text())
+        result["reused_from"] = {"experiment": portable_path(str(source.parent.parent.parent.parent)),
+                                 "method_settings": result.get("method_settings", "defaults")}
+        result["method_settings"] = self.cfg.method_settings
+        if method.trains and self.cfg.method_settings == "tuned":
+            result["tuned_candidate"] = self.tuned[method.algorithm][0]
+        _write_json(folder / "result.json", result)
+        return result
 
     def evaluate(self, adapter, task: Task, seed: int, folder: Path, generate=None) -> dict[str, Any]:  # noqa: ANN001
         """Every measure on the seen and unseen prompts; the same evaluation noise for every method."""
@@ -399,11 +468,12 @@ class Experiment:
                     self.run_overopt(arg)
                     continue
                 task, method, seed = arg
-                result = self.run_unit(task, method, seed)
+                source = self.reusable_unit(task, method, seed)
+                result = self.reuse_unit(task, method, seed, source) if source else self.run_unit(task, method, seed)
                 seen = result["splits"]["seen"]
                 judge = f" judge {seen['judge_aligned_mean']:.3f}" if "judge_aligned_mean" in seen else ""
-                self.log(f"{task.name} {method.name} seed {seed}: reward {seen['reward_mean']:.3f}{judge} "
-                         f"({time.perf_counter() - t0:.0f} s)")
+                how = f"copied from {source}" if source else f"{time.perf_counter() - t0:.0f} s"
+                self.log(f"{task.name} {method.name} seed {seed}: reward {seen['reward_mean']:.3f}{judge} ({how})")
             finally:
                 release(folder)
                 ran += 1

@@ -257,8 +257,20 @@ def _settings_note(cfg: dict[str, Any], units: list[dict[str, Any]]) -> str:
         return "every other setting is the package default for each algorithm."
     chosen = {u["method"]: u["tuned_candidate"] for u in units if "tuned_candidate" in u}
     named = ", ".join(f"{m} `{c}`" for m, c in sorted(chosen.items()))
-    return ("each trained method with the setting its tuning sweep chose (docs/tuning.md), exactly as the sweep's "
+    note = ("each trained method with the setting its tuning sweep chose (docs/tuning.md), exactly as the sweep's "
             "trials ran it, so every method had the same optimisation care" + (f": {named}." if named else "."))
+    return note + _reuse_note(units)
+
+
+def _reuse_note(units: list[dict[str, Any]]) -> str:
+    """Which units were copied from another experiment where they ran with the same settings."""
+    copied: dict[str, list[str]] = {}
+    for u in units:
+        if "reused_from" in u:
+            copied.setdefault(u["reused_from"]["experiment"], []).append(f"{u['task']} {u['method']} seed {u['seed']}")
+    return "".join(f" {len(names)} unit(s) ran with exactly these settings in the experiment of `{source}` and were "
+                   f"copied from it, not trained again ({', '.join(sorted(set(u.split()[1] for u in names)))})."
+                   for source, names in sorted(copied.items()))
 
 
 def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str | Path | None = None,

@@ -186,12 +186,11 @@ def sample_trajectories(adapter: DiffusionAdapter, prompts: list[str], num_steps
         t_batch = t.expand(len(prompts))
         if solver == "ddim":  # (a denoising step is step_distribution's call: the chaos test kills there)
             dist = step_distribution(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
-        else:
-            dist, out = policy_step(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
-        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
-        if solver == "ddim":
+            noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
             x_next = ddim_sample_next(dist, noise).to(x.dtype)
         else:
+            dist, out = policy_step(adapter, x, t_batch, embeds, guidance_scale, eta, num_steps, reference)
+            torch.randn(x.shape, generator=generator, device=generator.device)  # the generator moves on as with DDIM
             d, now = x0_prediction(adapter, x, t_batch, out, num_steps), alpha_sigma(adapter, t, num_steps)
             to = alpha_sigma(adapter, timesteps[i + 1] if i + 1 < len(timesteps) else None, num_steps)
             x_next = dpm_solver_pp_step(x.float(), d, now, to, *(solved or (None, None))).to(x.dtype)

@@ -178,6 +178,7 @@ class Algorithm:
     families: ClassVar[tuple[str, ...]] = ("diffusion",)  # see dpok.adapter.model_family
     own_rollout_sampler: ClassVar[bool] = False  # samples its rounds with --rollout-steps / --rollout-eta
     takes_shared_noise: ClassVar[bool] = False  # its advantages come from trajectory_advantages (--shared-noise)
+    reads_ddpo_settings: ClassVar[bool] = False  # whether --inner-epochs and --timestep-fraction change what it does
 
     @classmethod
     def check(cls, cfg: TrainConfig, num_processes: int) -> list[str]:

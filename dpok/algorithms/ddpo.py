@@ -74,6 +74,7 @@ class _DDPO(Algorithm):
     importance_sampling = True
     sample_minibatches = True  # a minibatch is whole samples, each with its trained steps
     takes_shared_noise = True
+    reads_ddpo_settings = True
     # the automatic update shape: samples per minibatch (at most) and the share of steps trained
     minibatch_samples: ClassVar[int] = 32
     timestep_fraction_default: ClassVar[float] = 1.0

@@ -124,6 +124,8 @@ def test_a_fresh_output_folder_continues_from_kept_results_of_the_same_experimen
 
     other = ExperimentConfig(output_dir=str(tmp_path / "other"), rounds=16, samples_per_round=16)
     assert not bench.same_settings(raw, other)
+    # where units may be copied from does not change what they are
+    assert bench.same_settings(raw, ExperimentConfig(rounds=32, samples_per_round=32, reuse_units_from="elsewhere"))
     # results kept before method_settings existed were trained with the package defaults
     older = {k: v for k, v in meta["config"].items() if k not in ("method_settings", "tuning_dir")}
     (raw / "experiment.json").write_text(json.dumps({**meta, "config": older}))
@@ -179,6 +181,11 @@ def test_the_report_says_how_the_methods_were_set() -> None:
                                                                                     "tuned_candidate": "cosine"}]
     note = _settings_note({"method_settings": "tuned"}, units)
     assert "tuning sweep chose" in note and note.endswith("dpok `cosine`, rwr `temp0.05`.")
+    units[2].update(task="color", seed=0, reused_from={"experiment": "runs/paper_experiment_1k",
+                                                       "method_settings": "defaults"})
+    note = _settings_note({"method_settings": "tuned"}, units)
+    assert note.endswith("1 unit(s) ran with exactly these settings in the experiment of `runs/paper_experiment_1k` "
+                         "and were copied from it, not trained again (dpok).")
 
 
 def test_the_sample_efficiency_benchmark_takes_the_tuned_settings_into_its_own_folders(tmp_path: Path) -> None:
@@ -196,3 +203,78 @@ def test_the_sample_efficiency_benchmark_takes_the_tuned_settings_into_its_own_f
     cfg_tuned = bench.unit_config(tuned, "color", "ddpo-is", 0)[0]
     assert cfg_tuned.learning_rate == chosen["learning_rate"] != cfg_plain.learning_rate
     assert cfg_tuned.lora_rank == chosen["lora_rank"] and cfg_tuned.rounds == cfg_plain.rounds
+
+
+def test_units_that_ran_with_the_same_settings_are_copied_not_trained_again(tmp_path: Path) -> None:
+    """``reuse_units_from``: a unit is taken from another experiment only when its recorded training
+    settings, task, seed and evaluation are this unit's; anything else is trained here."""
+    from dpok.config import build_config
+    from dpok.experiment import Experiment, Method
+
+    source_cfg = tiny_config(tmp_path / "source")
+    source_cfg.methods = ["base", "dpok", "dpok-no-kl", "rwr", "ddpo-is"]
+    source = Experiment(source_cfg, log=lambda m: None)
+    source.write_meta()
+    task = source.tasks["multi"]
+    for name in source_cfg.methods:
+        folder = source.unit_dir("multi", name, 0)
+        (folder / "images").mkdir(parents=True)
+        (folder / "images" / "seen_00.png").write_bytes(b"png")
+        method = source.methods[name]
+        if method.trains:  # what the trainer records in its run folder
+            cfg = build_config(None, source.train_settings(task, method, 0, folder / "run", source_cfg.rounds))
+            (folder / "run").mkdir()
+            (folder / "run" / "config.json").write_text(json.dumps(cfg.to_dict()))
+        (folder / "result.json").write_text(json.dumps({"task": "multi", "method": name, "seed": 0, "wall_s": 1.0,
+                                                        "splits": {"seen": {"reward_mean": 0.5}}}))
+    # rwr's recorded run differs from what this experiment would train (another temperature)
+    rwr_run = source.unit_dir("multi", "rwr", 0) / "run" / "config.json"
+    rwr_run.write_text(json.dumps({**json.loads(rwr_run.read_text()), "rwr_temperature": 0.7}))
+    # a run recorded before a setting existed ran with that setting's old meaning (as on resume)
+    no_kl_run = source.unit_dir("multi", "dpok-no-kl", 0) / "run" / "config.json"
+    no_kl_run.write_text(json.dumps({k: v for k, v in json.loads(no_kl_run.read_text()).items()
+                                     if k != "rollout_solver"}))
+
+    # DDPO's own settings change a DDPO run, not a DPOK run
+    for name in ("dpok", "ddpo-is"):
+        run = source.unit_dir("multi", name, 0) / "run" / "config.json"
+        run.write_text(json.dumps({**json.loads(run.read_text()), "timestep_fraction": 0.3}))
+
+    cfg = tiny_config(tmp_path / "here")
+    cfg.methods, cfg.reuse_units_from = source_cfg.methods, str(tmp_path / "source")
+    exp = Experiment(cfg, log=lambda m: None)
+    m = exp.methods
+    assert exp.reusable_unit(task, m["base"], 0) == source.unit_dir("multi", "base", 0)
+    assert exp.reusable_unit(task, m["dpok"], 0) == source.unit_dir("multi", "dpok", 0)
+    assert exp.reusable_unit(task, m["dpok-no-kl"], 0) == source.unit_dir("multi", "dpok-no-kl", 0)
+    assert exp.reusable_unit(task, m["rwr"], 0) is None
+    assert exp.reusable_unit(task, m["ddpo-is"], 0) is None
+    assert exp.reusable_unit(task, m["dpok"], 1) is None  # no such unit there
+    assert exp.reusable_unit(task, Method("dpok", "", "dpok", (("beta", 0.5),)), 0) is None
+
+    result = exp.reuse_unit(task, m["dpok"], 0, source.unit_dir("multi", "dpok", 0))
+    copied = json.loads((exp.unit_dir("multi", "dpok", 0) / "result.json").read_text())
+    assert copied == result and copied["reused_from"]["method_settings"] == "defaults"
+    assert (exp.unit_dir("multi", "dpok", 0) / "images" / "seen_00.png").read_bytes() == b"png"
+
+    evaluated_apart = tiny_config(tmp_path / "more_images")  # the same training, judged on more images
+    evaluated_apart.methods, evaluated_apart.reuse_units_from = ["dpok"], str(tmp_path / "source")
+    evaluated_apart.multi_eval_images = 4
+    apart = Experiment(evaluated_apart, log=lambda m: None)
+    assert apart.reusable_unit(task, apart.methods["dpok"], 0) is None
+    (source.unit_dir("multi", "dpok", 0) / "run" / "config.json").unlink()  # results kept without their run
+    assert exp.reusable_unit(task, m["dpok"], 0) is None
+
+
+def test_only_ddpo_algorithms_read_ddpo_settings() -> None:
+    """``reads_ddpo_settings`` lets a unit of another algorithm be reused whatever DDPO's settings were:
+    it must be True exactly for the classes whose code reads them."""
+    import inspect
+
+    from dpok.algorithms import ALGORITHMS
+
+    for name in ALGORITHMS.names():
+        cls = ALGORITHMS.get(name)
+        source = "".join(inspect.getsource(c) for c in cls.__mro__ if c.__module__.startswith("dpok."))
+        reads = "cfg.ddpo" in source or "inner_epochs" in source or "timestep_fraction" in source
+        assert cls.reads_ddpo_settings == reads, name
