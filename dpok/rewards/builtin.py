@@ -5,6 +5,9 @@
 - ``shapeworld-alignment-log``: log r of the same model with each term (one object type's count,
   the relation) floored at log 1e-3: a dense form with partial credit, for prompts whose exact r is
   ~0 on every sample the model draws (two-group compositions), where r gives no signal.
+- ``shapeworld-judge``: 1 if the geometric judge finds the prompt exactly true of the image, else 0.
+  An oracle for diagnosis (is the learned reward what limits a run, or the optimisation?): with it the
+  judge no longer scores a run independently of its reward.
 - ``jpeg-compressibility`` / ``jpeg-incompressibility``: minus / plus the size in kB
   (1 kB = 1000 bytes) of the image saved as JPEG at quality 95, as in DDPO.
 """
@@ -90,6 +93,23 @@ class ShapeWorldLogAlignmentReward(ShapeWorldAlignmentReward):
         return self.load().log_prob(images.to(self.device, torch.float32), parsed, self.TERM_FLOOR)
 
 
+class ShapeWorldJudgeReward(Reward):
+    """1.0 where :func:`dpok.shapeworld.judge.is_aligned` holds for (image, prompt), else 0.0; (B,)."""
+
+    name = "shapeworld-judge"
+
+    def validate_prompts(self, prompts: Sequence[str]) -> None:
+        """Raise :class:`~dpok.shapeworld.PromptError` (naming the prompt) for a prompt outside the grammar."""
+        for prompt in prompts:
+            parse_prompt(prompt)
+
+    def _compute(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from ..shapeworld.judge import is_aligned
+
+        arrays = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()  # HWC, as the judge reads
+        return torch.tensor([float(is_aligned(a, p)) for a, p in zip(arrays, prompts)], dtype=torch.float32)
+
+
 def jpeg_sizes_kb(images: torch.Tensor) -> torch.Tensor:
     """Size in kB (1000 bytes) of each image of float (B, 3, H, W) in [0, 1] saved as JPEG, quality 95; (B,)."""
     pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -137,6 +157,17 @@ def shapeworld_alignment_log(
 ) -> ShapeWorldLogAlignmentReward:
     """The ``shapeworld-alignment-log`` reward; ``alignment_model`` defaults to the package's shipped weights."""
     return ShapeWorldLogAlignmentReward(alignment_model, device)
+
+
+@register_reward(
+    "shapeworld-judge",
+    "1 if the geometric judge finds a ShapeWorld prompt exactly true of the image, else 0: an oracle for diagnosis "
+    "(the judge then no longer scores the run independently)",
+    domain="dpok.shapeworld.domain",
+)
+def shapeworld_judge() -> ShapeWorldJudgeReward:
+    """The ``shapeworld-judge`` reward."""
+    return ShapeWorldJudgeReward()
 
 
 @register_reward("jpeg-compressibility", "minus the JPEG size (quality 95) in kB: rewards simple images (DDPO)")

@@ -334,3 +334,15 @@ def test_custom_module_with_missing_dependency(tmp_path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(RewardError, match="needs 'not_installed_dep_xyz'"):
         load_custom_reward("my_test_rewards_broken:f")
+
+
+def test_shapeworld_judge_reward_is_the_judge_verdict() -> None:
+    """The oracle reward scores a render of its prompt 1 and the same render under another prompt 0."""
+    from dpok.shapeworld import render_prompt
+
+    image, _ = render_prompt("two white triangles", np.random.default_rng(0))
+    x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
+    reward = make_reward("shapeworld-judge")
+    assert reward(x.repeat(2, 1, 1, 1), ["two white triangles", "three white triangles"]).scores.tolist() == [1.0, 0.0]
+    with pytest.raises(PromptError, match="purple dogs"):
+        reward.validate_prompts(["two purple dogs"])
