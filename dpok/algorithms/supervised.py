@@ -197,24 +197,7 @@ class _Supervised(Algorithm):
 
     def _noised(self, x0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator,
                 timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timesteps (B,), x_t (B, C, h, w)): x_0 noised by the model's forward process at ``timesteps``
-        (the network's, (B,)), or at random times when None.
-
-        DDPM family: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, random t uniform over the training
-        steps. Flow family: x_t = (1 - t) x_0 + t eps with t = timestep / 1000, random t uniform in [0, 1)."""
-        adapter = self.adapter
-        if adapter.is_flow:
-            if timesteps is None:
-                t = torch.rand(len(x0), generator=gen).to(x0.device)
-            else:
-                t = timesteps.float().to(x0.device) / adapter.num_train_timesteps
-            return t * adapter.num_train_timesteps, flow_forward(x0, noise, t).to(adapter.dtype)
-        if timesteps is None:
-            t = torch.randint(0, adapter.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
-        else:
-            t = timesteps.long().to(x0.device)
-        a = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return t, (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(adapter.dtype)
+        return forward_noised(self.adapter, x0, noise, gen, timesteps)
 
     def state_dict(self) -> dict[str, Any]:
         x0, cond, rewards = self._tensors() if self.data["x0"] else (torch.zeros(0),) * 3
@@ -227,6 +210,27 @@ class _Supervised(Algorithm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["x0"]):
             self.data = {k: [v] for k, v in state.items()}
+
+
+def forward_noised(adapter: Any, x0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator,  # noqa: ANN401
+                   timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps (B,), x_t (B, C, h, w)): x_0 noised by ``adapter``'s model's forward process at
+    ``timesteps`` (the network's, (B,)), or at random times drawn from ``gen`` when None.
+
+    DDPM family: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, random t uniform over the training
+    steps. Flow family: x_t = (1 - t) x_0 + t eps with t = timestep / 1000, random t uniform in [0, 1)."""
+    if adapter.is_flow:
+        if timesteps is None:
+            t = torch.rand(len(x0), generator=gen).to(x0.device)
+        else:
+            t = timesteps.float().to(x0.device) / adapter.num_train_timesteps
+        return t * adapter.num_train_timesteps, flow_forward(x0, noise, t).to(adapter.dtype)
+    if timesteps is None:
+        t = torch.randint(0, adapter.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
+    else:
+        t = timesteps.long().to(x0.device)
+    a = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return t, (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(adapter.dtype)
 
 
 @ALGORITHMS.register
