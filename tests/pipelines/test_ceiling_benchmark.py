@@ -20,15 +20,19 @@ def test_a_tiny_ceiling_run_learns_from_renders_and_writes_its_report(bench, tmp
     argv = ["--prompts", "a red circle", "--seeds", "0", "--steps", "2", "--batch", "2", "--renders", "4",
             "--eval-every", "1", "--eval-images", "2", "--threads", "1", "--docs", str(tmp_path)]
     assert bench.main(argv) == 0
-    result = json.loads((tmp_path / "ceiling" / "data" / "a-red-circle-seed0.json").read_text())
+    result = json.loads((tmp_path / "ceiling" / "data" / "a-red-circle-seed0-steps2-lr0.0001.json").read_text())
     assert [p["step"] for p in result["curve"]] == [0, 1, 2]
     assert all(0 <= p["judge_aligned"] <= 1 for p in result["curve"])
     assert result["curve"][1]["loss"] > 0 and result["cpu"]["model"]
     report = (tmp_path / "ceiling.md").read_text()
-    assert "| a red circle | 1 |" in report and (tmp_path / "ceiling" / "curve.png").is_file()
+    assert "| a red circle | 2 | 0.0001 | 1 |" in report and (tmp_path / "ceiling" / "curve.png").is_file()
     first = result["seconds"]
     assert bench.main(argv) == 0  # kept results of the same settings are not trained again
-    assert json.loads((tmp_path / "ceiling" / "data" / "a-red-circle-seed0.json").read_text())["seconds"] == first
+    assert json.loads((tmp_path / "ceiling" / "data" / "a-red-circle-seed0-steps2-lr0.0001.json").read_text())["seconds"] == first
+    assert bench.main([*argv, "--lr", "3e-4"]) == 0  # another setting: its own result and row, the first kept
+    assert len(list((tmp_path / "ceiling" / "data").glob("*.json"))) == 2
+    report = (tmp_path / "ceiling.md").read_text()
+    assert "| a red circle | 2 | 0.0001 | 1 |" in report and "| a red circle | 2 | 0.0003 | 1 |" in report
 
 
 def test_the_denoiser_moves_towards_the_renders(bench) -> None:
