@@ -205,18 +205,23 @@ def main(argv: list[str] | None = None) -> int:
 
         for prompt in args.prompts:
             parse_prompt(prompt)  # a prompt outside the grammar stops here, before any training
-        torch.set_num_threads(args.threads)
         settings = {k: getattr(args, k) for k in ("steps", "lr", "batch", "renders", "eval_every", "eval_images")}
         data.mkdir(parents=True, exist_ok=True)
-        for prompt in args.prompts:
-            for seed in args.seeds:
-                kept = {(r["prompt"], r["seed"], json.dumps(r["settings"], sort_keys=True)) for r in load_results(data)}
-                if (prompt, seed, json.dumps(settings, sort_keys=True)) in kept:
-                    continue
-                path = data / f"{slug(prompt)}-seed{seed}-steps{args.steps}-lr{args.lr:g}.json"
-                result = supervised_ceiling(prompt, seed, **settings)
-                path.write_text(json.dumps({"prompt": prompt, "seed": seed, "settings": settings, "cpu": cpu_info(),
-                                            **result}, indent=1) + "\n")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:  # called in a process that goes on (a test), the thread setting is given back
+            for prompt in args.prompts:
+                for seed in args.seeds:
+                    kept = {(r["prompt"], r["seed"], json.dumps(r["settings"], sort_keys=True))
+                            for r in load_results(data)}
+                    if (prompt, seed, json.dumps(settings, sort_keys=True)) in kept:
+                        continue
+                    path = data / f"{slug(prompt)}-seed{seed}-steps{args.steps}-lr{args.lr:g}.json"
+                    result = supervised_ceiling(prompt, seed, **settings)
+                    path.write_text(json.dumps({"prompt": prompt, "seed": seed, "settings": settings,
+                                                "cpu": cpu_info(), **result}, indent=1) + "\n")
+        finally:
+            torch.set_num_threads(threads)
     print(f"wrote {write_report(load_results(data), docs)}")
     return 0
 

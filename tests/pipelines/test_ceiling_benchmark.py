@@ -19,7 +19,11 @@ def bench():
 def test_a_tiny_ceiling_run_learns_from_renders_and_writes_its_report(bench, tmp_path: Path) -> None:
     argv = ["--prompts", "a red circle", "--seeds", "0", "--steps", "2", "--batch", "2", "--renders", "4",
             "--eval-every", "1", "--eval-images", "2", "--threads", "1", "--docs", str(tmp_path)]
+    import torch
+
+    threads = torch.get_num_threads()
     assert bench.main(argv) == 0
+    assert torch.get_num_threads() == threads  # the tests after this one keep their thread setting
     result = json.loads((tmp_path / "ceiling" / "data" / "a-red-circle-seed0-steps2-lr0.0001.json").read_text())
     assert [p["step"] for p in result["curve"]] == [0, 1, 2]
     assert all(0 <= p["judge_aligned"] <= 1 for p in result["curve"])
