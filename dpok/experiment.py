@@ -178,6 +178,14 @@ class ExperimentConfig:
         if errors:
             raise ValueError("invalid experiment settings:\n  " + "\n  ".join(errors))
 
+    def evaluation_settings(self, task: Task, seed: int) -> dict[str, Any]:
+        """What a unit's evaluation depends on besides the model it evaluates (its noise is the seed's)."""
+        task = {t.name: t for t in self.all_tasks()}.get(task.name, Task(task.name, "", ()))  # this config's prompts
+        return json.loads(json.dumps({
+            "task": [task.name, list(task.seen), list(task.unseen)], "seed": seed, "model": self.model,
+            "reward": to_options(self.reward), "num_steps": self.num_steps, "guidance_scale": self.guidance_scale,
+            "images": self.multi_eval_images if task.unseen else self.eval_images}))
+
     @property
     def budget(self) -> int:
         """Reward queries every trained method spends."""
@@ -254,15 +262,6 @@ class Experiment:
         return settings
 
     # ------------------------------------------------------------------------ reused units
-    def evaluation_settings(self, task: Task, seed: int) -> dict[str, Any]:
-        """What a unit's evaluation depends on besides the model it evaluates (its noise is the seed's)."""
-        c = self.cfg
-        task = {t.name: t for t in c.all_tasks()}.get(task.name, Task(task.name, "", ()))  # this config's prompts
-        return json.loads(json.dumps({
-            "task": [task.name, list(task.seen), list(task.unseen)], "seed": seed, "model": c.model,
-            "reward": to_options(c.reward), "num_steps": c.num_steps, "guidance_scale": c.guidance_scale,
-            "images": c.multi_eval_images if task.unseen else c.eval_images}))
-
     def reusable_unit(self, task: Task, method: Method, seed: int) -> Path | None:
         """The unit folder in ``reuse_units_from`` that ran exactly as this unit would, if there is one:
         the same evaluation and, for a method that runs the trainer, the training settings its run
@@ -279,9 +278,8 @@ class Experiment:
         if not (folder / "result.json").is_file() or not meta.is_file():
             return None
         kept = json.loads(meta.read_text())["config"]
-        source = Experiment.__new__(Experiment)  # its settings only: nothing is loaded or checked
-        source.cfg = from_options(ExperimentConfig, {k: v for k, v in kept.items() if k in to_options(self.cfg)})
-        if source.evaluation_settings(task, seed) != self.evaluation_settings(task, seed):
+        source = from_options(ExperimentConfig, {k: v for k, v in kept.items() if k in to_options(self.cfg)})
+        if source.evaluation_settings(task, seed) != self.cfg.evaluation_settings(task, seed):
             return None
         if method.algorithm is None:
             return folder
