@@ -48,6 +48,9 @@ from .stages import (
     write_checksums,
 )
 
+# the prompt categories of the quality gates (docs/SHAPEWORLD.md), in report order
+CATEGORIES = ("common", "rare", "count4", "heldout")
+
 
 def base_folder(ctx: Context) -> Path:
     """The DDIM-family model whose tokenizer, text encoder and VAE the flow model reuses."""
@@ -204,37 +207,57 @@ def _relative_sources(out: Path) -> None:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def stage_report(ctx: Context) -> None:
+def load_flow_pipeline(folder: Path) -> Any:  # noqa: ANN401 - diffusers types
+    """The exported SD3 pipeline of ``folder``, text tokens folded as in training, progress bars off."""
     from diffusers import StableDiffusion3Pipeline
 
     from ..adapter import absent_components
-    from ..shapeworld.judge import is_aligned
 
-    cfg = ctx.cfg
-    out = Path(cfg.output_dir or default_flow_model_dir())
-    pipe = StableDiffusion3Pipeline.from_pretrained(out, local_files_only=True, **absent_components(str(out)))
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, **absent_components(str(folder)))
     pipe.set_progress_bar_config(disable=True)
     fold_text_tokens(pipe.transformer, SD3_T5_TOKENS, pipe.tokenizer_max_length + 1)
-    reward = AlignmentRewardModel.load(Path(cfg.reward_output_dir or default_reward_dir()))
+    return pipe
+
+
+def evaluate_categories(pipe: Any, reward: AlignmentRewardModel, images: int, steps: int,  # noqa: ANN401
+                        guidance: float, seed: int, categories: tuple[str, ...] = CATEGORIES,
+                        log: Any = None) -> dict[str, Any]:  # noqa: ANN401
+    """Alignment of ``pipe`` per prompt category: ``images`` samples of each prompt of the category
+    (prompt i of a category drawn with seed ``seed * 1000 + i``), judged by the reward (r > 0.5) and
+    by the geometric judge. Returns ``{"per_prompt": {prompt: ...}, "per_category": {category: ...}}``."""
+    from ..shapeworld.judge import is_aligned
+
     sets = prompt_sets()
-    report: dict[str, Any] = {"guidance_scale": cfg.report_guidance, "steps": cfg.report_steps,
-                              "images_per_prompt": cfg.report_images, "sampler": "FlowMatchEulerDiscrete",
-                              "per_prompt": {}, "per_category": {}}
-    for category in ("common", "rare", "count4", "heldout"):
+    result: dict[str, Any] = {"per_prompt": {}, "per_category": {}}
+    for category in categories:
         rewards, judged = [], []
         for i, prompt in enumerate(sets[category]):
-            img = judge_pipeline(pipe, [prompt], cfg.report_images, cfg.report_steps, cfg.report_guidance,
-                                 cfg.seed * 1000 + i)
+            img = judge_pipeline(pipe, [prompt], images, steps, guidance, seed * 1000 + i)
             r = reward.score(torch.from_numpy(img).permute(0, 3, 1, 2).float(), [parse_prompt(prompt)] * len(img))
             a, j = (r > 0.5).float().mean().item(), float(np.mean([is_aligned(im, prompt) for im in img]))
-            report["per_prompt"][prompt] = {"category": category, "reward": r.mean().item(),
+            result["per_prompt"][prompt] = {"category": category, "reward": r.mean().item(),
                                             "aligned_by_reward": a, "aligned_by_judge": j}
             rewards.append(a)
             judged.append(j)
-        report["per_category"][category] = {"aligned_by_reward": float(np.mean(rewards)),
-                                            "aligned_by_judge": float(np.mean(judged)), "prompts": len(sets[category])}
-        ctx.log(f"report: {category}: aligned {np.mean(rewards):.1%} by the reward, {np.mean(judged):.1%} by the "
-                f"geometric judge ({len(sets[category])} prompts x {cfg.report_images})")
+        result["per_category"][category] = {"aligned_by_reward": float(np.mean(rewards)),
+                                            "aligned_by_judge": float(np.mean(judged)),
+                                            "prompts": len(sets[category])}
+        if log is not None:
+            log(f"{category}: aligned {np.mean(rewards):.1%} by the reward, {np.mean(judged):.1%} by the "
+                f"geometric judge ({len(sets[category])} prompts x {images})")
+    return result
+
+
+def stage_report(ctx: Context) -> None:
+    cfg = ctx.cfg
+    out = Path(cfg.output_dir or default_flow_model_dir())
+    pipe = load_flow_pipeline(out)
+    reward = AlignmentRewardModel.load(Path(cfg.reward_output_dir or default_reward_dir()))
+    report: dict[str, Any] = {"guidance_scale": cfg.report_guidance, "steps": cfg.report_steps,
+                              "images_per_prompt": cfg.report_images, "sampler": "FlowMatchEulerDiscrete",
+                              **evaluate_categories(pipe, reward, cfg.report_images, cfg.report_steps,
+                                                    cfg.report_guidance, cfg.seed,
+                                                    log=lambda line: ctx.log(f"report: {line}"))}
     (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     shutil.copy(ctx.log_path, out / "pretrain.log")
     write_checksums(out)
