@@ -46,7 +46,8 @@ class EvalConfig:
     seed: int = _f(0, "seed")
     num_steps: int = _f(20, "DDIM steps")
     guidance_scale: float = _f(5.0, "guidance scale")
-    eta: float = _f(1.0, "DDIM eta")
+    eta: float = _f(1.0, "DDIM eta (flow models: the SDE noise level a); 0 = the deterministic sampler (DDIM, or the "
+                        "flow pipeline's Euler ODE: what plain diffusers draws), whose KL to the base is not measured")
     output_dir: str = _f("eval", "folder for eval.json and the grids")
     device: str = _f("auto", "'auto', 'cpu' or 'cuda[:N]'")
 
@@ -71,8 +72,8 @@ class EvalConfig:
         errors = option_errors(self) + self.reward.validate()
         if self.num_images < 1 or self.num_steps < 1:
             errors.append("--num-images and --num-steps must be >= 1")
-        if self.eta <= 0:
-            errors.append(f"--eta must be > 0 (got {self.eta}): the KL to the base model needs a stochastic sampler")
+        if self.eta < 0:
+            errors.append(f"--eta must be >= 0 (got {self.eta}); 0 is the deterministic sampler")
         if self.guidance_scale < 1:
             errors.append(f"--guidance-scale must be >= 1 (got {self.guidance_scale})")
         if errors:
@@ -115,7 +116,7 @@ def sample_prompt(adapter: DiffusionAdapter, prompt: str, settings: SampleSettin
     trajectories: the sampler is tested equal to the diffusers pipeline)."""
     gen = torch.Generator().manual_seed(seed)
     return sample_in_batches(adapter, [prompt] * settings.num_images, settings.batch_size, settings.num_steps,
-                             settings.eta, settings.guidance_scale, gen)
+                             settings.eta, settings.guidance_scale, gen, with_log_probs=settings.eta > 0)
 
 
 def evaluate_prompt(adapter: DiffusionAdapter, reward: Reward, prompt: str, settings: SampleSettings, seed: int,
@@ -123,10 +124,13 @@ def evaluate_prompt(adapter: DiffusionAdapter, reward: Reward, prompt: str, sett
     """Every measure for one prompt: reward (mean, std, invalid), diversity, KL to the base along the
     sampled trajectories and the ``domain``'s own measures (e.g. an independent judge). Give
     ``images`` (N, 3, H, W) to evaluate a method that is not a sampler of this
-    model (e.g. best-of-n); its KL is then reported as NaN (not measured)."""
+    model (e.g. best-of-n); its KL is then reported as NaN (not measured), as it is at eta 0, where
+    the deterministic steps have no step distributions to compare."""
     if images is None:
         traj = sample_prompt(adapter, prompt, settings, seed)
-        images, kl = traj.images, trajectory_kl(adapter, traj, settings)
+        stochastic = settings.eta > 0
+        images = traj.images
+        kl = trajectory_kl(adapter, traj, settings) if stochastic else torch.full((len(images),), float("nan"))
     else:
         kl = torch.full((len(images),), float("nan"))
     scored = reward(images, [prompt] * len(images))

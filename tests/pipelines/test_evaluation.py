@@ -73,3 +73,21 @@ def test_evaluate_prompt_reports_every_measure(tiny_pipeline_dir: Path, tiny_rew
     means = split_means({"a": row, "b": {**row, "reward_mean": row["reward_mean"] + 1}})
     assert means["reward_mean"] == pytest.approx(row["reward_mean"] + 0.5)
     assert "frechet_mean" in means and "kl_to_base_mean" in means
+
+
+def test_eta_zero_evaluates_the_deterministic_sampler_without_a_kl(tiny_pipeline_dir: Path, tiny_reward_dir: Path) -> None:
+    from dpok.evaluate import EvalConfig
+    from dpok.sampling import sample_in_batches
+
+    adapter = DiffusionAdapter.from_pretrained(str(tiny_pipeline_dir))
+    _lora_scale(adapter, 0.05)
+    reward = make_reward("shapeworld-alignment", alignment_model=str(tiny_reward_dir))
+    settings = SampleSettings(num_images=2, num_steps=3, guidance_scale=3.0, eta=0.0)
+    row, images = evaluate_prompt(adapter, reward, "a red circle", settings, seed=5, domain=SHAPEWORLD)
+    assert row["kl_to_base"] != row["kl_to_base"] and 0 <= row["judge_aligned"] <= 1  # NaN: not measured
+    direct = sample_in_batches(adapter, ["a red circle"] * 2, settings.batch_size, 3, 0.0, 3.0,
+                               torch.Generator().manual_seed(5), with_log_probs=False)
+    assert torch.equal(images, direct.images)
+    EvalConfig(prompt=["a red circle"], eta=0.0).validate()
+    with pytest.raises(ValueError, match="--eta must be >= 0"):
+        EvalConfig(prompt=["a red circle"], eta=-0.5).validate()
