@@ -14,7 +14,7 @@ one run and alternating which goes first, each repeat runs
 of their own after every TRL and stock run, so that nothing a compiling run leaves behind lands on
 the comparison with TRL.
 
-It prints and writes (``docs/vs_trl.md``, raw runs in ``docs/vs_trl/data.json``) the samples per
+It prints and writes (``docs/vs_trl.md``, raw runs in ``docs/vs_trl/<cpu>.json``, one file per kind of CPU) the samples per
 second of the training phases (sampling, reward, update: TRL's ``train()``, dpok's per-round
 ``time/*`` metrics) and of the whole process, for each tool, and dpok's ratio to TRL.
 
@@ -27,6 +27,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -147,10 +148,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def write_report(data: dict[str, Any], path: Path) -> None:
+def machine_section(data: dict[str, Any]) -> list[str]:
+    """The report's section of one machine's run (``data``: what :func:`main` keeps of it)."""
     s, a = data["summary"], data["settings"]
     lines = [
-        "# dpok against TRL's DDPOTrainer",
+        f"## {data['cpu']}",
         "",
         f"Written by `benchmarks/vs_trl.py` on {data['cpu']}, {data['threads']} threads, torch {data['torch']}, "
         f"TRL {TRL_VERSION}; {a['repeats']} repeats, alternating which tool goes first.",
@@ -166,13 +168,13 @@ def write_report(data: dict[str, Any], path: Path) -> None:
         f"| {s['ratio']['train']:.2f}x |",
         f"| whole process | {s['trl']['process']:.3f} | {s['dpok']['process']:.3f} | {s['ratio']['process']:.2f}x |",
         "",
-        "Medians over the repeats; every run's seconds are in `docs/vs_trl/data.json`.",
+        f"Medians over the repeats; every run's seconds are in `docs/vs_trl/{raw_name(data['cpu'])}`.",
         "",
     ]
     variants = [t for t in s if t.startswith("dpok+")]
     if variants:
         lines += [
-            "## dpok with a speed option",
+            "### dpok with a speed option",
             "",
             "The same work with one of dpok's denoiser options (docs/denoiser_speed.md), run after all the runs "
             "above, in a block of their own; TRL has no counterpart, and each ratio is to TRL's median above. "
@@ -192,6 +194,21 @@ def write_report(data: dict[str, Any], path: Path) -> None:
             lines.append(f"| `{' '.join(VARIANTS[tool[5:]])}` | {s[tool]['train']:.3f} | {r['train']:.2f}x "
                          f"| {s[tool]['process']:.3f} | {r['process']:.2f}x | {cells[0]} | {cells[1]} |")
         lines.append("")
+    return lines
+
+
+def raw_name(cpu: str) -> str:
+    """The raw results file of one machine (``cpu`` as :func:`dpok.utils.machine.cpu_description` names it)."""
+    return re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-") + ".json"
+
+
+def write_report(datas: list[dict[str, Any]], path: Path) -> None:
+    """The report: one section per machine whose raw results are kept, in the order given."""
+    lines = ["# dpok against TRL's DDPOTrainer", "",
+             "Each machine's latest run of `benchmarks/vs_trl.py`, kept one file per kind of CPU: the ratios hold "
+             "within a run; seconds differ between machines.", ""]
+    for data in datas:
+        lines += machine_section(data)
     path.write_text("\n".join(lines))
 
 
@@ -241,10 +258,10 @@ def main() -> None:
                   f"whole process {run['process_s']:.1f} s", flush=True)
     data = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "settings": {**vars(args), "venv": None, "report": None}, "runs": runs, "summary": summarise(runs)}
-    raw = args.report.parent / args.report.stem / "data.json"
+    raw = args.report.parent / args.report.stem / raw_name(data["cpu"])
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps(data, indent=1) + "\n")
-    write_report(data, args.report)
+    write_report([json.loads(f.read_text()) for f in sorted(raw.parent.glob("*.json"))], args.report)
     s = data["summary"]
     print(f"dpok / TRL samples/s: training phases {s['ratio']['train']:.2f}x, whole process {s['ratio']['process']:.2f}x"
           f"  ({data['cpu']})")

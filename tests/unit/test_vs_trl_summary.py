@@ -60,12 +60,18 @@ def test_report_row_of_each_variant(vs_trl, tmp_path: Path) -> None:
     settings = {"repeats": 3, "rounds": 3, "samples": 16, "prompt": "two white triangles", "batch": 8, "steps": 20,
                 "guidance": 5.0, "eval_images": 4}
     data = {"cpu": "a CPU", "threads": 2, "torch": "2", "settings": settings, "summary": vs_trl.summarise(runs)}
-    vs_trl.write_report(data, tmp_path / "r.md")
+    vs_trl.write_report([data, {**data, "cpu": "another CPU"}], tmp_path / "r.md")
     text = (tmp_path / "r.md").read_text()
+    assert "## a CPU" in text and "## another CPU" in text and "`docs/vs_trl/another-cpu.json`" in text
     assert "| training phases (sample, reward, update) | 2.000 | 3.000 | 1.50x |" in text
     assert "| `--compile` | 5.000 | 2.50x | 2.500 | 1.56x | 0.50x | 0.50x |" in text
     assert "| `--autocast bf16` | 2.000 | 1.00x | 1.000 | 0.62x | — | — |" in text
     # stock only: no variant section
     data["summary"] = vs_trl.summarise(runs[:6])
-    vs_trl.write_report(data, tmp_path / "s.md")
+    vs_trl.write_report([data], tmp_path / "s.md")
     assert "speed option" not in (tmp_path / "s.md").read_text()
+
+
+def test_each_kind_of_cpu_keeps_a_raw_file_of_its_own(vs_trl) -> None:
+    assert vs_trl.raw_name("AMD EPYC, with AVX-512") == "amd-epyc-with-avx-512.json"
+    assert vs_trl.raw_name("Intel(R) Xeon(R) Processor, without AVX-512") == "intel-r-xeon-r-processor-without-avx-512.json"
