@@ -59,6 +59,28 @@ class Summary:
         return bool(self.seeds.get((task, method)))
 
 
+def identical_methods(units: list[dict[str, Any]], methods: list) -> dict[str, tuple[str, int]]:
+    """Methods whose every unit equals, measure for measure, the unit of an earlier-listed method
+    with the same task and seed: ``{later method: (earlier method, units compared)}``.
+
+    Two trained methods can be one computation under their chosen settings (GRPO with beta = 0 and
+    DDPO-IS with per-prompt advantages and the same clip range); the tables would then show one
+    result twice, and a reader must be told it is not two methods agreeing.
+    """
+    trained = [m.name for m in methods if m.trains]
+    by_key = {(u["task"], u["method"], u["seed"]): u for u in units}
+    out: dict[str, tuple[str, int]] = {}
+    for i, later in enumerate(trained):
+        mine = [u for u in units if u["method"] == later]
+        for earlier in trained[:i]:
+            pairs = [(u, by_key.get((u["task"], earlier, u["seed"]))) for u in mine]
+            pairs = [(a, b) for a, b in pairs if b is not None]
+            if pairs and all(a["splits"] == b["splits"] for a, b in pairs):
+                out[later] = (earlier, len(pairs))
+                break
+    return out
+
+
 def _unit(units: list[dict[str, Any]], task: str, method: str, seed: int) -> dict[str, Any] | None:
     return next((u for u in units if u["task"] == task and u["method"] == method and u["seed"] == seed), None)
 
@@ -290,6 +312,8 @@ def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str |
     tasks = [t for t in all_tasks if t.name in cfg["tasks"]]
     methods = [m for m in default_methods() if m.name in cfg["methods"]]
     summary = Summary(units)
+    twins = identical_methods(units, methods)
+    titles = {m.name: m.title for m in methods}
     rel = lambda p: Path(p).resolve().relative_to(out_md.parent.resolve()).as_posix()  # noqa: E731
 
     expected = len(tasks) * len(methods) * len(cfg["seeds"])
@@ -331,7 +355,8 @@ def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str |
                 us = [u for u in units if u["task"] == task.name and u["method"] == m.name]
                 cells = [_fmt(*summary.stat(task.name, m.name, split, k)) for k, _, _ in MEASURES]
                 n = summary.stat(task.name, m.name, split, "reward_mean")[2]
-                lines.append(f"| {m.title} | {us[0]['train_queries']} | {us[0]['queries_per_image']} | "
+                label = m.title + (f" (= {titles[twins[m.name][0]]}, see below)" if m.name in twins else "")
+                lines.append(f"| {label} | {us[0]['train_queries']} | {us[0]['queries_per_image']} | "
                              + " | ".join(cells) + f" | {n} |")
             lines.append("")
 
@@ -377,6 +402,11 @@ def write_report(results_dir: str | Path, out_md: str | Path, figures_dir: str |
 
     lines += ["## Reading: the four claims", ""] + claims_reading(summary, tasks, methods) + [""]
     lines += ["## What else the numbers say", ""] + other_findings(summary, tasks, methods, cfg) + [""]
+    if twins:
+        lines[-1:-1] = [f"- {titles[later]}'s results equal {titles[earlier]}'s in every measure on all {n} (task, seed) "
+                        f"unit(s) both finished: with the settings they ran with here the two are the same computation, "
+                        "so their rows are one result shown twice, not two methods agreeing."
+                        for later, (earlier, n) in twins.items()]
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(lines) + "\n")
     return out_md
@@ -434,9 +464,13 @@ def claims_reading(summary: Summary, tasks: list, methods: list) -> list[str]:
 
 def other_findings(summary: Summary, tasks: list, methods: list, cfg: dict[str, Any]) -> list[str]:
     """Findings outside the four claims that a reader needs to weigh them, each computed."""
-    out = ["- The budget per trained method is small (see Set-up) and no method's settings were tuned for it: "
-           "every method uses the package defaults. Differences marked *within seed spread* above are not "
-           "evidence either way."]
+    if cfg.get("method_settings", "defaults") == "tuned":
+        care = ("each method runs the setting its own tuning sweep chose at 800 reward queries (see Set-up), "
+                "not one tuned for this budget")
+    else:
+        care = "no method's settings were tuned for it: every method uses the package defaults"
+    out = [f"- The budget per trained method is small (see Set-up) and {care}. Differences marked *within seed "
+           "spread* above are not evidence either way."]
     trained = [m for m in methods if m.trains]
     if trained:
         worst = defaultdict(int)

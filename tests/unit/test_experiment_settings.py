@@ -278,3 +278,21 @@ def test_only_ddpo_algorithms_read_ddpo_settings() -> None:
         source = "".join(inspect.getsource(c) for c in cls.__mro__ if c.__module__.startswith("dpok."))
         reads = "cfg.ddpo" in source or "inner_epochs" in source or "timestep_fraction" in source
         assert cls.reads_ddpo_settings == reads, name
+
+
+def test_methods_that_ran_the_same_computation_are_named_not_counted_twice() -> None:
+    from dpok.experiment import default_methods
+    from dpok.report import identical_methods
+
+    def unit(method: str, task: str, seed: int, judge: float) -> dict:
+        return {"method": method, "task": task, "seed": seed, "splits": {"seen": {"judge_aligned_mean": judge}}}
+
+    methods = default_methods()
+    same = [unit(m, t, s, 0.5 + s / 10) for m in ("ddpo-is", "grpo") for t in ("color", "count") for s in (0, 1)]
+    # GRPO equal to DDPO-IS on every unit both finished (a unit only one of them has does not count)
+    assert identical_methods(same + [unit("grpo", "composition", 0, 0.1)], methods) == {"grpo": ("ddpo-is", 4)}
+    # one differing unit, or no common unit, is not the same computation; the base never pairs
+    differ = same[:-1] + [unit("grpo", "count", 1, 0.7)]
+    assert identical_methods(differ, methods) == {}
+    assert identical_methods([unit("grpo", "color", 0, 0.5), unit("ddpo-is", "color", 1, 0.5)], methods) == {}
+    assert identical_methods([unit("base", "color", 0, 0.5), unit("dpok", "color", 0, 0.5)], methods) == {}
