@@ -73,6 +73,19 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
+def trained_with(model: dict) -> str:
+    """The KL weight the LoRA's run used: the defaults change, the kept data stays."""
+    if not model.get("lora"):
+        return ""
+    # data kept before runs recorded it was trained when the default KL weight was 0.01
+    return f" Its run's KL weight: beta {model.get('beta', 0.01):g}."
+
+
+def run_beta(run: Path) -> float:
+    """The KL weight a run folder's recorded settings hold."""
+    return float(json.loads((run / "config.json").read_text())["beta"])
+
+
 def train_default(prompt: str, folder: Path) -> float:
     """`dpok train --prompt P` with no other option (but the run folder); seconds it took (0 if it
     was there already)."""
@@ -147,7 +160,7 @@ def write_report(data: dict, out: Path, docs: Path) -> None:
         "",
     ]
     for name, model in data["models"].items():
-        lines += [f"## {name}", "", model["what"], "",
+        lines += [f"## {name}", "", model["what"] + trained_with(model), "",
                   "| step s | timestep | aligned | fixed by the state | object missing | object extra |",
                   "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['step']} | {r['timestep']} | {r['aligned']:.3f} | {_fmt(r['state_share'])} ± "
@@ -210,7 +223,8 @@ def main() -> None:
     for name, (lora, what) in models.items():
         print(f"{name}:", flush=True)
         rows = analyse("shapeworld", lora, args.prompt, args.trajectories, args.branches, steps, args.seed)
-        data["models"][name] = {"lora": bool(lora), "what": what, "rows": rows}
+        data["models"][name] = {"lora": bool(lora), "what": what, "rows": rows,
+                                **({"beta": run_beta(run)} if lora else {})}
     (out / "data.json").write_text(json.dumps(data, indent=1) + "\n")
     write_report(data, out, docs)
     print(f"wrote {docs / 'decision_steps.md'}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .algorithms import ALGORITHMS
-from .algorithms.base import PolicyGradientSettings, largest_divisor_at_most
+from .algorithms.base import PolicyGradientSettings, largest_divisor_at_most, with_default_beta
 from .algorithms.ddpo import DDPOSettings
 from .algorithms.dpok import DPOKSettings
 from .algorithms.nft import NFTSettings
@@ -226,7 +226,7 @@ class TrainConfig:
             values["minibatch_size"] = algorithm.minibatch_default(share)
         groups = {name: dataclasses.replace(getattr(self, name), **auto)
                   for name, auto in algorithm.auto_settings(self).items()}
-        return dataclasses.replace(self, **values, **groups)
+        return with_default_beta(dataclasses.replace(self, **values, **groups))
 
     def eval_images_for(self, shown_prompts: int) -> int:
         """``--eval-images``, or for 0 (auto) the images per prompt that keep the before and after
@@ -256,8 +256,10 @@ def preset_shapeworld_cpu() -> dict[str, Any]:
     each prompt's group of the round, PPO's clipped surrogate at clip 1e-3 on log-probs averaged over
     latent elements (the DPOK code's scale), the first 75 % of the denoising steps trained, LoRA rank
     8 on attention, ResNet convolutions and transformer projections at lr 1e-3 decayed by a cosine
-    over the rounds, beta 0.01. Chosen by the sweep of docs/tuning.md (``benchmarks/tune.py``): its
-    screening and the confirmation of the screening's best two on 256 images."""
+    over the rounds. Chosen by the sweep of docs/tuning.md (``benchmarks/tune.py``): its
+    screening and the confirmation of the screening's best two on 256 images. The KL weight beta 1
+    (DPOK's own default, ``--beta -1``) was chosen after it by ``benchmarks/beta_sweep.py``
+    (docs/beta_sweep.md) over 4 prompts and 2 seeds."""
     return {}
 
 

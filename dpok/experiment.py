@@ -33,6 +33,7 @@ import torch
 
 from .adapter import DiffusionAdapter
 from .algorithms import ALGORITHMS
+from .algorithms.base import with_default_beta
 from .algorithms.ddpo import DDPOSettings
 from .checkpoint import latest_checkpoint
 from .config import build_config
@@ -291,7 +292,8 @@ class Experiment:
         theirs = {**SETTINGS_BEFORE_THEY_EXISTED, **json.loads(recorded.read_text())}
         # settings of a group the algorithm never reads (DDPO's, for DPOK) do not change the run
         unread = set() if ALGORITHMS.get(method.algorithm).reads_ddpo_settings else set(to_options(DDPOSettings()))
-        plain = lambda d: {k: v for k, v in to_options(build_config(None, d)).items()  # noqa: E731
+        # --beta -1 as the value it stands for, which is what a run folder records
+        plain = lambda d: {k: v for k, v in to_options(with_default_beta(build_config(None, d))).items()  # noqa: E731
                            if k not in {"output_dir", "resume", *unread}}
         return folder if plain(ours) == plain(theirs) else None
 

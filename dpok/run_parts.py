@@ -131,6 +131,9 @@ def build_run(cfg: TrainConfig, *, pipeline: Any = None, reward: Reward | None =
     cfg.validate(num_processes=num_processes)
     auto = [n for n in ("sample_batch_size", "minibatch_size") if getattr(cfg, n) == 0]
     auto_own = ALGORITHMS.get(cfg.algorithm).auto_settings(cfg)
+    if cfg.policy_gradient.beta < 0:  # the algorithm's own KL weight
+        auto_own = {**auto_own, "policy_gradient": {**auto_own.get("policy_gradient", {}),
+                                                    "beta": ALGORITHMS.get(cfg.algorithm).default_beta}}
     cfg = cfg.resolved(num_processes)
     if (auto or auto_own) and rank == 0:
         shown = [f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in auto]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,8 +35,10 @@ class PolicyGradientSettings:
 
     title: ClassVar[str] = "policy gradient (dpok, ddpo-sf, ddpo-is, grpo; advantages and beta also diffusion-nft)"
 
-    beta: float = option(0.01, "KL weight beta of DPOK, GRPO (per-step KL, --kl-form) and DiffusionNFT (eps-form KL "
-                               "to the pretrained model); 0 turns KL regularisation off")
+    beta: float = option(-1.0, "KL weight beta of DPOK, GRPO (per-step KL, --kl-form) and DiffusionNFT (eps-form KL "
+                               "to the pretrained model); 0 turns KL regularisation off; -1: the algorithm's own "
+                               "default (dpok 1, chosen by benchmarks/beta_sweep.py, docs/beta_sweep.md; grpo and "
+                               "diffusion-nft 0.01)")
     kl_form: Literal["closed-form", "epsilon"] = option(
         "closed-form", "'closed-form' ||mu-mu_pre||^2/(2 sigma^2) (paper) or 'epsilon' (official code)")
     clip_range: float = option(1e-3, "ratio clip epsilon (DPOK clamp, DDPO-IS and GRPO PPO clip)")
@@ -74,7 +77,9 @@ class PolicyGradientSettings:
             errors.append(f"--stat-min-count ({self.stat_min_count}) must be <= --stat-buffer ({self.stat_buffer})")
         errors += positive(self, ("clip_range", "adv_clip"), strict=True)
         errors += positive(self, ("stat_buffer", "stat_min_count"), least=1)
-        errors += positive(self, ("beta", "adv_std_floor", "branch_step"))
+        errors += positive(self, ("adv_std_floor", "branch_step"))
+        if not (self.beta >= 0 or self.beta == -1):
+            errors.append(f"--beta must be >= 0, or -1 for the algorithm's own default (got {self.beta})")
         return errors
 
 
@@ -115,6 +120,15 @@ class Rollout:
         """The key of each sample's group for --advantage group: its prompt, or its group of one
         initial noise with --shared-noise."""
         return self.groups if self.groups is not None else self.trajectory.prompts
+
+
+def with_default_beta(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``--beta -1`` replaced by its algorithm's own default (:attr:`Algorithm.default_beta`)."""
+    pg = cfg.policy_gradient
+    if pg.beta >= 0:
+        return cfg
+    beta = ALGORITHMS.get(cfg.algorithm).default_beta
+    return dataclasses.replace(cfg, policy_gradient=dataclasses.replace(pg, beta=beta))
 
 
 @dataclass
@@ -179,6 +193,9 @@ class Algorithm:
     own_rollout_sampler: ClassVar[bool] = False  # samples its rounds with --rollout-steps / --rollout-eta
     takes_shared_noise: ClassVar[bool] = False  # its advantages come from trajectory_advantages (--shared-noise)
     reads_ddpo_settings: ClassVar[bool] = False  # whether --inner-epochs and --timestep-fraction change what it does
+    # --beta -1 (the default) means this: the KL weight of the algorithms that read one, and the value
+    # recorded for the others (the shared option's earlier default, so their recorded settings stay as they were)
+    default_beta: ClassVar[float] = 0.01
 
     @classmethod
     def check(cls, cfg: TrainConfig, num_processes: int) -> list[str]:
@@ -249,7 +266,9 @@ class Algorithm:
 
     def __init__(self, ctx: AlgorithmContext) -> None:
         self.ctx = ctx
-        self.cfg = ctx.cfg
+        # a context built from settings that were never resolved (a test, a script) still gets the
+        # algorithm's own KL weight, never the sentinel -1
+        self.cfg = with_default_beta(ctx.cfg)
         self.adapter = ctx.adapter
 
     def update(self, rollout: Rollout) -> UpdateResult:

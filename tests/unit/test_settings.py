@@ -195,3 +195,34 @@ def test_flow_matching_models_default_to_flow_grpos_noise_level(tmp_path: Path) 
     # LoRA on both streams of the joint attention (Flow-GRPO's modules), not on UNet convolutions
     assert "add_q_proj" in build_config(None, {"model": str(folder)}).lora_targets
     assert "conv1" in build_config(None, {}).lora_targets
+
+
+def test_beta_left_at_minus_one_is_each_algorithms_own_kl_weight() -> None:
+    from dpok.algorithms.base import with_default_beta
+
+    assert TrainConfig().policy_gradient.beta == -1
+    dpok_beta = ALGORITHMS.get("dpok").default_beta
+    assert dpok_beta != 0.01  # the sweep moved DPOK's own default away from the shared one
+    for algorithm, beta in (("dpok", dpok_beta), ("grpo", 0.01), ("diffusion-nft", 0.01), ("ddpo-is", 0.01)):
+        cfg = build_config(None, {"algorithm": algorithm})
+        assert cfg.resolved().policy_gradient.beta == beta, algorithm
+        assert with_default_beta(cfg).policy_gradient.beta == beta, algorithm
+        # what the run records (config.json) is the value it used, never the sentinel
+        assert cfg.resolved().to_dict()["beta"] == beta
+    # a value given (0 included) and a preset's own are kept
+    assert build_config(None, {"beta": 0.0}).resolved().policy_gradient.beta == 0.0
+    assert build_config(None, {"beta": 2.5}).resolved().policy_gradient.beta == 2.5
+    assert build_config("dpok-paper", {}).resolved().policy_gradient.beta == 0.01
+    with pytest.raises(ValueError, match="--beta must be >= 0, or -1"):
+        build_config(None, {"beta": -0.5})
+
+
+def test_dpoks_default_beta_is_what_the_beta_sweep_chose() -> None:
+    """docs/beta_sweep.md is written by benchmarks/beta_sweep.py from its kept trials; the default
+    follows its choice, and the report says whether it does."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "beta_sweep.md").read_text()
+    chosen = float(re.search(r"By the rule, beta ([0-9.]+)", text).group(1))
+    assert ALGORITHMS.get("dpok").default_beta == chosen
+    assert "the chosen beta." in text and "not the chosen beta" not in text
