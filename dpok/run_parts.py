@@ -131,13 +131,12 @@ def build_run(cfg: TrainConfig, *, pipeline: Any = None, reward: Reward | None =
     cfg.validate(num_processes=num_processes)
     auto = [n for n in ("sample_batch_size", "minibatch_size") if getattr(cfg, n) == 0]
     auto_own = ALGORITHMS.get(cfg.algorithm).auto_settings(cfg)
-    if cfg.policy_gradient.beta < 0:  # the algorithm's own KL weight
-        auto_own = {**auto_own, "policy_gradient": {**auto_own.get("policy_gradient", {}),
-                                                    "beta": ALGORITHMS.get(cfg.algorithm).default_beta}}
+    own_beta = cfg.policy_gradient.beta < 0  # --beta -1: the algorithm's own KL weight
     cfg = cfg.resolved(num_processes)
-    if (auto or auto_own) and rank == 0:
+    if (auto or auto_own or own_beta) and rank == 0:
         shown = [f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in auto]
         shown += [f"--{n.replace('_', '-')} {v}" for values in auto_own.values() for n, v in values.items()]
+        shown += [f"--beta {cfg.policy_gradient.beta:g}"] if own_beta else []
         tqdm.write("settings (auto): " + ", ".join(shown))
     # the model's domain gives default prompts; a domain reward's checks the prompts on any model
     own = model_domain(cfg.model)
